@@ -1,0 +1,1 @@
+"""Entry points: the pipeline graph (``pipeline``) and the commands that run it."""

@@ -1,0 +1,40 @@
+"""Shared option handling: runner configs from ``runner_configs/`` and common defaults."""
+
+from __future__ import annotations
+
+import pathlib
+
+import yaml
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_RULES = str(PROJECT_ROOT / "rules" / "default.yaml")
+RUNNER_CONFIGS = PROJECT_ROOT / "runner_configs"
+
+
+class OptionsError(ValueError):
+    """Bad command-line options, reported before any graph is built."""
+
+
+def runner_config_args(path: str | pathlib.Path) -> list[str]:
+    """A runner config (YAML mapping of option -> value) as ``--option=value`` flags.
+
+    Lists become repeated flags (``experiments: [a, b]``); ``true`` becomes a
+    bare flag. Flags given on the command line after these override them.
+    """
+    path = pathlib.Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = RUNNER_CONFIGS / path
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise OptionsError(f"runner config {path}: {err}") from None
+    if not isinstance(doc, dict):
+        raise OptionsError(f"runner config {path}: must be a mapping of option names to values")
+    args: list[str] = []
+    for key, value in doc.items():
+        for item in value if isinstance(value, list) else [value]:
+            if item is True:
+                args.append(f"--{key}")
+            elif item is not False and item is not None:
+                args.append(f"--{key}={item}")
+    return args

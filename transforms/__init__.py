@@ -1,0 +1,1 @@
+"""Composite transforms of the mitigation pipeline, one module per stage."""

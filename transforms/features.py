@@ -1,0 +1,382 @@
+"""Windowed per-entity features: the numbers rules are written against.
+
+One signal contributes to every entity it names (its user, device, IP, track
+and artist). Per (entity, window) a ``CombineFn`` keeps a compact accumulator
+of counters, bounded distinct-value sets and bounded heavy-hitter counters;
+``FEATURES`` turns an accumulator into named values. Rules may only reference
+names in ``FEATURES``, and the rule loader checks that at start-up.
+
+Bounds, so one attacker cannot make a key's state grow without limit:
+
+* distinct counts are exact up to ``DISTINCT_CAP`` and saturate there;
+* top-share counters track at most ``TOP_CAP`` keys; a key first seen after
+  the counter is full is not counted, so a share is a lower bound (a rule using
+  it errs toward not firing, which is the safe side);
+* trace ids keep the ``TRACE_SAMPLE`` smallest values, so the sample is the
+  same whatever order signals arrive in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import typing
+from collections.abc import Callable, Iterable
+
+import apache_beam as beam
+from apache_beam.transforms import trigger as beam_trigger
+from apache_beam.transforms import window as beam_window
+
+from schemas import ENTITY_TYPES, Signal
+from schemas.features import EntityFeatures
+
+DISTINCT_CAP = 4096
+TOP_CAP = 256
+TRACE_SAMPLE = 10
+# A play counts for royalties from 30 s; farms play just past it to earn the
+# most plays per hour. "Near threshold" is [30 s, 40 s).
+ROYALTY_THRESHOLD_MS = 30_000
+NEAR_THRESHOLD_MS = 40_000
+SMALL_PAYMENT_CENTS = 200
+
+_ENTITY_FIELD = {"user": "user_id", "device": "device_id", "ip": "ip", "track": "track_id", "artist": "artist_id"}
+assert set(_ENTITY_FIELD) == set(ENTITY_TYPES), "every entity type needs a signal field"
+
+
+class Accumulator:
+    """Counters for one entity in one window. Slots keep it small when shuffled."""
+
+    __slots__ = (
+        "events",
+        "streams",
+        "stream_ms",
+        "near_threshold",
+        "short_streams",
+        "logins",
+        "failed_logins",
+        "signups",
+        "playlist_adds",
+        "payments",
+        "failed_payments",
+        "small_payments",
+        "first_ms",
+        "last_ms",
+        "hours",
+        "users",
+        "devices",
+        "ips",
+        "tracks",
+        "artists",
+        "playlists",
+        "cards",
+        "countries",
+        "stream_artists",
+        "stream_tracks",
+        "playlist_artists",
+        "trace_ids",
+    )
+
+    def __init__(self):
+        self.events = self.streams = self.stream_ms = self.near_threshold = self.short_streams = 0
+        self.logins = self.failed_logins = self.signups = self.playlist_adds = 0
+        self.payments = self.failed_payments = self.small_payments = 0
+        self.first_ms = 1 << 62
+        self.last_ms = 0
+        self.hours = 0
+        self.users, self.devices, self.ips, self.tracks = set(), set(), set(), set()
+        self.artists, self.playlists, self.cards, self.countries = set(), set(), set(), set()
+        self.stream_artists, self.stream_tracks, self.playlist_artists = {}, {}, {}
+        self.trace_ids = []
+
+    def __getstate__(self):
+        return [getattr(self, name) for name in self.__slots__]
+
+    def __setstate__(self, state):
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
+
+
+def _add_distinct(values: set, value) -> None:
+    if value is not None and len(values) < DISTINCT_CAP:
+        values.add(value)
+
+
+def _add_top(counts: dict, key) -> None:
+    if key in counts:
+        counts[key] += 1
+    elif len(counts) < TOP_CAP:
+        counts[key] = 1
+
+
+def add_signal(acc: Accumulator, s: Signal) -> Accumulator:
+    """Fold one signal into an accumulator (the per-element hot path)."""
+    acc.events += 1
+    t = s.event_time_ms
+    if t < acc.first_ms:
+        acc.first_ms = t
+    if t > acc.last_ms:
+        acc.last_ms = t
+    acc.hours |= 1 << ((t // 3_600_000) % 24)
+    _add_distinct(acc.users, s.user_id)
+    _add_distinct(acc.devices, s.device_id)
+    _add_distinct(acc.ips, s.ip)
+    _add_distinct(acc.countries, s.country)
+    kind = s.event_type
+    if kind == "stream":
+        acc.streams += 1
+        ms = s.ms_played
+        acc.stream_ms += ms
+        if ms < ROYALTY_THRESHOLD_MS:
+            acc.short_streams += 1
+        elif ms < NEAR_THRESHOLD_MS:
+            acc.near_threshold += 1
+        _add_distinct(acc.tracks, s.track_id)
+        _add_distinct(acc.artists, s.artist_id)
+        _add_top(acc.stream_artists, s.artist_id)
+        _add_top(acc.stream_tracks, s.track_id)
+    elif kind == "login":
+        acc.logins += 1
+        if not s.success:
+            acc.failed_logins += 1
+    elif kind == "signup":
+        acc.signups += 1
+    elif kind == "playlist_add":
+        acc.playlist_adds += 1
+        _add_distinct(acc.playlists, s.playlist_id)
+        _add_distinct(acc.tracks, s.track_id)
+        if s.artist_id is not None:
+            _add_top(acc.playlist_artists, s.artist_id)
+    elif kind == "payment":
+        acc.payments += 1
+        if not s.success:
+            acc.failed_payments += 1
+        if s.amount_cents <= SMALL_PAYMENT_CENTS:
+            acc.small_payments += 1
+        _add_distinct(acc.cards, s.card_fingerprint)
+    if s.trace_id is not None:
+        _add_trace(acc.trace_ids, s.trace_id)
+    return acc
+
+
+def _add_trace(sample: list, trace_id: str) -> None:
+    """Keep the TRACE_SAMPLE smallest ids, sorted, so the sample ignores arrival order."""
+    if trace_id in sample:
+        return
+    if len(sample) < TRACE_SAMPLE:
+        sample.append(trace_id)
+        sample.sort()
+    elif trace_id < sample[-1]:
+        sample[-1] = trace_id
+        sample.sort()
+
+
+def merge(accs: Iterable[Accumulator]) -> Accumulator:
+    """Merge partial accumulators (combiner lifting and fan-out rely on this)."""
+    accs = iter(accs)
+    out = next(accs)
+    for a in accs:
+        out.events += a.events
+        out.streams += a.streams
+        out.stream_ms += a.stream_ms
+        out.near_threshold += a.near_threshold
+        out.short_streams += a.short_streams
+        out.logins += a.logins
+        out.failed_logins += a.failed_logins
+        out.signups += a.signups
+        out.playlist_adds += a.playlist_adds
+        out.payments += a.payments
+        out.failed_payments += a.failed_payments
+        out.small_payments += a.small_payments
+        out.first_ms = min(out.first_ms, a.first_ms)
+        out.last_ms = max(out.last_ms, a.last_ms)
+        out.hours |= a.hours
+        for name in ("users", "devices", "ips", "tracks", "artists", "playlists", "cards", "countries"):
+            mine = getattr(out, name)
+            for value in getattr(a, name):
+                if len(mine) >= DISTINCT_CAP:
+                    break
+                mine.add(value)
+        for name in ("stream_artists", "stream_tracks", "playlist_artists"):
+            mine = getattr(out, name)
+            for key, count in getattr(a, name).items():
+                if key in mine:
+                    mine[key] += count
+                elif len(mine) < TOP_CAP:
+                    mine[key] = count
+        out.trace_ids = heapq.nsmallest(TRACE_SAMPLE, set(out.trace_ids) | set(a.trace_ids))
+    return out
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den else 0.0
+
+
+def _top_share(counts: dict, total: int) -> float:
+    return _ratio(max(counts.values()), total) if counts else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """A named number derived from an accumulator; rules refer to it by ``name``."""
+
+    name: str
+    description: str
+    compute: Callable[[Accumulator, int], float]  # (accumulator, window seconds) -> value
+
+
+def _features() -> dict[str, Feature]:
+    specs = [
+        ("events", "All signals in the window.", lambda a, w: a.events),
+        ("streams", "Plays.", lambda a, w: a.streams),
+        ("streams_per_hour", "Plays per hour of window.", lambda a, w: a.streams * 3600 / w),
+        ("stream_minutes", "Minutes played.", lambda a, w: a.stream_ms / 60_000),
+        ("avg_ms_played", "Mean play length in ms.", lambda a, w: _ratio(a.stream_ms, a.streams)),
+        ("near_threshold_streams", "Plays ending in [30 s, 40 s), just past the royalty threshold.", lambda a, w: a.near_threshold),
+        ("near_threshold_share", "Share of plays ending in [30 s, 40 s).", lambda a, w: _ratio(a.near_threshold, a.streams)),
+        ("skip_share", "Share of plays shorter than 30 s.", lambda a, w: _ratio(a.short_streams, a.streams)),
+        ("distinct_tracks", "Distinct tracks played or added to playlists.", lambda a, w: len(a.tracks)),
+        ("distinct_artists", "Distinct artists played.", lambda a, w: len(a.artists)),
+        ("top_artist_share", "Share of plays going to the most-played artist.", lambda a, w: _top_share(a.stream_artists, a.streams)),
+        ("top_track_share", "Share of plays going to the most-played track.", lambda a, w: _top_share(a.stream_tracks, a.streams)),
+        ("logins", "Login attempts.", lambda a, w: a.logins),
+        ("failed_logins", "Failed login attempts.", lambda a, w: a.failed_logins),
+        ("failed_login_ratio", "Failed share of login attempts.", lambda a, w: _ratio(a.failed_logins, a.logins)),
+        ("signups", "Account sign-ups.", lambda a, w: a.signups),
+        ("playlist_adds", "Tracks added to playlists.", lambda a, w: a.playlist_adds),
+        ("distinct_playlists", "Distinct playlists added to.", lambda a, w: len(a.playlists)),
+        (
+            "playlist_top_artist_share",
+            "Share of playlist adds going to the most-added artist.",
+            lambda a, w: _top_share(a.playlist_artists, a.playlist_adds),
+        ),
+        ("payments", "Payment attempts.", lambda a, w: a.payments),
+        ("failed_payments", "Declined payment attempts.", lambda a, w: a.failed_payments),
+        ("failed_payment_ratio", "Declined share of payment attempts.", lambda a, w: _ratio(a.failed_payments, a.payments)),
+        ("small_payment_share", "Share of payments of at most 2.00.", lambda a, w: _ratio(a.small_payments, a.payments)),
+        ("distinct_cards", "Distinct card fingerprints used.", lambda a, w: len(a.cards)),
+        ("distinct_users", "Distinct user ids seen.", lambda a, w: len(a.users)),
+        ("distinct_devices", "Distinct device ids seen.", lambda a, w: len(a.devices)),
+        ("distinct_ips", "Distinct IP addresses seen.", lambda a, w: len(a.ips)),
+        ("distinct_countries", "Distinct countries seen.", lambda a, w: len(a.countries)),
+        ("active_hours", "Distinct hours of the day (UTC) with any signal.", lambda a, w: bin(a.hours).count("1")),
+        ("span_minutes", "Minutes from the first to the last signal.", lambda a, w: max(0, a.last_ms - a.first_ms) / 60_000),
+    ]
+    return {name: Feature(name, description, fn) for name, description, fn in specs}
+
+
+FEATURES: dict[str, Feature] = _features()
+
+
+def compute_features(acc: Accumulator, window_sec: int) -> dict[str, float]:
+    """Every registered feature's value for one accumulator."""
+    return {name: float(f.compute(acc, window_sec)) for name, f in FEATURES.items()}
+
+
+class EntityFeaturesFn(beam.CombineFn):
+    """Folds an entity's signals in one window into an ``Accumulator``."""
+
+    def create_accumulator(self):
+        return Accumulator()
+
+    def add_input(self, acc, signal):
+        return add_signal(acc, signal)
+
+    def merge_accumulators(self, accs):
+        return merge(accs)
+
+    def extract_output(self, acc):
+        return acc
+
+
+def entity_keys(signal: Signal, entity_types: tuple[str, ...]):
+    """(entity_type, entity_id) keys a signal contributes to."""
+    for entity_type in entity_types:
+        entity_id = getattr(signal, _ENTITY_FIELD[entity_type])
+        if entity_id is not None:
+            yield (entity_type, entity_id), signal
+
+
+class ToEntityFeaturesFn(beam.DoFn):
+    """Accumulator plus window to the ``EntityFeatures`` record rules read."""
+
+    def __init__(self, window_sec: int):
+        self._window_sec = window_sec
+
+    def process(self, element, window=beam.DoFn.WindowParam):
+        (entity_type, entity_id), acc = element
+        yield EntityFeatures(
+            entity_type=entity_type,
+            entity_id=entity_id,
+            window_sec=self._window_sec,
+            window_start_ms=int(window.start.micros // 1000),
+            window_end_ms=int(window.end.micros // 1000),
+            features=compute_features(acc, self._window_sec),
+            trace_ids=list(acc.trace_ids),
+            last_event_ms=acc.last_ms,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowConfig:
+    """How windows close. Batch uses the defaults; streaming adds early firings.
+
+    Attributes:
+      allowed_lateness_sec: how long after a window's end late signals still
+        update it (each update re-fires the window's rules).
+      early_firing_sec: in streaming, fire a speculative pane this often
+        (processing time) before the window ends, so a decision need not wait
+        an hour for the window to close. 0 turns early firings off.
+    """
+
+    allowed_lateness_sec: int = 0
+    early_firing_sec: int = 0
+
+
+class ComputeFeatures(beam.PTransform):
+    """Signals to ``EntityFeatures`` for every (window size, entity type) the rules need.
+
+    Args:
+      plan: maps window size in seconds to the entity types rules read at that
+        size; one fixed-window branch per size, labelled ``Window{N}s`` so step
+        names stay stable across rule changes that keep the same sizes.
+      config: lateness and trigger settings.
+    """
+
+    def __init__(self, plan: dict[int, tuple[str, ...]], config: WindowConfig = WindowConfig()):
+        super().__init__()
+        if not plan:
+            raise ValueError("ComputeFeatures needs at least one window size")
+        self._plan = {size: tuple(sorted(types)) for size, types in sorted(plan.items())}
+        self._config = config
+
+    def _window_into(self, size: int) -> beam.WindowInto:
+        cfg = self._config
+        if cfg.early_firing_sec > 0:
+            return beam.WindowInto(
+                beam_window.FixedWindows(size),
+                trigger=beam_trigger.AfterWatermark(
+                    early=beam_trigger.AfterProcessingTime(cfg.early_firing_sec),
+                    late=beam_trigger.AfterCount(1),
+                ),
+                accumulation_mode=beam_trigger.AccumulationMode.ACCUMULATING,
+                allowed_lateness=cfg.allowed_lateness_sec,
+            )
+        return beam.WindowInto(beam_window.FixedWindows(size), allowed_lateness=cfg.allowed_lateness_sec)
+
+    def expand(self, signals):
+        branches = []
+        for size, entity_types in self._plan.items():
+            label = f"Window{size}s"
+            branches.append(
+                signals
+                | f"{label}/Window" >> self._window_into(size)
+                | f"{label}/KeyByEntity" >> beam.FlatMap(entity_keys, entity_types)
+                | f"{label}/Aggregate" >> beam.CombinePerKey(EntityFeaturesFn())
+                | f"{label}/ToFeatures" >> beam.ParDo(ToEntityFeaturesFn(size)).with_output_types(EntityFeatures)
+                # Each record carries its own window bounds, so branches of different
+                # sizes can be merged in the global window.
+                | f"{label}/Rewindow" >> beam.WindowInto(beam_window.GlobalWindows())
+            )
+        if len(branches) == 1:
+            return branches[0]
+        return branches | "AllWindows" >> beam.Flatten()

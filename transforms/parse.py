@@ -1,0 +1,339 @@
+"""Parse and validate raw signals; anything unusable goes to the dead-letter output.
+
+The validation rules are the signal contract in ``schemas/signal_v1.avsc`` plus
+what the Avro schema cannot say (id grammar, RFC 3339 times, IP syntax, value
+ranges). ``parse_signal`` is a plain function so most tests need no pipeline;
+``ParseSignals`` wraps it with a dead-letter output that keeps the raw bytes
+and a reason for every rejection: a hostile or broken producer must never
+crash the job, and a rejected signal must never vanish without a trace.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+import re
+import time
+import typing
+from collections.abc import Mapping
+
+import apache_beam as beam
+import orjson
+from apache_beam.io.gcp.pubsub import PubsubMessage
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import TimestampedValue
+
+from schemas import EVENT_TYPES, REQUIRED_FOR, DeadLetter, Signal
+
+_LOGGER = logging.getLogger(__name__)
+
+# Pub/Sub allows 10 MB messages; a real signal is a few hundred bytes. Anything
+# past this is a flood or an attack, and parsing it would only cost CPU.
+MAX_PAYLOAD_BYTES = 16 * 1024
+MAX_ID_CHARS = 128
+MAX_USER_AGENT_CHARS = 512
+MAX_MS_PLAYED = 24 * 3600 * 1000
+MAX_AMOUNT_CENTS = 100_000_000
+# Plausibility bounds on event time: outside them the clock or the producer is
+# broken. Fixed dates (not "now") so a backtest gives the same answer whenever
+# it runs; streaming adds its own skew check against the wall clock.
+MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+
+# Ids are opaque tokens: letters, digits and a few separators. This rejects
+# control characters, whitespace, quotes and markup, so an id can be written
+# into logs, BigQuery and dashboards without escaping surprises.
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,127}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
+)
+_CURRENCY_RE = re.compile(r"[A-Z]{3}")
+
+# ISO 3166-1 alpha-2, officially assigned codes.
+_COUNTRIES = frozenset(
+    """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ
+    BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO
+    DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU
+    GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW
+    KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU
+    MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW
+    PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF
+    TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA
+    ZM ZW""".split()
+)
+
+_ID_FIELDS = ("event_id", "user_id", "device_id", "track_id", "artist_id", "playlist_id", "card_fingerprint", "trace_id")
+KNOWN_FIELDS = frozenset(Signal._fields) | {"event_time"}
+
+
+class InvalidSignal(ValueError):
+    """A signal that breaks the contract; ``reason`` is a stable code for metrics."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ParsedSignal(typing.NamedTuple):
+    signal: Signal
+    unknown_fields: int
+
+
+def parse_rfc3339_ms(value: str) -> int:
+    """RFC 3339 timestamp (offset or ``Z`` required) to epoch milliseconds."""
+    match = _RFC3339_RE.fullmatch(value)
+    if not match:
+        raise ValueError("not an RFC 3339 timestamp with a Z or +hh:mm offset")
+    year, month, day, hour, minute, second, frac, offset = match.groups()
+    tz = dt.timezone.utc
+    if offset not in ("Z", "z"):
+        sign = 1 if offset[0] == "+" else -1
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+        if hours > 23 or minutes > 59:
+            raise ValueError("offset out of range")
+        tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
+    micros = int((frac or ".0")[1:].ljust(6, "0")[:6])
+    stamp = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=tz)
+    return int(stamp.timestamp() * 1000) if micros else int(stamp.timestamp()) * 1000
+
+
+def _id(obj: Mapping, name: str, required: bool) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise InvalidSignal("missing_field", f"'{name}' is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidSignal("wrong_type", f"'{name}' must be a string, got {type(value).__name__}")
+    if not _ID_RE.fullmatch(value):
+        raise InvalidSignal(
+            "invalid_value",
+            f"'{name}' must be 1..{MAX_ID_CHARS} characters of letters, digits and ._:@+/=- (starting with a letter or digit)",
+        )
+    return value
+
+
+def _int(obj: Mapping, name: str, low: int, high: int) -> int:
+    value = obj.get(name)
+    if value is None:
+        raise InvalidSignal("missing_field", f"'{name}' is required for event_type '{obj['event_type']}'")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSignal("wrong_type", f"'{name}' must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise InvalidSignal("invalid_value", f"'{name}' must be between {low} and {high}, got {value}")
+    return value
+
+
+def _bool(obj: Mapping, name: str) -> bool:
+    value = obj.get(name)
+    if value is None:
+        raise InvalidSignal("missing_field", f"'{name}' is required for event_type '{obj['event_type']}'")
+    if not isinstance(value, bool):
+        raise InvalidSignal("wrong_type", f"'{name}' must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _optional_int(obj: Mapping, name: str, low: int, high: int, event_type: str) -> int | None:
+    if obj.get(name) is None and name not in REQUIRED_FOR[event_type]:
+        return None
+    return _int(obj, name, low, high)
+
+
+def _optional_bool(obj: Mapping, name: str, event_type: str) -> bool | None:
+    if obj.get(name) is None and name not in REQUIRED_FOR[event_type]:
+        return None
+    return _bool(obj, name)
+
+
+def parse_signal(
+    raw: bytes,
+    *,
+    trace_id_attribute: str | None = None,
+    publish_time_ms: int | None = None,
+) -> ParsedSignal:
+    """Validate one raw signal and return it as a typed ``Signal``.
+
+    Args:
+      raw: the payload bytes, one JSON object.
+      trace_id_attribute: a trace id carried as a Pub/Sub attribute; the
+        payload's own ``trace_id`` wins when both are present.
+      publish_time_ms: the Pub/Sub publish time, used as event time only when
+        the payload has no ``event_time`` (streaming input); files have none.
+
+    Raises:
+      InvalidSignal: with a stable ``reason`` code and a ``detail`` naming the field.
+    """
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise InvalidSignal("payload_too_large", f"{len(raw)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte limit")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as utf_err:
+            raise InvalidSignal("invalid_utf8", f"payload is not valid UTF-8 ({utf_err.reason} at byte {utf_err.start})") from None
+        raise InvalidSignal("invalid_json", f"payload is not JSON: {err}") from None
+    if not isinstance(obj, dict):
+        raise InvalidSignal("not_an_object", f"payload must be a JSON object, got {type(obj).__name__}")
+
+    event_id = _id(obj, "event_id", required=True)
+    event_type = obj.get("event_type")
+    if event_type is None:
+        raise InvalidSignal("missing_field", "'event_type' is required")
+    if event_type not in EVENT_TYPES:
+        shown = repr(event_type)[:40]
+        raise InvalidSignal("invalid_value", f"'event_type' must be one of {', '.join(EVENT_TYPES)}, got {shown}")
+
+    raw_time = obj.get("event_time")
+    if raw_time is None:
+        if publish_time_ms is None:
+            raise InvalidSignal("missing_field", "'event_time' is required")
+        event_time_ms = publish_time_ms
+    else:
+        if not isinstance(raw_time, str):
+            raise InvalidSignal("wrong_type", f"'event_time' must be an RFC 3339 string, got {type(raw_time).__name__}")
+        try:
+            event_time_ms = parse_rfc3339_ms(raw_time)
+        except (ValueError, OverflowError) as err:
+            raise InvalidSignal("invalid_value", f"'event_time' {err}") from None
+    if not MIN_EVENT_TIME_MS <= event_time_ms < MAX_EVENT_TIME_MS:
+        raise InvalidSignal("event_time_out_of_range", "'event_time' must be in the years 2000..2099")
+
+    ip = obj.get("ip")
+    if ip is not None:
+        if not isinstance(ip, str):
+            raise InvalidSignal("wrong_type", f"'ip' must be a string, got {type(ip).__name__}")
+        try:
+            ip = ipaddress.ip_address(ip).compressed
+        except ValueError:
+            raise InvalidSignal("invalid_value", "'ip' is not an IPv4 or IPv6 address") from None
+
+    country = obj.get("country")
+    if country is not None and (not isinstance(country, str) or country not in _COUNTRIES):
+        raise InvalidSignal("invalid_value", "'country' must be an ISO 3166-1 alpha-2 code such as 'SE'")
+
+    user_agent = obj.get("user_agent")
+    if user_agent is not None:
+        if not isinstance(user_agent, str):
+            raise InvalidSignal("wrong_type", f"'user_agent' must be a string, got {type(user_agent).__name__}")
+        if len(user_agent) > MAX_USER_AGENT_CHARS or _CONTROL_RE.search(user_agent):
+            raise InvalidSignal(
+                "invalid_value", f"'user_agent' must be at most {MAX_USER_AGENT_CHARS} characters without control characters"
+            )
+
+    required = REQUIRED_FOR[event_type]
+    ids = {name: _id(obj, name, required=name in required) for name in _ID_FIELDS[1:]}
+    if ids["trace_id"] is None and trace_id_attribute is not None:
+        ids["trace_id"] = _id({"trace_id": trace_id_attribute}, "trace_id", required=False)
+
+    currency = obj.get("currency")
+    if currency is not None or "currency" in required:
+        if not isinstance(currency, str) or not _CURRENCY_RE.fullmatch(currency):
+            if currency is None:
+                raise InvalidSignal("missing_field", f"'currency' is required for event_type '{event_type}'")
+            raise InvalidSignal("invalid_value", "'currency' must be an ISO 4217 code such as 'EUR'")
+
+    signal = Signal(
+        event_id=event_id,
+        event_type=event_type,
+        event_time_ms=event_time_ms,
+        user_id=ids["user_id"],
+        device_id=ids["device_id"],
+        ip=ip,
+        country=country,
+        user_agent=user_agent,
+        trace_id=ids["trace_id"],
+        track_id=ids["track_id"],
+        artist_id=ids["artist_id"],
+        ms_played=_optional_int(obj, "ms_played", 0, MAX_MS_PLAYED, event_type),
+        success=_optional_bool(obj, "success", event_type),
+        playlist_id=ids["playlist_id"],
+        amount_cents=_optional_int(obj, "amount_cents", 0, MAX_AMOUNT_CENTS, event_type),
+        currency=currency,
+        card_fingerprint=ids["card_fingerprint"],
+    )
+    unknown = sum(1 for key in obj if key not in KNOWN_FIELDS)
+    return ParsedSignal(signal, unknown)
+
+
+def _payload_of(element) -> tuple[bytes, str | None, int | None]:
+    """Raw bytes, trace-id attribute and publish time of a file line or Pub/Sub message."""
+    if isinstance(element, PubsubMessage):
+        attributes = element.attributes or {}
+        publish_time = getattr(element, "publish_time", None)
+        publish_ms = int(publish_time.timestamp() * 1000) if publish_time is not None else None
+        return element.data or b"", attributes.get("trace_id"), publish_ms
+    if isinstance(element, str):
+        return element.encode("utf-8", "surrogateescape"), None, None
+    return bytes(element), None, None
+
+
+class ParseSignalFn(beam.DoFn):
+    """Validates each payload; rejects go to the ``dead_letter`` output with the raw bytes."""
+
+    DEAD_LETTER = "dead_letter"
+
+    def __init__(self, source: str):
+        self._source = source
+        self._read = {t: Metrics.counter("signals", f"read_{t}") for t in EVENT_TYPES}
+        self._unknown = Metrics.counter("signals", "unknown_fields")
+        self._rejected = Metrics.counter("signals", "dead_lettered")
+
+    def process(self, element):
+        raw, trace_attr, publish_ms = _payload_of(element)
+        try:
+            parsed = parse_signal(raw, trace_id_attribute=trace_attr, publish_time_ms=publish_ms)
+        except InvalidSignal as err:
+            self._rejected.inc()
+            Metrics.counter("dead_letters", err.reason).inc()
+            yield beam.pvalue.TaggedOutput(
+                self.DEAD_LETTER,
+                DeadLetter(
+                    stage="parse",
+                    reason=err.reason,
+                    detail=err.detail,
+                    raw_payload=raw,
+                    source=self._source,
+                    failed_at_ms=int(time.time() * 1000),
+                ),
+            )
+            return
+        self._read[parsed.signal.event_type].inc()
+        if parsed.unknown_fields:
+            self._unknown.inc(parsed.unknown_fields)
+        yield parsed.signal
+
+
+class ParsedSignals(typing.NamedTuple):
+    signals: beam.PCollection
+    dead_letters: beam.PCollection
+
+
+class ParseSignals(beam.PTransform):
+    """Raw payloads (bytes, str lines or ``PubsubMessage``) to ``Signal`` records.
+
+    Returns ``ParsedSignals(signals, dead_letters)``. Nothing is dropped: every
+    input is either a signal or a ``DeadLetter`` carrying its bytes and reason.
+    """
+
+    def __init__(self, source: str = "unknown"):
+        super().__init__()
+        self._source = source
+
+    def expand(self, payloads):
+        results = payloads | "Validate" >> beam.ParDo(ParseSignalFn(self._source)).with_outputs(
+            ParseSignalFn.DEAD_LETTER, main="signals"
+        )
+        return ParsedSignals(results.signals, results[ParseSignalFn.DEAD_LETTER])
+
+
+class AssignEventTime(beam.PTransform):
+    """Stamp each signal with its own event time, so windows follow when things happened."""
+
+    def expand(self, signals):
+        return signals | "FromEventTime" >> beam.Map(lambda s: TimestampedValue(s, s.event_time_ms / 1000.0)).with_output_types(
+            Signal
+        )

@@ -1,0 +1,380 @@
+"""Rule packs: named, described, versioned predicates over features, kept as YAML data.
+
+A rule says *when* (a condition over the feature names in
+``transforms.features.FEATURES``) and *what* (an action against one entity
+type), plus who owns it and why it exists. Conditions are evaluated by
+``simpleeval`` on an AST that the loader has already checked to contain only
+comparisons, arithmetic, ``and``/``or``/``not``, numbers, feature names and
+``min``/``max``/``abs``: no attribute access, no subscripts, no strings, no
+calls to anything else. Python's ``eval`` is never used.
+
+Everything that can be wrong with a pack is found by ``load_rule_pack`` and
+reported as ``RulePackError`` naming the file, the rule and the field; nothing
+about a rule's configuration can fail per element.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import re
+import string
+from collections.abc import Mapping
+
+import yaml
+from simpleeval import SimpleEval
+
+from schemas import ACTIONS, ENTITY_TYPES, MODES
+from transforms.features import FEATURES
+
+# Content and creators may be victims of sabotage streams bought by someone
+# else, so they are never enforced against automatically, only reviewed.
+REVIEW_ONLY_ENTITIES = frozenset({"track", "artist"})
+REVIEW_ACTION = "flag_for_review"
+# block_ip only makes sense against an IP.
+IP_ONLY_ACTIONS = frozenset({"block_ip"})
+
+DEFAULT_TTL_SEC = {
+    "flag_for_review": 7 * 86400,
+    "exclude_streams": 7 * 86400,
+    "throttle": 3600,
+    "challenge": 86400,
+    "block_ip": 86400,
+    "suspend": 30 * 86400,
+}
+MIN_WINDOW_SEC = 60
+MAX_WINDOW_SEC = 7 * 86400
+_SAFE_FUNCTIONS = {"min": min, "max": max, "abs": abs}
+_CONTEXT_NAMES = ("entity_type", "entity_id", "window")
+_RULE_ID_RE = re.compile(r"[a-z][a-z0-9_]{2,63}")
+_DURATION_RE = re.compile(r"(\d+)\s*([smhd])")
+_UNIT_SEC = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+_RULE_FIELDS = {
+    "id": "unique snake_case name",
+    "version": "integer >= 1; bump it whenever the rule's meaning changes",
+    "owner": "team or person answerable for the rule",
+    "description": "why the rule exists and what abuse it targets",
+    "entity": f"one of {', '.join(ENTITY_TYPES)}",
+    "window": "fixed window length, e.g. 10m, 1h, 1d",
+    "when": "condition over feature names",
+    "action": f"one of {', '.join(ACTIONS)}",
+    "mode": "enforce (default) or shadow",
+    "reason": "one human sentence; may use {feature} placeholders",
+    "ttl": "how long the action lasts, e.g. 24h (default depends on the action)",
+    "min_events": "signals the window must hold before the rule may enforce (default 1)",
+}
+_REQUIRED_FIELDS = ("id", "version", "owner", "description", "entity", "window", "when", "action", "reason")
+_ALLOWED_NODES = (
+    ast.Expression,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.UnaryOp,
+    ast.Not,
+    ast.USub,
+    ast.UAdd,
+    ast.BinOp,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.Compare,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.Call,
+)
+
+
+class RulePackError(ValueError):
+    """A rule pack that cannot be used. The message names file, rule and field."""
+
+    def __init__(self, source: str, problem: str, rule: str | None = None, field: str | None = None):
+        where = source
+        if rule is not None:
+            where += f": rule '{rule}'"
+        if field is not None:
+            where += f": field '{field}'"
+        super().__init__(f"{where}: {problem}")
+        self.source, self.rule, self.field, self.problem = source, rule, field, problem
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One rule as written in the pack (plain data: pickles small, compiles in setup)."""
+
+    id: str
+    version: int
+    owner: str
+    description: str
+    entity: str
+    window_sec: int
+    when: str
+    action: str
+    mode: str
+    reason: str
+    ttl_sec: int
+    min_events: int
+    features: tuple[str, ...]  # feature names the condition reads, in order of first use
+
+
+@dataclasses.dataclass(frozen=True)
+class RulePack:
+    name: str
+    version: str
+    source: str
+    digest: str  # sha256 of the file, so audit rows say exactly which text decided
+    rules: tuple[Rule, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def feature_plan(self) -> dict[int, tuple[str, ...]]:
+        """Window size -> entity types that rules read at that size."""
+        plan: dict[int, set[str]] = {}
+        for rule in self.rules:
+            plan.setdefault(rule.window_sec, set()).add(rule.entity)
+        return {size: tuple(sorted(types)) for size, types in sorted(plan.items())}
+
+
+def parse_duration(value, source: str, rule: str, field: str) -> int:
+    """'90s', '10m', '1h', '7d' (or a bare number of seconds) to seconds."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value.strip())
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1)) * _UNIT_SEC[match.group(2)]
+    raise RulePackError(source, f"'{value}' is not a duration such as 90s, 10m, 1h or 7d", rule, field)
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
+    """Parse and vet a condition; return the feature names it reads."""
+    if not isinstance(expr, str) or not expr.strip():
+        raise RulePackError(source, "must be a non-empty condition string", rule_id, "when")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError as err:
+        raise RulePackError(source, f"syntax error at column {err.offset}: {err.msg}", rule_id, "when") from None
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise RulePackError(source, f"'{type(node).__name__}' is not allowed in a condition", rule_id, "when")
+        if isinstance(node, ast.Constant) and (isinstance(node.value, bool) or not isinstance(node.value, (int, float))):
+            raise RulePackError(source, f"only numbers may appear as constants, got {node.value!r}", rule_id, "when")
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in _SAFE_FUNCTIONS or node.keywords:
+                raise RulePackError(source, f"only {', '.join(_SAFE_FUNCTIONS)} may be called", rule_id, "when")
+        elif isinstance(node, ast.Name) and node.id not in _SAFE_FUNCTIONS:
+            if node.id not in FEATURES:
+                raise RulePackError(
+                    source, f"unknown feature '{node.id}' (known: {', '.join(sorted(FEATURES))})", rule_id, "when"
+                )
+            if node.id not in names:
+                names.append(node.id)
+    if not names:
+        raise RulePackError(source, "the condition reads no feature", rule_id, "when")
+    if not _is_boolean(tree.body):
+        raise RulePackError(
+            source, "must be a true/false test: comparisons joined by and, or, not", rule_id, "when"
+        )
+    return tuple(names)
+
+
+def _is_boolean(node: ast.AST) -> bool:
+    """True when the expression always yields a bool (so 'a > 1 and b' is refused)."""
+    if isinstance(node, ast.Compare):
+        return True
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return True
+    if isinstance(node, ast.BoolOp):
+        return all(_is_boolean(value) for value in node.values)
+    return False
+
+
+def _check_reason(template, features: tuple[str, ...], source: str, rule_id: str) -> None:
+    if not isinstance(template, str) or not template.strip():
+        raise RulePackError(source, "must be a non-empty sentence", rule_id, "reason")
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise RulePackError(source, f"bad placeholder: {err}", rule_id, "reason") from None
+    for _, field_name, format_spec, conversion in parts:
+        if field_name is None:
+            continue
+        if field_name not in FEATURES and field_name not in _CONTEXT_NAMES:
+            raise RulePackError(
+                source,
+                f"placeholder '{{{field_name}}}' must be a feature name or one of {', '.join(_CONTEXT_NAMES)}",
+                rule_id,
+                "reason",
+            )
+        if conversion is not None or "{" in (format_spec or ""):
+            raise RulePackError(source, f"placeholder '{{{field_name}}}' may only carry a format spec", rule_id, "reason")
+    try:
+        render_reason(template, {name: 0.0 for name in FEATURES}, "user", "x", 3600)
+    except (ValueError, TypeError) as err:
+        raise RulePackError(source, f"cannot be rendered: {err}", rule_id, "reason") from None
+
+
+def render_reason(template: str, features: Mapping[str, float], entity_type: str, entity_id: str, window_sec: int) -> str:
+    """The decision's human sentence. Placeholders were vetted at load time."""
+    values = dict(features)
+    values.update(entity_type=entity_type, entity_id=entity_id, window=format_duration(window_sec))
+    return template.format_map(values)
+
+
+def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
+    if not isinstance(raw, dict):
+        raise RulePackError(source, f"rule #{index + 1} must be a mapping")
+    rule_id = raw.get("id")
+    label = rule_id if isinstance(rule_id, str) else f"#{index + 1}"
+    for key in raw:
+        if key not in _RULE_FIELDS:
+            raise RulePackError(source, f"unknown field (allowed: {', '.join(_RULE_FIELDS)})", label, str(key))
+    for key in _REQUIRED_FIELDS:
+        if raw.get(key) in (None, ""):
+            raise RulePackError(source, f"is required: {_RULE_FIELDS[key]}", label, key)
+    if not isinstance(rule_id, str) or not _RULE_ID_RE.fullmatch(rule_id):
+        raise RulePackError(source, "must be 3..64 characters of a-z, 0-9 and _, starting with a letter", label, "id")
+    if rule_id in seen:
+        raise RulePackError(source, "duplicate rule id", rule_id, "id")
+    seen.add(rule_id)
+    version = raw["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RulePackError(source, "must be an integer >= 1", rule_id, "version")
+    for key in ("owner", "description"):
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise RulePackError(source, "must be non-empty text", rule_id, key)
+    entity = raw["entity"]
+    if entity not in ENTITY_TYPES:
+        raise RulePackError(source, f"unknown entity type {entity!r} (known: {', '.join(ENTITY_TYPES)})", rule_id, "entity")
+    action = raw["action"]
+    if action not in ACTIONS:
+        raise RulePackError(source, f"unknown action {action!r} (known: {', '.join(ACTIONS)})", rule_id, "action")
+    mode = raw.get("mode", "enforce")
+    if mode not in MODES:
+        raise RulePackError(source, f"unknown mode {mode!r} (known: {', '.join(MODES)})", rule_id, "mode")
+    if entity in REVIEW_ONLY_ENTITIES and action != REVIEW_ACTION:
+        raise RulePackError(
+            source,
+            f"{entity} entities may only get {REVIEW_ACTION}: content and creators are never auto-enforced against",
+            rule_id,
+            "action",
+        )
+    if action in IP_ONLY_ACTIONS and entity != "ip":
+        raise RulePackError(source, f"{action} applies only to ip entities", rule_id, "action")
+    window_sec = parse_duration(raw["window"], source, rule_id, "window")
+    if not MIN_WINDOW_SEC <= window_sec <= MAX_WINDOW_SEC or (86400 % window_sec and window_sec % 86400):
+        raise RulePackError(
+            source, "window must be 1m..7d and divide a day (or be whole days), so windows align", rule_id, "window"
+        )
+    ttl_sec = parse_duration(raw["ttl"], source, rule_id, "ttl") if "ttl" in raw else DEFAULT_TTL_SEC[action]
+    min_events = raw.get("min_events", 1)
+    if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
+        raise RulePackError(source, "must be an integer >= 1", rule_id, "min_events")
+    features = _check_condition(raw["when"], source, rule_id)
+    _check_reason(raw["reason"], features, source, rule_id)
+    rule = Rule(
+        id=rule_id,
+        version=version,
+        owner=raw["owner"].strip(),
+        description=" ".join(raw["description"].split()),
+        entity=entity,
+        window_sec=window_sec,
+        when=" ".join(raw["when"].split()),
+        action=action,
+        mode=mode,
+        reason=raw["reason"].strip(),
+        ttl_sec=ttl_sec,
+        min_events=min_events,
+        features=features,
+    )
+    try:
+        CompiledRule(rule).matches({name: 0.0 for name in FEATURES})
+    except RuleEvaluationError as err:
+        raise RulePackError(source, f"fails on an all-zero window ({err.__cause__ or err}); use the ratio features", rule_id, "when") from None
+    return rule
+
+
+def parse_rule_pack(text: str, source: str) -> RulePack:
+    """Validate a pack's YAML text; ``source`` names it in errors."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RulePackError(source, f"not valid YAML: {err}") from None
+    if not isinstance(doc, dict):
+        raise RulePackError(source, "must be a mapping with 'pack', 'version' and 'rules'")
+    for key in doc:
+        if key not in ("pack", "version", "description", "rules"):
+            raise RulePackError(source, f"unknown top-level field '{key}' (allowed: pack, version, description, rules)")
+    name, version, raw_rules = doc.get("pack"), doc.get("version"), doc.get("rules")
+    if not isinstance(name, str) or not name.strip():
+        raise RulePackError(source, "top-level 'pack' (the pack's name) is required")
+    if version in (None, ""):
+        raise RulePackError(source, "top-level 'version' is required")
+    if not isinstance(raw_rules, list) or not raw_rules:
+        raise RulePackError(source, "top-level 'rules' must be a non-empty list")
+    seen: set[str] = set()
+    rules = tuple(_rule_from_mapping(raw, source, i, seen) for i, raw in enumerate(raw_rules))
+    return RulePack(
+        name=name.strip(),
+        version=str(version),
+        source=source,
+        digest=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        rules=rules,
+    )
+
+
+def load_rule_pack(path: str) -> RulePack:
+    """Read and validate a pack from a local path or any Beam filesystem (``gs://``)."""
+    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415 - keeps the plain loader import-light
+
+    try:
+        with FileSystems.open(path) as handle:
+            text = handle.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RulePackError(path, f"cannot be read: {err}") from None
+    except Exception as err:  # Beam wraps filesystem errors in BeamIOError
+        raise RulePackError(path, f"cannot be read: {err}") from None
+    return parse_rule_pack(text, path)
+
+
+class RuleEvaluationError(RuntimeError):
+    """A condition raised while evaluating (routed to the dead-letter output)."""
+
+
+class CompiledRule:
+    """A rule with its condition parsed once; ``matches`` is the per-window cost."""
+
+    def __init__(self, rule: Rule):
+        self.rule = rule
+        self._node = SimpleEval.parse(rule.when)
+        self._evaluator = SimpleEval(functions=dict(_SAFE_FUNCTIONS), names={})
+
+    def matches(self, features: Mapping[str, float]) -> bool:
+        self._evaluator.names = features
+        try:
+            result = self._evaluator.eval(self.rule.when, previously_parsed=self._node)
+        except Exception as err:  # simpleeval raises many types; all mean "this condition failed"
+            raise RuleEvaluationError(f"rule '{self.rule.id}' condition failed: {err}") from err
+        if not isinstance(result, bool):
+            raise RuleEvaluationError(f"rule '{self.rule.id}' condition returned {type(result).__name__}, not true/false")
+        return result
+

@@ -1,0 +1,189 @@
+"""Apply a rule pack to windowed features and turn hits into decisions and audit rows."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import typing
+
+import apache_beam as beam
+import orjson
+from apache_beam.metrics import Metrics
+
+from schemas import AuditRow, DeadLetter, Decision
+from schemas.features import EntityFeatures
+from transforms.rulepack import CompiledRule, RuleEvaluationError, RulePack, render_reason
+
+# Audit statuses. Only "issued" hits become decisions on the topic; every hit
+# becomes an audit row, so we can always see what a rule would have done.
+ISSUED = "issued"
+BELOW_MIN_EVENTS = "below_min_events"
+
+DECISION_CLOCKS = ("event", "processing")
+
+
+class RuleHit(typing.NamedTuple):
+    """A rule that matched one entity's window, before safeguards."""
+
+    decision: Decision
+    status: str
+    features_json: str
+    event_count: int
+    rule_pack: str
+
+
+beam.coders.registry.register_coder(RuleHit, beam.coders.RowCoder)
+
+
+def decision_id(rule_id: str, rule_version: int, entity_type: str, entity_id: str, start_ms: int, end_ms: int) -> str:
+    """Deterministic id: a replayed or redelivered window yields the same decision id."""
+    key = f"{rule_id}\x1f{rule_version}\x1f{entity_type}\x1f{entity_id}\x1f{start_ms}\x1f{end_ms}"
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
+
+
+def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, decided_at_ms: int):
+    """Yield a ``RuleHit`` for each rule whose condition holds on ``ef``.
+
+    Raises ``RuleEvaluationError`` if a condition fails at run time.
+    """
+    features = ef.features
+    for cr in compiled:
+        rule = cr.rule
+        if not cr.matches(features):
+            continue
+        evidence = {name: features[name] for name in rule.features}
+        evidence["events"] = features["events"]
+        enough = features["events"] >= rule.min_events
+        decision = Decision(
+            decision_id=decision_id(rule.id, rule.version, ef.entity_type, ef.entity_id, ef.window_start_ms, ef.window_end_ms),
+            entity_type=ef.entity_type,
+            entity_id=ef.entity_id,
+            action=rule.action,
+            rule_id=rule.id,
+            rule_version=rule.version,
+            # Too little evidence never enforces: the hit is kept as shadow for the audit trail.
+            mode=rule.mode if enough else "shadow",
+            reason=render_reason(rule.reason, features, ef.entity_type, ef.entity_id, ef.window_sec),
+            evidence=evidence,
+            window_start_ms=ef.window_start_ms,
+            window_end_ms=ef.window_end_ms,
+            decided_at_ms=decided_at_ms,
+            expires_at_ms=decided_at_ms + rule.ttl_sec * 1000,
+            trace_ids=list(ef.trace_ids),
+        )
+        yield RuleHit(
+            decision=decision,
+            status=ISSUED if enough else BELOW_MIN_EVENTS,
+            features_json=orjson.dumps(dict(features), option=orjson.OPT_SORT_KEYS).decode(),
+            event_count=int(features["events"]),
+            rule_pack=pack_label,
+        )
+
+
+class ApplyRulesFn(beam.DoFn):
+    """Evaluates the rules that apply to each (entity type, window size).
+
+    The pack travels as plain data and is compiled once per DoFn instance in
+    ``setup``, so conditions are parsed once per worker, not per element.
+    """
+
+    DEAD_LETTER = "dead_letter"
+
+    def __init__(self, pack: RulePack, decision_clock: str):
+        if decision_clock not in DECISION_CLOCKS:
+            raise ValueError(f"decision_clock must be one of {DECISION_CLOCKS}, got {decision_clock!r}")
+        self._pack = pack
+        self._clock = decision_clock
+        self._by_key: dict[tuple[str, int], list[CompiledRule]] = {}
+
+    def setup(self):
+        self._by_key = {}
+        for rule in self._pack.rules:
+            self._by_key.setdefault((rule.entity, rule.window_sec), []).append(CompiledRule(rule))
+
+    def process(self, ef: EntityFeatures):
+        compiled = self._by_key.get((ef.entity_type, ef.window_sec))
+        if not compiled:
+            return
+        decided_at = ef.window_end_ms if self._clock == "event" else int(time.time() * 1000)
+        try:
+            hits = list(evaluate(compiled, ef, self._pack.label, decided_at))
+        except RuleEvaluationError as err:
+            Metrics.counter("dead_letters", "rule_evaluation_error").inc()
+            yield beam.pvalue.TaggedOutput(
+                self.DEAD_LETTER,
+                DeadLetter(
+                    stage="rules",
+                    reason="rule_evaluation_error",
+                    detail=str(err),
+                    raw_payload=orjson.dumps(ef._asdict()),
+                    source=self._pack.source,
+                    failed_at_ms=int(time.time() * 1000),
+                ),
+            )
+            return
+        for hit in hits:
+            Metrics.counter("decisions", f"{hit.decision.rule_id}.{hit.decision.mode}").inc()
+            yield hit
+
+
+class RuleOutputs(typing.NamedTuple):
+    hits: beam.PCollection
+    dead_letters: beam.PCollection
+
+
+class ApplyRules(beam.PTransform):
+    """``EntityFeatures`` to ``RuleHit`` records; failing conditions go to dead letters."""
+
+    def __init__(self, pack: RulePack, decision_clock: str = "event"):
+        super().__init__()
+        self._pack = pack
+        self._clock = decision_clock
+
+    def expand(self, features):
+        results = features | "Evaluate" >> beam.ParDo(ApplyRulesFn(self._pack, self._clock)).with_outputs(
+            ApplyRulesFn.DEAD_LETTER, main="hits"
+        )
+        return RuleOutputs(results.hits, results[ApplyRulesFn.DEAD_LETTER])
+
+
+def to_audit_row(hit: RuleHit) -> AuditRow:
+    d = hit.decision
+    return AuditRow(
+        decision_id=d.decision_id,
+        entity_type=d.entity_type,
+        entity_id=d.entity_id,
+        action=d.action,
+        rule_id=d.rule_id,
+        rule_version=d.rule_version,
+        rule_pack=hit.rule_pack,
+        mode=d.mode,
+        status=hit.status,
+        reason=d.reason,
+        evidence_json=orjson.dumps(dict(d.evidence), option=orjson.OPT_SORT_KEYS).decode(),
+        features_json=hit.features_json,
+        event_count=hit.event_count,
+        window_start_ms=d.window_start_ms,
+        window_end_ms=d.window_end_ms,
+        decided_at_ms=d.decided_at_ms,
+        expires_at_ms=d.expires_at_ms,
+        trace_ids=list(d.trace_ids),
+    )
+
+
+class DecisionOutputs(typing.NamedTuple):
+    decisions: beam.PCollection
+    audit: beam.PCollection
+
+
+class EmitDecisions(beam.PTransform):
+    """Hits to published decisions (status ``issued`` only) and audit rows (all hits)."""
+
+    def expand(self, hits):
+        decisions = (
+            hits
+            | "Issued" >> beam.Filter(lambda h: h.status == ISSUED)
+            | "Decision" >> beam.Map(lambda h: h.decision).with_output_types(Decision)
+        )
+        audit = hits | "AuditRow" >> beam.Map(to_audit_row).with_output_types(AuditRow)
+        return DecisionOutputs(decisions, audit)
