@@ -46,7 +46,9 @@ class BacktestOptions(PipelineOptions):
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", help="Signals to replay: a .jsonl path or glob (local or gs://).")
         parser.add_argument("--rules", default=DEFAULT_RULES, help="Rule pack YAML (default: rules/default.yaml).")
-        parser.add_argument("--output_dir", help="Folder for decisions.jsonl, audit.jsonl, dead_letter.jsonl, summary.json.")
+        parser.add_argument(
+            "--output_dir", help="Folder for decisions.jsonl, audit.jsonl, dead_letter.jsonl, summary.json."
+        )
         parser.add_argument(
             "--allowed_lateness_sec",
             type=int,
@@ -71,9 +73,7 @@ def _jsonl(schema):
 
 
 def write_jsonl(pcoll, path: str, schema, label: str):
-    return pcoll | label >> (
-        beam.Map(_jsonl(schema)) | beam.io.WriteToText(path, shard_name_template="", num_shards=1)
-    )
+    return pcoll | label >> (beam.Map(_jsonl(schema)) | beam.io.WriteToText(path, shard_name_template="", num_shards=1))
 
 
 def run(argv: list[str], runner_config: str = "backtest_local.yaml") -> dict:

@@ -47,7 +47,10 @@ def render(summary: dict, scores: dict, out: str) -> str:
         lines += [f"  {row}" for row in scores["enforced_non_attack"]]
     else:
         lines.append("No enforce decision against legitimate users or look-alikes.")
-    lines.append(f"Outputs in {out}/ (decisions.jsonl, audit.jsonl, dead_letter.jsonl, summary.json); took {summary['wall_seconds']} s.")
+    lines.append(
+        f"Outputs in {out}/ (decisions.jsonl, audit.jsonl, dead_letter.jsonl, summary.json); "
+        f"the pipeline took {summary['wall_seconds']} s."
+    )
     return "\n".join(lines)
 
 

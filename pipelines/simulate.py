@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import logging
 import random
 import typing
@@ -94,12 +93,20 @@ class World:
 
     def stream(self, t_ms, user_id, track_id, ms_played, **ctx) -> dict:
         return self.event(
-            "stream", t_ms, user_id, track_id=track_id, artist_id=self.artist_of(track_id), ms_played=int(ms_played), **ctx
+            "stream",
+            t_ms,
+            user_id,
+            track_id=track_id,
+            artist_id=self.artist_of(track_id),
+            ms_played=int(ms_played),
+            **ctx,
         )
 
     def diurnal_hour(self) -> float:
         """An hour of day weighted toward evenings, as listening is."""
-        return self.rng.choices(range(24), weights=[2, 1, 1, 1, 1, 2, 4, 6, 7, 6, 5, 5, 6, 6, 5, 5, 6, 7, 8, 9, 9, 8, 6, 4])[0]
+        return self.rng.choices(
+            range(24), weights=[2, 1, 1, 1, 1, 2, 4, 6, 7, 6, 5, 5, 6, 6, 5, 5, 6, 7, 8, 9, 9, 8, 6, 4]
+        )[0]
 
 
 def _ip(rng: random.Random, block: int) -> str:
@@ -169,16 +176,22 @@ class OrganicListeners(Scenario):
             travels = rng.random() < 0.05
             for day in range(max(1, world.hours // 24 + (world.hours % 24 > 0))):
                 for _ in range(rng.choice([0, 1, 1, 2, 2, 3])):
-                    start = world.start_ms + day * 24 * HOUR_MS + world.diurnal_hour() * HOUR_MS + rng.randint(0, HOUR_MS)
+                    start = (
+                        world.start_ms + day * 24 * HOUR_MS + world.diurnal_hour() * HOUR_MS + rng.randint(0, HOUR_MS)
+                    )
                     if start >= world.end_ms:
                         continue
                     if travels and rng.random() < 0.5:
                         who = dataclasses.replace(who, ip=_ip(rng, 96), country=rng.choice(["ES", "JP", "IT"]))
                     if rng.random() < 0.3:
                         ok = rng.random() < 0.97
-                        yield world.event("login", start - 5_000, who.user_id, success=ok, device_id=who.device_id, ip=who.ip)
+                        yield world.event(
+                            "login", start - 5_000, who.user_id, success=ok, device_id=who.device_id, ip=who.ip
+                        )
                         if not ok:
-                            yield world.event("login", start - 2_000, who.user_id, success=True, device_id=who.device_id, ip=who.ip)
+                            yield world.event(
+                                "login", start - 2_000, who.user_id, success=True, device_id=who.device_id, ip=who.ip
+                            )
                     for sig in listening_session(world, who, start, rng.uniform(15, 120)):
                         yield sig
                         if rng.random() < 0.02:
@@ -428,7 +441,9 @@ class SleepLoop(Scenario):
                 t = world.start_ms + day * 24 * HOUR_MS + rng.randint(0, HOUR_MS)
                 stop = min(t + 8 * HOUR_MS, world.end_ms - 1)
                 while t < stop:
-                    yield world.stream(t, who.user_id, track, length, device_id=who.device_id, ip=who.ip, country=who.country)
+                    yield world.stream(
+                        t, who.user_id, track, length, device_id=who.device_id, ip=who.ip, country=who.country
+                    )
                     t += length + 100
 
     def labels(self):
@@ -460,7 +475,9 @@ class Dormitory(Scenario):
             yield from listening_session(world, who, start, rng.uniform(20, 90))
 
     def labels(self):
-        return [Label("ip", self.nat_ip, self.name, self.kind)] + [Label("user", u, self.name, self.kind) for u in self.user_ids]
+        return [Label("ip", self.nat_ip, self.name, self.kind)] + [
+            Label("user", u, self.name, self.kind) for u in self.user_ids
+        ]
 
 
 @dataclasses.dataclass
@@ -483,12 +500,17 @@ class ViralTrack(Scenario):
                 continue
             for _ in range(rng.randint(1, 4)):
                 played = length if rng.random() < 0.8 else rng.randint(2_000, 25_000)
-                yield world.stream(t, who.user_id, self.track_id, played, device_id=who.device_id, ip=who.ip, country=who.country)
+                yield world.stream(
+                    t, who.user_id, self.track_id, played, device_id=who.device_id, ip=who.ip, country=who.country
+                )
                 t += played + 500
         self.artist_id = world.artist_of(self.track_id)
 
     def labels(self):
-        return [Label("track", self.track_id, self.name, self.kind), Label("artist", self.artist_id, self.name, self.kind)]
+        return [
+            Label("track", self.track_id, self.name, self.kind),
+            Label("artist", self.artist_id, self.name, self.kind),
+        ]
 
 
 MALFORMED_SAMPLES = (
@@ -513,7 +535,8 @@ def default_scenarios(scale: float = 1.0) -> list[Scenario]:
 
     return [
         OrganicListeners(users=n(800)),
-        StreamFarm(accounts=n(12)),
+        # Farms run about four accounts per device.
+        StreamFarm(accounts=n(12), devices=max(1, n(12) // 4)),
         CredentialStuffing(),
         SignupBurst(),
         CardTesting(),

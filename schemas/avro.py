@@ -64,7 +64,8 @@ def _python_type(avro_type) -> type:
             py = _python_type(kind)
     else:
         py = {"string": str, "long": int, "int": int, "double": float, "boolean": bool, "bytes": bytes}[inner]
-    return typing.Optional[py] if nullable else py
+    # typing.Optional, not "X | None": Beam's schema inference understands the former.
+    return typing.Optional[py] if nullable else py  # noqa: UP045
 
 
 def namedtuple_from_avro(schema: dict) -> type:
@@ -133,7 +134,7 @@ def bigquery_schema(schema: dict) -> dict:
 
 def millis_to_rfc3339(ms: int) -> str:
     """Epoch milliseconds to RFC 3339 in UTC with millisecond precision."""
-    stamp = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
+    stamp = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
 
 

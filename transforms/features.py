@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import typing
 from collections.abc import Callable, Iterable
 
 import apache_beam as beam
@@ -92,7 +91,7 @@ class Accumulator:
         return [getattr(self, name) for name in self.__slots__]
 
     def __setstate__(self, state):
-        for name, value in zip(self.__slots__, state):
+        for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
 
 
@@ -112,10 +111,8 @@ def add_signal(acc: Accumulator, s: Signal) -> Accumulator:
     """Fold one signal into an accumulator (the per-element hot path)."""
     acc.events += 1
     t = s.event_time_ms
-    if t < acc.first_ms:
-        acc.first_ms = t
-    if t > acc.last_ms:
-        acc.last_ms = t
+    acc.first_ms = min(acc.first_ms, t)
+    acc.last_ms = max(acc.last_ms, t)
     acc.hours |= 1 << ((t // 3_600_000) % 24)
     _add_distinct(acc.users, s.user_id)
     _add_distinct(acc.devices, s.device_id)
@@ -231,13 +228,29 @@ def _features() -> dict[str, Feature]:
         ("streams_per_hour", "Plays per hour of window.", lambda a, w: a.streams * 3600 / w),
         ("stream_minutes", "Minutes played.", lambda a, w: a.stream_ms / 60_000),
         ("avg_ms_played", "Mean play length in ms.", lambda a, w: _ratio(a.stream_ms, a.streams)),
-        ("near_threshold_streams", "Plays ending in [30 s, 40 s), just past the royalty threshold.", lambda a, w: a.near_threshold),
-        ("near_threshold_share", "Share of plays ending in [30 s, 40 s).", lambda a, w: _ratio(a.near_threshold, a.streams)),
+        (
+            "near_threshold_streams",
+            "Plays ending in [30 s, 40 s), just past the royalty threshold.",
+            lambda a, w: a.near_threshold,
+        ),
+        (
+            "near_threshold_share",
+            "Share of plays ending in [30 s, 40 s).",
+            lambda a, w: _ratio(a.near_threshold, a.streams),
+        ),
         ("skip_share", "Share of plays shorter than 30 s.", lambda a, w: _ratio(a.short_streams, a.streams)),
         ("distinct_tracks", "Distinct tracks played or added to playlists.", lambda a, w: len(a.tracks)),
         ("distinct_artists", "Distinct artists played.", lambda a, w: len(a.artists)),
-        ("top_artist_share", "Share of plays going to the most-played artist.", lambda a, w: _top_share(a.stream_artists, a.streams)),
-        ("top_track_share", "Share of plays going to the most-played track.", lambda a, w: _top_share(a.stream_tracks, a.streams)),
+        (
+            "top_artist_share",
+            "Share of plays going to the most-played artist.",
+            lambda a, w: _top_share(a.stream_artists, a.streams),
+        ),
+        (
+            "top_track_share",
+            "Share of plays going to the most-played track.",
+            lambda a, w: _top_share(a.stream_tracks, a.streams),
+        ),
         ("logins", "Login attempts.", lambda a, w: a.logins),
         ("failed_logins", "Failed login attempts.", lambda a, w: a.failed_logins),
         ("failed_login_ratio", "Failed share of login attempts.", lambda a, w: _ratio(a.failed_logins, a.logins)),
@@ -251,15 +264,27 @@ def _features() -> dict[str, Feature]:
         ),
         ("payments", "Payment attempts.", lambda a, w: a.payments),
         ("failed_payments", "Declined payment attempts.", lambda a, w: a.failed_payments),
-        ("failed_payment_ratio", "Declined share of payment attempts.", lambda a, w: _ratio(a.failed_payments, a.payments)),
-        ("small_payment_share", "Share of payments of at most 2.00.", lambda a, w: _ratio(a.small_payments, a.payments)),
+        (
+            "failed_payment_ratio",
+            "Declined share of payment attempts.",
+            lambda a, w: _ratio(a.failed_payments, a.payments),
+        ),
+        (
+            "small_payment_share",
+            "Share of payments of at most 2.00.",
+            lambda a, w: _ratio(a.small_payments, a.payments),
+        ),
         ("distinct_cards", "Distinct card fingerprints used.", lambda a, w: len(a.cards)),
         ("distinct_users", "Distinct user ids seen.", lambda a, w: len(a.users)),
         ("distinct_devices", "Distinct device ids seen.", lambda a, w: len(a.devices)),
         ("distinct_ips", "Distinct IP addresses seen.", lambda a, w: len(a.ips)),
         ("distinct_countries", "Distinct countries seen.", lambda a, w: len(a.countries)),
         ("active_hours", "Distinct hours of the day (UTC) with any signal.", lambda a, w: bin(a.hours).count("1")),
-        ("span_minutes", "Minutes from the first to the last signal.", lambda a, w: max(0, a.last_ms - a.first_ms) / 60_000),
+        (
+            "span_minutes",
+            "Minutes from the first to the last signal.",
+            lambda a, w: max(0, a.last_ms - a.first_ms) / 60_000,
+        ),
     ]
     return {name: Feature(name, description, fn) for name, description, fn in specs}
 
@@ -350,18 +375,21 @@ class ComputeFeatures(beam.PTransform):
         self._config = config
 
     def _window_into(self, size: int) -> beam.WindowInto:
+        """Fixed windows that fire at the watermark, early (if configured) and once per late signal.
+
+        Panes accumulate, so every firing carries the whole window so far and
+        rules always judge complete counts; decision ids are per window, so a
+        re-fired window yields the same id and downstream de-duplication drops it.
+        """
         cfg = self._config
-        if cfg.early_firing_sec > 0:
-            return beam.WindowInto(
-                beam_window.FixedWindows(size),
-                trigger=beam_trigger.AfterWatermark(
-                    early=beam_trigger.AfterProcessingTime(cfg.early_firing_sec),
-                    late=beam_trigger.AfterCount(1),
-                ),
-                accumulation_mode=beam_trigger.AccumulationMode.ACCUMULATING,
-                allowed_lateness=cfg.allowed_lateness_sec,
-            )
-        return beam.WindowInto(beam_window.FixedWindows(size), allowed_lateness=cfg.allowed_lateness_sec)
+        early = beam_trigger.AfterProcessingTime(cfg.early_firing_sec) if cfg.early_firing_sec > 0 else None
+        late = beam_trigger.AfterCount(1) if cfg.allowed_lateness_sec > 0 else None
+        return beam.WindowInto(
+            beam_window.FixedWindows(size),
+            trigger=beam_trigger.AfterWatermark(early=early, late=late),
+            accumulation_mode=beam_trigger.AccumulationMode.ACCUMULATING,
+            allowed_lateness=cfg.allowed_lateness_sec,
+        )
 
     def expand(self, signals):
         branches = []

@@ -46,9 +46,7 @@ MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 # into logs, BigQuery and dashboards without escaping surprises.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,127}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_RFC3339_RE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})"
-)
+_RFC3339_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _CURRENCY_RE = re.compile(r"[A-Z]{3}")
 
 # ISO 3166-1 alpha-2, officially assigned codes.
@@ -64,7 +62,16 @@ _COUNTRIES = frozenset(
     ZM ZW""".split()
 )
 
-_ID_FIELDS = ("event_id", "user_id", "device_id", "track_id", "artist_id", "playlist_id", "card_fingerprint", "trace_id")
+_ID_FIELDS = (
+    "event_id",
+    "user_id",
+    "device_id",
+    "track_id",
+    "artist_id",
+    "playlist_id",
+    "card_fingerprint",
+    "trace_id",
+)
 KNOWN_FIELDS = frozenset(Signal._fields) | {"event_time"}
 
 
@@ -88,7 +95,7 @@ def parse_rfc3339_ms(value: str) -> int:
     if not match:
         raise ValueError("not an RFC 3339 timestamp with a Z or +hh:mm offset")
     year, month, day, hour, minute, second, frac, offset = match.groups()
-    tz = dt.timezone.utc
+    tz = dt.UTC
     if offset not in ("Z", "z"):
         sign = 1 if offset[0] == "+" else -1
         hours, minutes = int(offset[1:3]), int(offset[4:6])
@@ -111,7 +118,8 @@ def _id(obj: Mapping, name: str, required: bool) -> str | None:
     if not _ID_RE.fullmatch(value):
         raise InvalidSignal(
             "invalid_value",
-            f"'{name}' must be 1..{MAX_ID_CHARS} characters of letters, digits and ._:@+/=- (starting with a letter or digit)",
+            f"'{name}' must be 1..{MAX_ID_CHARS} characters of letters, digits and ._:@+/=- "
+            "(starting with a letter or digit)",
         )
     return value
 
@@ -174,7 +182,9 @@ def parse_signal(
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as utf_err:
-            raise InvalidSignal("invalid_utf8", f"payload is not valid UTF-8 ({utf_err.reason} at byte {utf_err.start})") from None
+            raise InvalidSignal(
+                "invalid_utf8", f"payload is not valid UTF-8 ({utf_err.reason} at byte {utf_err.start})"
+            ) from None
         raise InvalidSignal("invalid_json", f"payload is not JSON: {err}") from None
     if not isinstance(obj, dict):
         raise InvalidSignal("not_an_object", f"payload must be a JSON object, got {type(obj).__name__}")
@@ -221,11 +231,12 @@ def parse_signal(
             raise InvalidSignal("wrong_type", f"'user_agent' must be a string, got {type(user_agent).__name__}")
         if len(user_agent) > MAX_USER_AGENT_CHARS or _CONTROL_RE.search(user_agent):
             raise InvalidSignal(
-                "invalid_value", f"'user_agent' must be at most {MAX_USER_AGENT_CHARS} characters without control characters"
+                "invalid_value",
+                f"'user_agent' must be at most {MAX_USER_AGENT_CHARS} characters without control characters",
             )
 
     required = REQUIRED_FOR[event_type]
-    ids = {name: _id(obj, name, required=name in required) for name in _ID_FIELDS[1:]}
+    ids = {name: _id(obj, name, required=name == "user_id" or name in required) for name in _ID_FIELDS[1:]}
     if ids["trace_id"] is None and trace_id_attribute is not None:
         ids["trace_id"] = _id({"trace_id": trace_id_attribute}, "trace_id", required=False)
 
@@ -334,6 +345,6 @@ class AssignEventTime(beam.PTransform):
     """Stamp each signal with its own event time, so windows follow when things happened."""
 
     def expand(self, signals):
-        return signals | "FromEventTime" >> beam.Map(lambda s: TimestampedValue(s, s.event_time_ms / 1000.0)).with_output_types(
-            Signal
-        )
+        return signals | "FromEventTime" >> beam.Map(
+            lambda s: TimestampedValue(s, s.event_time_ms / 1000.0)
+        ).with_output_types(Signal)

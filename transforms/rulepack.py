@@ -176,7 +176,9 @@ def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise RulePackError(source, f"'{type(node).__name__}' is not allowed in a condition", rule_id, "when")
-        if isinstance(node, ast.Constant) and (isinstance(node.value, bool) or not isinstance(node.value, (int, float))):
+        if isinstance(node, ast.Constant) and (
+            isinstance(node.value, bool) or not isinstance(node.value, (int, float))
+        ):
             raise RulePackError(source, f"only numbers may appear as constants, got {node.value!r}", rule_id, "when")
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _SAFE_FUNCTIONS or node.keywords:
@@ -191,9 +193,7 @@ def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
     if not names:
         raise RulePackError(source, "the condition reads no feature", rule_id, "when")
     if not _is_boolean(tree.body):
-        raise RulePackError(
-            source, "must be a true/false test: comparisons joined by and, or, not", rule_id, "when"
-        )
+        raise RulePackError(source, "must be a true/false test: comparisons joined by and, or, not", rule_id, "when")
     return tuple(names)
 
 
@@ -226,14 +226,18 @@ def _check_reason(template, features: tuple[str, ...], source: str, rule_id: str
                 "reason",
             )
         if conversion is not None or "{" in (format_spec or ""):
-            raise RulePackError(source, f"placeholder '{{{field_name}}}' may only carry a format spec", rule_id, "reason")
+            raise RulePackError(
+                source, f"placeholder '{{{field_name}}}' may only carry a format spec", rule_id, "reason"
+            )
     try:
         render_reason(template, {name: 0.0 for name in FEATURES}, "user", "x", 3600)
     except (ValueError, TypeError) as err:
         raise RulePackError(source, f"cannot be rendered: {err}", rule_id, "reason") from None
 
 
-def render_reason(template: str, features: Mapping[str, float], entity_type: str, entity_id: str, window_sec: int) -> str:
+def render_reason(
+    template: str, features: Mapping[str, float], entity_type: str, entity_id: str, window_sec: int
+) -> str:
     """The decision's human sentence. Placeholders were vetted at load time."""
     values = dict(features)
     values.update(entity_type=entity_type, entity_id=entity_id, window=format_duration(window_sec))
@@ -264,7 +268,9 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
             raise RulePackError(source, "must be non-empty text", rule_id, key)
     entity = raw["entity"]
     if entity not in ENTITY_TYPES:
-        raise RulePackError(source, f"unknown entity type {entity!r} (known: {', '.join(ENTITY_TYPES)})", rule_id, "entity")
+        raise RulePackError(
+            source, f"unknown entity type {entity!r} (known: {', '.join(ENTITY_TYPES)})", rule_id, "entity"
+        )
     action = raw["action"]
     if action not in ACTIONS:
         raise RulePackError(source, f"unknown action {action!r} (known: {', '.join(ACTIONS)})", rule_id, "action")
@@ -309,7 +315,9 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
     try:
         CompiledRule(rule).matches({name: 0.0 for name in FEATURES})
     except RuleEvaluationError as err:
-        raise RulePackError(source, f"fails on an all-zero window ({err.__cause__ or err}); use the ratio features", rule_id, "when") from None
+        raise RulePackError(
+            source, f"fails on an all-zero window ({err.__cause__ or err}); use the ratio features", rule_id, "when"
+        ) from None
     return rule
 
 
@@ -375,6 +383,7 @@ class CompiledRule:
         except Exception as err:  # simpleeval raises many types; all mean "this condition failed"
             raise RuleEvaluationError(f"rule '{self.rule.id}' condition failed: {err}") from err
         if not isinstance(result, bool):
-            raise RuleEvaluationError(f"rule '{self.rule.id}' condition returned {type(result).__name__}, not true/false")
+            raise RuleEvaluationError(
+                f"rule '{self.rule.id}' condition returned {type(result).__name__}, not true/false"
+            )
         return result
-

@@ -55,7 +55,9 @@ def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, 
         evidence["events"] = features["events"]
         enough = features["events"] >= rule.min_events
         decision = Decision(
-            decision_id=decision_id(rule.id, rule.version, ef.entity_type, ef.entity_id, ef.window_start_ms, ef.window_end_ms),
+            decision_id=decision_id(
+                rule.id, rule.version, ef.entity_type, ef.entity_id, ef.window_start_ms, ef.window_end_ms
+            ),
             entity_type=ef.entity_type,
             entity_id=ef.entity_id,
             action=rule.action,

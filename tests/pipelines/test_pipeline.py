@@ -1,0 +1,126 @@
+"""The whole graph from raw payloads to decisions, audit rows and dead letters (Scio-style:
+inputs swapped for Create/TestStream, outputs asserted; no I/O, no mocks)."""
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+
+from pipelines.options import DEFAULT_RULES
+from pipelines.pipeline import build_pipeline
+from tests.kit import HOUR_MS, T0_MS, payload
+from tests.transforms.test_rulepack import pack_text, rule
+from transforms.features import WindowConfig
+from transforms.rulepack import load_rule_pack, parse_rule_pack
+from transforms.rules import BELOW_MIN_EVENTS, ISSUED, decision_id
+
+PACK = load_rule_pack(DEFAULT_RULES)
+
+
+def farm_and_fan():
+    farm = [
+        payload("stream", T0_MS + i * 75_000, user_id="bot1", device_id="dbot", ms_played=32_000, track_id=f"t{i % 3}")
+        for i in range(45)
+    ]
+    fan = [
+        payload("stream", T0_MS + i * 180_000, user_id="fan1", ms_played=175_000, track_id=f"t{i % 10}")
+        for i in range(20)
+    ]
+    return farm + fan
+
+
+def test_stream_farm_is_excluded_and_the_fan_is_not():
+    malformed = [b"{oops", payload("stream", ms_played=-3)]
+    with TestPipeline() as p:
+        out = build_pipeline(p | beam.Create(farm_and_fan() + malformed), PACK, source="test")
+        assert_that(
+            out.decisions
+            | "D" >> beam.Map(lambda d: (d.rule_id, d.entity_type, d.entity_id, d.action, d.mode, d.decision_id)),
+            equal_to(
+                [
+                    (
+                        "stream_farm_exclude",
+                        "user",
+                        "bot1",
+                        "exclude_streams",
+                        "enforce",
+                        decision_id("stream_farm_exclude", 1, "user", "bot1", T0_MS, T0_MS + HOUR_MS),
+                    )
+                ]
+            ),
+            label="Decisions",
+        )
+        assert_that(
+            out.audit | "A" >> beam.Map(lambda a: (a.rule_id, a.status, a.event_count, a.rule_pack)),
+            equal_to([("stream_farm_exclude", ISSUED, 45, PACK.label)]),
+            label="Audit",
+        )
+        assert_that(
+            out.dead_letters | "DL" >> beam.Map(lambda d: (d.reason, d.raw_payload)),
+            equal_to([("invalid_json", malformed[0]), ("invalid_value", malformed[1])]),
+            label="DeadLetters",
+        )
+
+
+def test_decision_carries_evidence_reason_ttl_and_trace_sample():
+    with TestPipeline() as p:
+        out = build_pipeline(p | beam.Create(farm_and_fan()), PACK)
+        assert_that(
+            out.decisions
+            | beam.Map(
+                lambda d: (
+                    d.evidence["streams"],
+                    d.evidence["near_threshold_share"],
+                    d.reason.startswith("45 plays in an hour, 100%"),
+                    d.decided_at_ms == T0_MS + HOUR_MS,
+                    d.expires_at_ms - d.decided_at_ms,
+                    len(d.trace_ids),
+                )
+            ),
+            equal_to([(45.0, 1.0, True, True, 7 * 86400 * 1000, 0)]),
+        )
+
+
+def test_too_little_evidence_is_audited_but_never_enforced():
+    pack = parse_rule_pack(pack_text(rule(when="streams >= 2", min_events=10)), "p.yaml")
+    two = [payload("stream", T0_MS + i * 1000) for i in range(2)]
+    with TestPipeline() as p:
+        out = build_pipeline(p | beam.Create(two), pack)
+        assert_that(out.decisions, equal_to([]), label="NoDecision")
+        assert_that(
+            out.audit | beam.Map(lambda a: (a.status, a.mode)), equal_to([(BELOW_MIN_EVENTS, "shadow")]), label="Audit"
+        )
+
+
+def test_a_condition_failing_at_run_time_is_dead_lettered_not_fatal():
+    # Passes the all-zero check at load (short-circuit), divides by zero when streams have no IP.
+    pack = parse_rule_pack(pack_text(rule(when="streams > 0 and streams / distinct_ips > 1")), "p.yaml")
+    with TestPipeline() as p:
+        out = build_pipeline(p | beam.Create([payload("stream")]), pack)
+        assert_that(
+            out.dead_letters | beam.Map(lambda d: (d.stage, d.reason, "many_plays" in d.detail)),
+            equal_to([("rules", "rule_evaluation_error", True)]),
+        )
+
+
+def test_streaming_late_signal_refires_the_window_and_completes_the_evidence():
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    farm = farm_and_fan()[:39]
+    last = payload("stream", T0_MS + 39 * 75_000, user_id="bot1", device_id="dbot", ms_played=32_000)
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in farm])
+        .advance_watermark_to((T0_MS + HOUR_MS + 1000) / 1000)  # 39 plays: below the rule's 40
+        .add_elements([TimestampedValue(last, (T0_MS + 39 * 75_000) / 1000)])  # the 40th, late but within lateness
+        .advance_watermark_to_infinity()
+    )
+    with TestPipeline(options=options) as p:
+        out = build_pipeline(p | stream, PACK, window_config=WindowConfig(allowed_lateness_sec=3600))
+        assert_that(
+            out.decisions | beam.Map(lambda d: (d.rule_id, d.entity_id, d.evidence["streams"])),
+            equal_to([("stream_farm_exclude", "bot1", 40.0)]),
+        )

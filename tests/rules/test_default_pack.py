@@ -1,0 +1,175 @@
+"""Every rule in the default pack: it fires on the abuse it targets, a near miss does not,
+and the legitimate look-alikes it must spare are spared.
+
+Cases are built from real signals through the feature accumulator, so they
+exercise features and rules together. Adding a rule without cases here fails
+``test_every_rule_has_cases``.
+"""
+
+import pytest
+
+from pipelines.options import DEFAULT_RULES
+from schemas.features import EntityFeatures
+from tests.kit import HOUR_MS, T0_MS, features_of, signal
+from transforms.rulepack import CompiledRule, load_rule_pack
+from transforms.rules import ISSUED, evaluate
+
+PACK = load_rule_pack(DEFAULT_RULES)
+RULES = {r.id: r for r in PACK.rules}
+SEC = 1000
+
+
+def plays(n, ms_played, *, users=1, hours=1.0, tracks=5, artist="a1", device="d1", start=T0_MS):
+    step = int(hours * HOUR_MS / max(n, 1))
+    return [
+        signal(
+            "stream",
+            start + i * step,
+            user_id=f"u{i % users}",
+            device_id=device,
+            ms_played=ms_played,
+            track_id=f"t{i % tracks}",
+            artist_id=artist,
+        )
+        for i in range(n)
+    ]
+
+
+def mixed_plays(n, near_share, **kw):
+    near = round(n * near_share)
+    return plays(near, 32 * SEC, **kw) + plays(n - near, 210 * SEC, **kw)
+
+
+def around_the_clock(per_hour, hours):
+    return [s for h in range(hours) for s in plays(per_hour, 32 * SEC, start=T0_MS + h * HOUR_MS)]
+
+
+def logins(n, users, fail_share, ip="203.0.113.9"):
+    fails = round(n * fail_share)
+    return [signal("login", T0_MS + i * 1000, user_id=f"v{i % users}", ip=ip, success=i >= fails) for i in range(n)]
+
+
+def payments(n, cards, fail_share, users=1):
+    fails = round(n * fail_share)
+    return [
+        signal(
+            "payment",
+            T0_MS + i * 60_000,
+            user_id=f"u{i % users}",
+            device_id="d1",
+            card_fingerprint=f"c{i % cards}",
+            amount_cents=100,
+            success=i >= fails,
+        )
+        for i in range(n)
+    ]
+
+
+def signups(n):
+    return [signal("signup", T0_MS + i * 60_000, user_id=f"new{i}", device_id="d1") for i in range(n)]
+
+
+def playlist_adds(n, playlists, top_artist_share):
+    top = round(n * top_artist_share)
+    return [
+        signal(
+            "playlist_add",
+            T0_MS + i * 60_000,
+            playlist_id=f"pl{i % playlists}",
+            track_id=f"t{i}",
+            artist_id="a1" if i < top else f"a{i + 100}",
+        )
+        for i in range(n)
+    ]
+
+
+# rule id -> (case name, signals, should it enforce?)
+CASES = {
+    "stream_farm_exclude": [
+        ("fires: 45 plays of 32 s in an hour", plays(45, 32 * SEC), True),
+        ("near miss: 39 such plays", plays(39, 32 * SEC), False),
+        ("near miss: 55% just past 30 s", mixed_plays(60, 0.55), False),
+        ("look-alike: super-fan, 20 full plays of one album", plays(20, 240 * SEC, tracks=10), False),
+        ("look-alike: skipper, 90 plays under 30 s", plays(90, 8 * SEC, tracks=90), False),
+    ],
+    "stream_farm_suspend": [
+        ("fires: 40 threshold plays an hour for 24 h", around_the_clock(40, 24), True),
+        ("near miss: the same for only 19 h", around_the_clock(45, 19), False),
+        ("look-alike: sleep loop, one track all night", plays(160, 180 * SEC, tracks=1, hours=8), False),
+        ("look-alike: super-fan all day", plays(250, 220 * SEC, tracks=10, hours=15), False),
+    ],
+    "stream_farm_device": [
+        ("fires: 4 accounts, 120 threshold plays", plays(120, 32 * SEC, users=4), True),
+        ("near miss: 2 accounts", plays(120, 32 * SEC, users=2), False),
+        ("look-alike: family tablet, 3 accounts, full plays", plays(120, 200 * SEC, users=3), False),
+    ],
+    "artist_stream_farm_review": [
+        ("fires: 310 plays, all just past 30 s", plays(310, 32 * SEC, users=10), True),
+        ("near miss: 45% just past 30 s", mixed_plays(320, 0.45, users=10), False),
+        ("look-alike: viral track, 2000 full plays", plays(2000, 200 * SEC, users=1500, tracks=1), False),
+    ],
+    "credential_stuffing_challenge": [
+        ("fires: 25 logins, 15 accounts, 70% failed", logins(25, 15, 0.7), True),
+        ("near miss: only 9 accounts", logins(25, 9, 0.7), False),
+        ("near miss: 55% failed", logins(25, 15, 0.55), False),
+        ("look-alike: dormitory NAT, 60 students, 8% failed", logins(60, 60, 0.08), False),
+    ],
+    "credential_stuffing_block": [
+        ("fires: 80 logins, 50 accounts, 90% failed", logins(80, 50, 0.9), True),
+        ("near miss: 80% failed", logins(80, 50, 0.8), False),
+        ("look-alike: dormitory NAT after a password reset mail, 30% failed", logins(120, 100, 0.3), False),
+    ],
+    "signup_burst_device": [
+        ("fires: 5 sign-ups on one device", signups(5), True),
+        ("near miss: 4 sign-ups", signups(4), False),
+    ],
+    "card_testing_user": [
+        ("fires: 10 payments, 5 cards, 60% declined", payments(10, 5, 0.6), True),
+        ("near miss: only 3 cards", payments(10, 3, 0.6), False),
+        ("look-alike: a card declined a few times then a new one", payments(8, 2, 0.75), False),
+    ],
+    "card_testing_device": [
+        ("fires: 12 payments, 9 cards, 60% declined", payments(12, 9, 0.6, users=3), True),
+        ("near miss: 7 cards", payments(12, 7, 0.6, users=3), False),
+    ],
+    "playlist_stuffing_user": [
+        ("fires: 45 adds, 6 playlists, one artist", playlist_adds(45, 6, 1.0), True),
+        ("near miss: one artist is 60%", playlist_adds(45, 6, 0.6), False),
+        ("look-alike: curating two big playlists", playlist_adds(60, 2, 0.9), False),
+    ],
+}
+
+
+def test_every_rule_has_cases():
+    assert set(CASES) == set(RULES), "add fire / near-miss cases for every rule in the default pack"
+    for rule_id, cases in CASES.items():
+        outcomes = {should for _, _, should in cases}
+        assert outcomes == {True, False}, f"{rule_id} needs a firing case and a near miss"
+
+
+def _enforces(rule_id, signals) -> bool:
+    rule = RULES[rule_id]
+    features = features_of(signals, rule.window_sec)
+    ef = EntityFeatures(rule.entity, "x", rule.window_sec, T0_MS, T0_MS + rule.window_sec * 1000, features, [], T0_MS)
+    hits = list(evaluate([CompiledRule(rule)], ef, PACK.label, T0_MS))
+    return any(h.status == ISSUED and h.decision.mode == "enforce" for h in hits)
+
+
+@pytest.mark.parametrize(
+    "rule_id, signals, should_enforce",
+    [
+        pytest.param(rule_id, sigs, should, id=f"{rule_id}: {name}")
+        for rule_id, cases in CASES.items()
+        for name, sigs, should in cases
+    ],
+)
+def test_default_rule(rule_id, signals, should_enforce):
+    assert _enforces(rule_id, signals) is should_enforce
+
+
+def test_no_rule_enforces_against_content_or_creators():
+    assert all(r.action == "flag_for_review" for r in PACK.rules if r.entity in ("track", "artist"))
+
+
+def test_credential_stuffing_never_targets_the_victims_accounts():
+    assert all(r.entity == "ip" for r in PACK.rules if r.id.startswith("credential_stuffing"))

@@ -1,0 +1,183 @@
+"""Per-entity window features: the accumulator, its bounds, and event-time behaviour."""
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas import Signal
+from tests.kit import HOUR_MS, T0_MS, features_of, signal
+from transforms.features import (
+    DISTINCT_CAP,
+    FEATURES,
+    TRACE_SAMPLE,
+    Accumulator,
+    ComputeFeatures,
+    WindowConfig,
+    add_signal,
+    compute_features,
+    entity_keys,
+    merge,
+)
+
+MIN = 60_000
+
+
+# --- feature values ------------------------------------------------------------------
+def test_stream_features():
+    f = features_of(
+        [
+            signal("stream", T0_MS, ms_played=31_000, track_id="t1"),
+            signal("stream", T0_MS + MIN, ms_played=35_000, track_id="t1"),
+            signal("stream", T0_MS + 2 * MIN, ms_played=10_000, track_id="t2"),
+            signal("stream", T0_MS + 3 * MIN, ms_played=200_000, track_id="t3", artist_id="a2"),
+        ]
+    )
+    assert f["streams"] == 4
+    assert f["near_threshold_streams"] == 2
+    assert f["near_threshold_share"] == 0.5
+    assert f["skip_share"] == 0.25
+    assert f["distinct_tracks"] == 3
+    assert f["top_artist_share"] == 0.75
+    assert f["top_track_share"] == 0.5
+    assert f["span_minutes"] == 3
+
+
+def test_login_payment_and_signup_features():
+    f = features_of(
+        [
+            signal("login", success=False, user_id="v1"),
+            signal("login", success=False, user_id="v2"),
+            signal("login", success=True, user_id="v3"),
+            signal("payment", success=False, amount_cents=100, card_fingerprint="c1"),
+            signal("payment", success=True, amount_cents=999, card_fingerprint="c2"),
+            signal("signup", device_id="d1"),
+        ]
+    )
+    assert (f["logins"], f["failed_logins"]) == (3, 2)
+    assert f["failed_login_ratio"] == pytest.approx(2 / 3)
+    assert (f["payments"], f["failed_payment_ratio"], f["small_payment_share"], f["distinct_cards"]) == (2, 0.5, 0.5, 2)
+    assert f["signups"] == 1
+    assert f["distinct_users"] == 4  # v1..v3 plus u1 on the payments and sign-up
+
+
+def test_ratios_of_empty_windows_are_zero_not_errors():
+    assert all(value == 0 for value in compute_features(Accumulator(), 3600).values())
+
+
+def test_active_hours_count_hours_of_day():
+    f = features_of([signal("signup", T0_MS + h * HOUR_MS) for h in (0, 1, 1, 5, 23)], window_sec=86400)
+    assert f["active_hours"] == 4
+
+
+def test_distinct_counts_saturate_at_the_cap():
+    acc = Accumulator()
+    for n in range(DISTINCT_CAP + 50):
+        add_signal(acc, signal("login", user_id=f"v{n}"))
+    assert compute_features(acc, 3600)["distinct_users"] == DISTINCT_CAP
+
+
+def test_trace_sample_is_the_smallest_ids_whatever_the_order():
+    ids = [f"tr{n:03d}" for n in range(50)]
+    forward, backward = Accumulator(), Accumulator()
+    for i in ids:
+        add_signal(forward, signal("signup", trace_id=i))
+    for i in reversed(ids):
+        add_signal(backward, signal("signup", trace_id=i))
+    assert forward.trace_ids == backward.trace_ids == ids[:TRACE_SAMPLE]
+
+
+_signals = st.lists(
+    st.builds(
+        lambda kind, user, minute, ms, ok: signal(
+            kind,
+            T0_MS + minute * MIN,
+            user_id=f"u{user}",
+            **({"ms_played": ms} if kind == "stream" else {"success": ok} if kind in ("login", "payment") else {}),
+        ),
+        st.sampled_from(["stream", "login", "signup", "playlist_add", "payment"]),
+        st.integers(0, 5),
+        st.integers(0, 59),
+        st.integers(0, 400_000),
+        st.booleans(),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_signals, st.integers(0, 40))
+def test_merging_partial_accumulators_equals_one_pass(signals, cut):
+    whole, left, right = Accumulator(), Accumulator(), Accumulator()
+    for s in signals:
+        add_signal(whole, s)
+    for s in signals[:cut]:
+        add_signal(left, s)
+    for s in signals[cut:]:
+        add_signal(right, s)
+    assert compute_features(merge([left, right]), 3600) == compute_features(whole, 3600)
+
+
+def test_entity_keys_skip_missing_entities():
+    s = signal("login", device_id="d1")
+    keys = [k for k, _ in entity_keys(s, ("user", "device", "ip", "track"))]
+    assert keys == [("user", "u1"), ("device", "d1")]
+
+
+def test_feature_registry_describes_every_feature():
+    assert all(f.description.endswith(".") for f in FEATURES.values())
+
+
+# --- event time: on time, out of order, late within lateness, too late -------------
+def _stream_options():
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    return options
+
+
+def _at(ms):
+    return TimestampedValue(signal("signup", ms, user_id="u1"), ms / 1000)
+
+
+def test_windows_fire_on_time_then_once_per_late_signal_and_drop_too_late():
+    lateness_sec = 600
+    stream = (
+        TestStream(coder=beam.coders.registry.get_coder(Signal))
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([_at(T0_MS + 10 * MIN), _at(T0_MS + 20 * MIN)])  # on time
+        .add_elements([_at(T0_MS + 5 * MIN)])  # out of order, still before the watermark passes
+        .advance_watermark_to((T0_MS + HOUR_MS + 1000) / 1000)  # window 1 closes: on-time pane
+        .add_elements([_at(T0_MS + 30 * MIN)])  # late, within allowed lateness: late pane
+        .add_elements([_at(T0_MS + HOUR_MS + 5 * MIN)])  # next window, on time
+        .advance_watermark_to((T0_MS + HOUR_MS + 20 * MIN) / 1000)  # past window 1's lateness
+        .add_elements([_at(T0_MS + 40 * MIN)])  # too late: dropped
+        .advance_watermark_to_infinity()
+    )
+    with TestPipeline(options=_stream_options()) as p:
+        features = p | stream | ComputeFeatures({3600: ("user",)}, WindowConfig(allowed_lateness_sec=lateness_sec))
+        assert_that(
+            features | beam.Map(lambda f: (f.window_start_ms - T0_MS, f.features["events"])),
+            equal_to([(0, 3.0), (0, 4.0), (HOUR_MS, 1.0)]),
+        )
+
+
+def test_window_sizes_and_entity_types_come_from_the_plan():
+    with TestPipeline() as p:
+        signals = (
+            p
+            | beam.Create(
+                [signal("login", T0_MS + 5 * MIN, ip="10.0.0.1"), signal("login", T0_MS + 15 * MIN, ip="10.0.0.1")]
+            )
+            | beam.Map(lambda s: TimestampedValue(s, s.event_time_ms / 1000))
+        )
+        features = signals | ComputeFeatures({600: ("ip",), 3600: ("user",)})
+        assert_that(
+            features
+            | beam.Map(lambda f: (f.entity_type, f.window_sec, f.window_start_ms - T0_MS, f.features["logins"])),
+            equal_to([("ip", 600, 0, 1.0), ("ip", 600, 600_000, 1.0), ("user", 3600, 0, 2.0)]),
+        )

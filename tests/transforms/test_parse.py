@@ -1,0 +1,170 @@
+"""Signal validation: every contract break is a dead letter with a reason, never a crash."""
+
+import json
+
+import apache_beam as beam
+import orjson
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.kit import T0_MS, payload, payload_dict
+from transforms.parse import MAX_PAYLOAD_BYTES, InvalidSignal, ParseSignals, parse_rfc3339_ms, parse_signal
+
+
+# --- valid signals ---------------------------------------------------------------
+@pytest.mark.parametrize("event_type", ["stream", "login", "signup", "playlist_add", "payment"])
+def test_each_event_type_parses(event_type):
+    parsed = parse_signal(payload(event_type))
+    assert parsed.signal.event_type == event_type
+    assert parsed.signal.event_time_ms == T0_MS
+    assert parsed.unknown_fields == 0
+
+
+def test_optional_fields_are_normalised():
+    s = parse_signal(payload("login", ip="2001:0db8:0000:0000:0000:0000:0000:0001", country="SE")).signal
+    assert s.ip == "2001:db8::1"
+    assert s.country == "SE"
+
+
+def test_unknown_fields_are_ignored_and_counted():
+    parsed = parse_signal(payload("signup", campaign="x", referrer="y"))
+    assert parsed.unknown_fields == 2
+
+
+@pytest.mark.parametrize(
+    "text, expected_ms",
+    [
+        ("2026-11-02T00:00:00Z", T0_MS),
+        ("2026-11-02T01:00:00+01:00", T0_MS),
+        ("2026-11-01T19:00:00.250-05:00", T0_MS + 250),
+        ("2026-11-02t00:00:00.123456789z", T0_MS + 123),
+    ],
+)
+def test_rfc3339_times(text, expected_ms):
+    assert parse_rfc3339_ms(text) == expected_ms
+
+
+def test_trace_id_may_come_from_an_attribute_but_payload_wins():
+    assert parse_signal(payload("signup"), trace_id_attribute="attr1").signal.trace_id == "attr1"
+    assert parse_signal(payload("signup", trace_id="own"), trace_id_attribute="attr1").signal.trace_id == "own"
+
+
+def test_publish_time_is_the_fallback_event_time():
+    raw = orjson.dumps({k: v for k, v in payload_dict("signup").items() if k != "event_time"})
+    assert parse_signal(raw, publish_time_ms=T0_MS + 5).signal.event_time_ms == T0_MS + 5
+    with pytest.raises(InvalidSignal, match="event_time"):
+        parse_signal(raw)
+
+
+# --- invalid signals: (payload, reason, field named in the detail) ------------------
+def _without(event_type, field):
+    d = payload_dict(event_type)
+    del d[field]
+    return orjson.dumps(d)
+
+
+INVALID = [
+    # encoding and shape
+    (b"\xff\xfe{}", "invalid_utf8", "UTF-8"),
+    (b"{not json", "invalid_json", "JSON"),
+    (b'{"a": NaN}', "invalid_json", "JSON"),
+    (b"[" * 2000 + b"]" * 2000, "invalid_json", "JSON"),
+    (b'"a string"', "not_an_object", "object"),
+    (b"[]", "not_an_object", "object"),
+    (b"x" * (MAX_PAYLOAD_BYTES + 1), "payload_too_large", "limit"),
+    # required fields
+    (_without("stream", "event_id"), "missing_field", "event_id"),
+    (_without("stream", "user_id"), "missing_field", "user_id"),
+    (_without("stream", "event_type"), "missing_field", "event_type"),
+    (_without("stream", "ms_played"), "missing_field", "ms_played"),
+    (_without("stream", "track_id"), "missing_field", "track_id"),
+    (_without("login", "success"), "missing_field", "success"),
+    (_without("playlist_add", "playlist_id"), "missing_field", "playlist_id"),
+    (_without("payment", "card_fingerprint"), "missing_field", "card_fingerprint"),
+    (_without("payment", "currency"), "missing_field", "currency"),
+    # wrong types
+    (payload("stream", ms_played="31000"), "wrong_type", "ms_played"),
+    (payload("stream", ms_played=True), "wrong_type", "ms_played"),
+    (payload("stream", ms_played=31000.5), "wrong_type", "ms_played"),
+    (payload("login", success="yes"), "wrong_type", "success"),
+    (payload("signup", user_id=42), "wrong_type", "user_id"),
+    (payload("signup", event_time=1700000000), "wrong_type", "event_time"),
+    (payload("signup", ip=["1.2.3.4"]), "wrong_type", "ip"),
+    # invalid values
+    (payload("stream", ms_played=-1), "invalid_value", "ms_played"),
+    (payload("payment", amount_cents=-100), "invalid_value", "amount_cents"),
+    (payload("payment", currency="euro"), "invalid_value", "currency"),
+    (payload("signup").replace(b'"signup"', b'"scrobble"'), "invalid_value", "event_type"),
+    (payload("signup", ip="999.1.1.1"), "invalid_value", "ip"),
+    (payload("signup", ip=""), "invalid_value", "ip"),
+    (payload("signup", country="XX"), "invalid_value", "country"),
+    (payload("signup", event_id=""), "invalid_value", "event_id"),
+    (payload("signup", event_id="x" * 129), "invalid_value", "event_id"),
+    (payload("signup", user_id="u1'; DROP TABLE users;--"), "invalid_value", "user_id"),
+    (payload("signup", device_id="d\x00"), "invalid_value", "device_id"),
+    (payload("signup", user_agent="ok\nforged log line"), "invalid_value", "user_agent"),
+    (payload("signup", event_time="2026-11-02 00:00:00"), "invalid_value", "event_time"),
+    (payload("signup", event_time="2026-11-02T00:00:00"), "invalid_value", "event_time"),
+    (payload("signup", event_time="2026-13-02T00:00:00Z"), "invalid_value", "event_time"),
+    (payload("signup", event_time="1970-01-01T00:00:00Z"), "event_time_out_of_range", "event_time"),
+    (payload("signup", event_time="2999-01-01T00:00:00Z"), "event_time_out_of_range", "event_time"),
+]
+
+
+@pytest.mark.parametrize("raw, reason, field", INVALID)
+def test_invalid_signals_name_reason_and_field(raw, reason, field):
+    with pytest.raises(InvalidSignal) as info:
+        parse_signal(raw)
+    assert info.value.reason == reason
+    assert field in info.value.detail
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_escape_as_other_errors(raw):
+    try:
+        parse_signal(raw)
+    except InvalidSignal:
+        pass
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["stream", "login", "signup", "playlist_add", "payment"]), st.text(max_size=12), _json_values)
+def test_mutating_any_field_gives_a_signal_or_a_dead_letter(event_type, field, value):
+    d = payload_dict(event_type)
+    d[field] = value
+    try:
+        parsed = parse_signal(json.dumps(d).encode())
+    except InvalidSignal as err:
+        assert err.reason and err.detail
+    else:
+        assert parsed.signal.event_id == d["event_id"]
+
+
+# --- the composite -------------------------------------------------------------------
+def test_parse_signals_splits_good_from_bad_keeping_raw_bytes():
+    good = payload("signup", event_id="good1")
+    bad = [b"\xff", b"{}", payload("signup", ip="nope")]
+    with TestPipeline() as p:
+        out = p | beam.Create([good, *bad]) | ParseSignals(source="test")
+        assert_that(out.signals | "Ids" >> beam.Map(lambda s: s.event_id), equal_to(["good1"]), label="Signals")
+        assert_that(
+            out.dead_letters | "Raw" >> beam.Map(lambda d: (d.raw_payload, d.stage, d.source)),
+            equal_to([(b, "parse", "test") for b in bad]),
+            label="DeadLetters",
+        )
+        assert_that(
+            out.dead_letters | "Reasons" >> beam.Map(lambda d: d.reason),
+            equal_to(["invalid_utf8", "missing_field", "invalid_value"]),
+            label="Reasons",
+        )

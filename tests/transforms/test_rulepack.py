@@ -1,0 +1,144 @@
+"""Rule packs fail at load time, naming file, rule and field; conditions stay sandboxed."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipelines.options import DEFAULT_RULES, PROJECT_ROOT
+from transforms.rulepack import CompiledRule, RulePackError, load_rule_pack, parse_rule_pack
+
+GOOD_RULE = {
+    "id": "many_plays",
+    "version": 1,
+    "owner": "royalties-integrity",
+    "description": "Too many plays.",
+    "entity": "user",
+    "window": "1h",
+    "when": "streams >= 40 and near_threshold_share >= 0.6",
+    "action": "exclude_streams",
+    "reason": "{streams:.0f} plays.",
+}
+
+
+def pack_text(*rules: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump({"pack": "test", "version": 1, "rules": list(rules)}, sort_keys=False)
+
+
+def rule(**changes) -> dict:
+    out = dict(GOOD_RULE)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+def test_default_pack_loads():
+    pack = load_rule_pack(DEFAULT_RULES)
+    assert pack.name == "default" and len(pack.rules) >= 5
+    assert pack.feature_plan()[3600]  # hourly features are planned
+
+
+def test_a_good_rule_compiles_and_evaluates():
+    pack = parse_rule_pack(pack_text(rule()), "p.yaml")
+    compiled = CompiledRule(pack.rules[0])
+    assert compiled.matches({"streams": 40.0, "near_threshold_share": 0.6})
+    assert not compiled.matches({"streams": 39.0, "near_threshold_share": 0.9})
+    assert pack.rules[0].features == ("streams", "near_threshold_share")
+
+
+# (change to the rule, field named, words in the problem)
+BAD_RULES = [
+    # features and conditions
+    ({"when": "stream_count >= 40"}, "when", "unknown feature 'stream_count'"),
+    ({"when": "streams >= "}, "when", "syntax error"),
+    ({"when": "streams >= 40 and"}, "when", "syntax error"),
+    ({"when": "streams"}, "when", "true/false"),
+    ({"when": "streams >= 1 and streams"}, "when", "true/false"),
+    ({"when": "1 > 0"}, "when", "reads no feature"),
+    ({"when": "streams.__class__ == 1"}, "when", "'Attribute' is not allowed"),
+    ({"when": "__import__('os').system('id') == 0"}, "when", "may be called"),
+    ({"when": "open('/etc/passwd') == 1"}, "when", "may be called"),
+    ({"when": "streams == 'x'"}, "when", "only numbers"),
+    ({"when": "[streams][0] > 1"}, "when", "not allowed"),
+    ({"when": "(lambda: 1)() > 0"}, "when", "may be called"),
+    ({"when": "streams / distinct_tracks > 3"}, "when", "all-zero window"),
+    # actions and entities
+    ({"action": "ban"}, "action", "unknown action 'ban'"),
+    ({"entity": "track", "action": "suspend"}, "action", "never auto-enforced"),
+    ({"entity": "artist", "action": "exclude_streams"}, "action", "never auto-enforced"),
+    ({"action": "block_ip"}, "action", "only to ip"),
+    ({"entity": "playlist"}, "entity", "unknown entity type"),
+    ({"mode": "maybe"}, "mode", "unknown mode"),
+    # metadata
+    ({"owner": None}, "owner", "is required"),
+    ({"owner": "  "}, "owner", "non-empty text"),
+    ({"description": None}, "description", "is required"),
+    ({"version": 0}, "version", "integer >= 1"),
+    ({"version": "one"}, "version", "integer >= 1"),
+    ({"id": "Bad Id"}, "id", "a-z"),
+    ({"window": "1 fortnight"}, "window", "not a duration"),
+    ({"window": "7m"}, "window", "divide a day"),
+    ({"window": "30s"}, "window", "1m..7d"),
+    ({"ttl": "-1h"}, "ttl", "not a duration"),
+    ({"min_events": 0}, "min_events", "integer >= 1"),
+    ({"whne": "streams > 1"}, "whne", "unknown field"),
+    # reason templates
+    ({"reason": "{streams.__class__}"}, "reason", "placeholder"),
+    ({"reason": "{nope}"}, "reason", "placeholder"),
+    ({"reason": "{streams!r}"}, "reason", "format spec"),
+    ({"reason": "{streams:q}"}, "reason", "cannot be rendered"),
+    ({"reason": "{"}, "reason", "bad placeholder"),
+]
+
+
+@pytest.mark.parametrize("changes, field, problem", BAD_RULES)
+def test_bad_rules_fail_at_load_naming_file_rule_and_field(changes, field, problem):
+    with pytest.raises(RulePackError) as info:
+        parse_rule_pack(pack_text(rule(**changes)), "rules/team.yaml")
+    message = str(info.value)
+    assert message.startswith("rules/team.yaml: rule ")
+    assert f"field '{field}'" in message
+    assert problem in message
+
+
+def test_duplicate_rule_ids_are_rejected():
+    with pytest.raises(RulePackError, match=r"p.yaml: rule 'many_plays': field 'id': duplicate rule id"):
+        parse_rule_pack(pack_text(rule(), rule()), "p.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("rules: [", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("pack: x\nversion: 1\nrules: []\n", "non-empty list"),
+        ("version: 1\nrules: [{}]\n", "'pack'"),
+        ("pack: x\nrules: [{}]\n", "'version'"),
+        ("pack: x\nversion: 1\nextra: 1\nrules: [{}]\n", "unknown top-level field 'extra'"),
+    ],
+)
+def test_bad_pack_documents(text, problem):
+    with pytest.raises(RulePackError, match=problem):
+        parse_rule_pack(text, "p.yaml")
+
+
+def test_missing_file_is_named():
+    with pytest.raises(RulePackError, match="nope.yaml: cannot be read"):
+        load_rule_pack("nope.yaml")
+
+
+def test_validate_command_exit_status(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent(pack_text(rule(when="stream_count > 1"))))
+    run = [sys.executable, "-m", "pipelines.rules", "validate"]
+    ok = subprocess.run([*run, DEFAULT_RULES], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    failed = subprocess.run([*run, str(bad)], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
+    assert failed.returncode == 2
+    assert f"{bad}: rule 'many_plays': field 'when': unknown feature 'stream_count'" in failed.stderr
