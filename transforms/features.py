@@ -321,6 +321,16 @@ def entity_keys(signal: Signal, entity_types: tuple[str, ...]):
             yield (entity_type, entity_id), signal
 
 
+def entity_window_keys(signal: Signal, entity_types: tuple[str, ...], window_sec: int):
+    """(entity_type, entity_id, window_start_ms) keys: fixed windows computed by hand."""
+    size_ms = window_sec * 1000
+    start = signal.event_time_ms - signal.event_time_ms % size_ms
+    for entity_type in entity_types:
+        entity_id = getattr(signal, _ENTITY_FIELD[entity_type])
+        if entity_id is not None:
+            yield (entity_type, entity_id, start), signal
+
+
 class ToEntityFeaturesFn(beam.DoFn):
     """Accumulator plus window to the ``EntityFeatures`` record rules read."""
 
@@ -328,13 +338,17 @@ class ToEntityFeaturesFn(beam.DoFn):
         self._window_sec = window_sec
 
     def process(self, element, window=beam.DoFn.WindowParam):
-        (entity_type, entity_id), acc = element
+        key, acc = element
+        if len(key) == 3:  # keyed windows: the start is part of the key
+            entity_type, entity_id, start_ms = key
+        else:
+            (entity_type, entity_id), start_ms = key, int(window.start.micros // 1000)
         yield EntityFeatures(
             entity_type=entity_type,
             entity_id=entity_id,
             window_sec=self._window_sec,
-            window_start_ms=int(window.start.micros // 1000),
-            window_end_ms=int(window.end.micros // 1000),
+            window_start_ms=start_ms,
+            window_end_ms=start_ms + self._window_sec * 1000,
             features=compute_features(acc, self._window_sec),
             trace_ids=list(acc.trace_ids),
             last_event_ms=acc.last_ms,
@@ -355,6 +369,11 @@ class WindowConfig:
 
     allowed_lateness_sec: int = 0
     early_firing_sec: int = 0
+    # Batch only: compute the same fixed windows by keying on each signal's
+    # window start in the global window. Beam's windowed GroupByKey runs its
+    # general trigger machinery per key even in batch; this avoids it (about
+    # 2x faster end to end) and gives identical features when nothing is late.
+    keyed_windows: bool = False
 
 
 class ComputeFeatures(beam.PTransform):
@@ -382,6 +401,10 @@ class ComputeFeatures(beam.PTransform):
         re-fired window yields the same id and downstream de-duplication drops it.
         """
         cfg = self._config
+        if cfg.early_firing_sec <= 0 and cfg.allowed_lateness_sec <= 0:
+            # Same firing as AfterWatermark(), but Beam's default trigger keeps the
+            # fast batch path (an explicit trigger costs ~3x in GroupByKey).
+            return beam.WindowInto(beam_window.FixedWindows(size))
         early = beam_trigger.AfterProcessingTime(cfg.early_firing_sec) if cfg.early_firing_sec > 0 else None
         late = beam_trigger.AfterCount(1) if cfg.allowed_lateness_sec > 0 else None
         return beam.WindowInto(
@@ -395,10 +418,16 @@ class ComputeFeatures(beam.PTransform):
         branches = []
         for size, entity_types in self._plan.items():
             label = f"Window{size}s"
+            if self._config.keyed_windows:
+                keyed = signals | f"{label}/KeyByEntityWindow" >> beam.FlatMap(entity_window_keys, entity_types, size)
+            else:
+                keyed = (
+                    signals
+                    | f"{label}/Window" >> self._window_into(size)
+                    | f"{label}/KeyByEntity" >> beam.FlatMap(entity_keys, entity_types)
+                )
             branches.append(
-                signals
-                | f"{label}/Window" >> self._window_into(size)
-                | f"{label}/KeyByEntity" >> beam.FlatMap(entity_keys, entity_types)
+                keyed
                 | f"{label}/Aggregate" >> beam.CombinePerKey(EntityFeaturesFn())
                 | f"{label}/ToFeatures" >> beam.ParDo(ToEntityFeaturesFn(size)).with_output_types(EntityFeatures)
                 # Each record carries its own window bounds, so branches of different

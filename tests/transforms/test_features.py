@@ -181,3 +181,29 @@ def test_window_sizes_and_entity_types_come_from_the_plan():
             | beam.Map(lambda f: (f.entity_type, f.window_sec, f.window_start_ms - T0_MS, f.features["logins"])),
             equal_to([("ip", 600, 0, 1.0), ("ip", 600, 600_000, 1.0), ("user", 3600, 0, 2.0)]),
         )
+
+
+def test_keyed_windows_give_the_same_features_as_beam_windows():
+    signals = [
+        signal(kind, T0_MS + minute * MIN, user_id=f"u{minute % 3}", ip=f"10.0.0.{minute % 2}")
+        for minute, kind in enumerate(["stream", "login", "signup", "payment", "playlist_add"] * 30)
+    ]
+    plan = {600: ("ip",), 3600: ("user", "ip")}
+
+    def as_rows(features, label):
+        """(window key, features) pairs, to join the two strategies window by window."""
+        return features | label >> beam.Map(
+            lambda f: ((f.entity_type, f.entity_id, f.window_sec, f.window_start_ms, f.window_end_ms), dict(f.features))
+        )
+
+    with TestPipeline() as p:
+        stamped = p | beam.Create(signals) | beam.Map(lambda s: TimestampedValue(s, s.event_time_ms / 1000))
+        beam_windows = as_rows(stamped | "Beam" >> ComputeFeatures(plan), "BeamRows")
+        keyed = as_rows(stamped | "Keyed" >> ComputeFeatures(plan, WindowConfig(keyed_windows=True)), "KeyedRows")
+        joined = {"beam": beam_windows, "keyed": keyed} | beam.CoGroupByKey()
+        assert_that(
+            joined | beam.Map(lambda kv: (len(kv[1]["beam"]), kv[1]["beam"] == kv[1]["keyed"])) | beam.Distinct(),
+            equal_to([(1, True)]),
+            label="Same",
+        )
+        assert_that(beam_windows | beam.combiners.Count.Globally(), equal_to([3 * 3 + 3 * 2 + 15 * 2]), label="Count")
