@@ -32,7 +32,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.options import DEFAULT_RULES, OptionsError, runner_config_args
-from pipelines.pipeline import build_pipeline
+from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, to_json_dict
 from transforms.rulepack import RulePackError, load_rule_pack
 
@@ -77,19 +77,10 @@ def run(argv: list[str], runner_config: str = "backtest_local.yaml") -> dict:
     out = bt.output_dir.rstrip("/")
     FileSystems.mkdirs(out) if not FileSystems.exists(out) else None
 
-    from transforms.features import WindowConfig  # noqa: PLC0415
-
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
     lines = pipeline | "ReadSignals" >> beam.io.ReadFromText(bt.input, coder=beam.coders.BytesCoder())
-    outputs = build_pipeline(
-        lines,
-        pack,
-        source=bt.input,
-        # Batch sees every signal on time, so keyed windows give the streaming windows' answer faster.
-        window_config=WindowConfig(keyed_windows=True),
-        decision_clock="event",
-    )
+    outputs = build_pipeline(lines, pack, source=bt.input, config=PipelineConfig(streaming=False))
     write_jsonl(outputs.decisions, f"{out}/decisions.jsonl", DECISION_SCHEMA, "WriteDecisions")
     write_jsonl(outputs.audit, f"{out}/audit.jsonl", AUDIT_SCHEMA, "WriteAudit")
     write_jsonl(outputs.dead_letters, f"{out}/dead_letter.jsonl", DEAD_LETTER_SCHEMA, "WriteDeadLetters")

@@ -12,11 +12,12 @@ state by step name): rename one only together with ``--transform_name_mapping``.
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 
 import apache_beam as beam
-from apache_beam.transforms.window import GlobalWindows
 
+from transforms.dedupe import DeduplicateDecisions, DeduplicateSignals
 from transforms.features import ComputeFeatures, WindowConfig
 from transforms.parse import AssignEventTime, ParseSignals
 from transforms.rulepack import RulePack
@@ -32,38 +33,76 @@ class PipelineOutputs(typing.NamedTuple):
     dead_letters: beam.PCollection  # DeadLetter from any stage
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """How the graph behaves in batch (backtests) and streaming (the Pub/Sub job).
+
+    Attributes:
+      streaming: True for the unbounded Pub/Sub job. Batch computes windows by
+        key (everything is on time), stamps decisions at their window's end so
+        a backtest is reproducible, and collapses duplicate signals with a
+        combiner. Streaming uses Beam windows with early and late firings,
+        stamps decisions with the wall clock, and drops repeated signals and
+        decisions with state and timers.
+      allowed_lateness_sec: streaming only: how long after a window's end late
+        signals still update it.
+      early_firing_sec: streaming only: fire a speculative pane this often
+        (processing time) so a decision need not wait for the window's end; 0
+        fires only at the watermark.
+      signal_dedup_ttl_sec: streaming only: how long an event id is remembered
+        (processing time); 0 turns de-duplication off without changing the graph.
+      decision_dedup_max_ttl_sec: streaming only: upper bound on how long a
+        published decision id is remembered (each is kept for its own TTL).
+    """
+
+    streaming: bool = False
+    allowed_lateness_sec: int = 0
+    early_firing_sec: int = 0
+    signal_dedup_ttl_sec: int = 600
+    decision_dedup_max_ttl_sec: int = 2 * 86400
+
+    def window_config(self) -> WindowConfig:
+        if not self.streaming:
+            return WindowConfig(keyed_windows=True)
+        return WindowConfig(allowed_lateness_sec=self.allowed_lateness_sec, early_firing_sec=self.early_firing_sec)
+
+    @property
+    def decision_clock(self) -> str:
+        return "processing" if self.streaming else "event"
+
+
 def build_pipeline(
     payloads: beam.PCollection,
     pack: RulePack,
     *,
     source: str = "unknown",
-    window_config: WindowConfig = WindowConfig(),
-    decision_clock: str = "event",
+    config: PipelineConfig = PipelineConfig(),
 ) -> PipelineOutputs:
-    """Wire parse -> event time -> features -> rules -> decisions.
+    """Wire parse -> de-duplicate -> event time -> features -> rules -> decisions.
 
     Args:
       payloads: raw signals: ``bytes``, ``str`` lines or ``PubsubMessage``.
       pack: a validated rule pack (``transforms.rulepack.load_rule_pack``).
       source: names the input in dead-letter rows.
-      window_config: lateness and early-firing settings.
-      decision_clock: ``event`` stamps decisions at their window's end (a
-        backtest gives the same output whenever it runs); ``processing`` uses
-        the wall clock (streaming).
+      config: batch or streaming behaviour (see ``PipelineConfig``).
     """
     parsed = payloads | "ParseSignals" >> ParseSignals(source)
-    signals = parsed.signals | "AssignEventTime" >> AssignEventTime()
-    features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), window_config)
-    rule_outputs = features | "ApplyRules" >> ApplyRules(pack, decision_clock)
+    unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(config.signal_dedup_ttl_sec, config.streaming)
+    signals = unique | "AssignEventTime" >> AssignEventTime()
+    features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), config.window_config())
+    rule_outputs = features | "ApplyRules" >> ApplyRules(pack, config.decision_clock)
     outputs = rule_outputs.hits | "EmitDecisions" >> EmitDecisions()
-    # Rule dead letters live in feature windows; bring them to the global window to join parse failures.
-    rule_dead_letters = rule_outputs.dead_letters | "RuleDeadLettersGlobal" >> beam.WindowInto(GlobalWindows())
-    dead_letters = (parsed.dead_letters, rule_dead_letters) | "AllDeadLetters" >> beam.Flatten()
+    decisions = outputs.decisions
+    if config.streaming:
+        # Early, on-time and late panes of one window re-evaluate the same rules
+        # and yield the same decision id; publish each id once.
+        decisions = decisions | "DeduplicateDecisions" >> DeduplicateDecisions(config.decision_dedup_max_ttl_sec)
+    dead_letters = (parsed.dead_letters, rule_outputs.dead_letters) | "AllDeadLetters" >> beam.Flatten()
     return PipelineOutputs(
         signals=signals,
         features=features,
         hits=rule_outputs.hits,
-        decisions=outputs.decisions,
+        decisions=decisions,
         audit=outputs.audit,
         dead_letters=dead_letters,
     )

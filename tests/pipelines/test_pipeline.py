@@ -9,10 +9,9 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from pipelines.options import DEFAULT_RULES
-from pipelines.pipeline import build_pipeline
+from pipelines.pipeline import PipelineConfig, build_pipeline
 from tests.kit import HOUR_MS, T0_MS, payload
 from tests.transforms.test_rulepack import pack_text, rule
-from transforms.features import WindowConfig
 from transforms.rulepack import load_rule_pack, parse_rule_pack
 from transforms.rules import BELOW_MIN_EVENTS, ISSUED, decision_id
 
@@ -119,8 +118,39 @@ def test_streaming_late_signal_refires_the_window_and_completes_the_evidence():
         .advance_watermark_to_infinity()
     )
     with TestPipeline(options=options) as p:
-        out = build_pipeline(p | stream, PACK, window_config=WindowConfig(allowed_lateness_sec=3600))
+        out = build_pipeline(p | stream, PACK, config=PipelineConfig(streaming=True, allowed_lateness_sec=3600))
         assert_that(
             out.decisions | beam.Map(lambda d: (d.rule_id, d.entity_id, d.evidence["streams"])),
             equal_to([("stream_farm_exclude", "bot1", 40.0)]),
+        )
+
+
+def test_streaming_redeliveries_are_not_counted_and_refired_windows_publish_once():
+    """Early pane then on-time pane of the same window: one decision; redelivered signals count once."""
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    farm = farm_and_fan()[:45]
+    redelivered = farm[:12]  # same bytes, same event ids
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in farm])
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in redelivered])
+        .advance_processing_time(60)  # early firing: 45 unique plays already decide
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in redelivered])
+        .advance_watermark_to((T0_MS + HOUR_MS + 1000) / 1000)  # on-time pane, same window
+        .advance_watermark_to_infinity()
+    )
+    config = PipelineConfig(streaming=True, early_firing_sec=30, allowed_lateness_sec=600)
+    with TestPipeline(options=options) as p:
+        out = build_pipeline(p | stream, PACK, config=config)
+        assert_that(
+            out.decisions | "D" >> beam.Map(lambda d: (d.rule_id, d.entity_id, d.evidence["streams"])),
+            equal_to([("stream_farm_exclude", "bot1", 45.0)]),
+            label="OneDecision",
+        )
+        assert_that(
+            out.audit | "A" >> beam.Map(lambda a: (a.rule_id, a.event_count)),
+            equal_to([("stream_farm_exclude", 45), ("stream_farm_exclude", 45)]),
+            label="BothPanesAudited",
         )

@@ -1,0 +1,127 @@
+"""Drop repeats: Pub/Sub delivers at least once, and producers retry.
+
+Two places need it. Signals are keyed by ``event_id``, so a redelivered or
+republished signal is not counted twice in any feature. Decisions are keyed by
+``decision_id``, so a window that fires again (an early pane, then the on-time
+pane, then a late pane) does not publish the same decision twice.
+
+State is one boolean per key, cleared by a processing-time timer, so it stays
+bounded by (keys per TTL). Timeline for a signal with a 600 s TTL::
+
+    T0      e1 arrives: state empty -> remember e1, set timer T0+600, emit
+    T0+5    e1 redelivered: state set -> drop, count signals/duplicates_dropped
+    T0+600  timer fires: state cleared
+    T0+900  e1 replayed again: treated as new. Its window is by now closed, or
+            past allowed lateness, so it cannot inflate a feature a rule already
+            judged (set the TTL >= allowed lateness to keep that true).
+
+A TTL of 0 passes everything through unchanged without changing the graph, so
+it can be switched off with a Dataflow ``--update``.
+
+In batch (``streaming=False``) there is no redelivery clock. Duplicates in a
+file are collapsed by a combiner that keeps the earliest copy, so the output
+does not depend on file order.
+"""
+
+from __future__ import annotations
+
+import apache_beam as beam
+from apache_beam.coders import BooleanCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from schemas import Decision, Signal
+
+
+class _DropRepeatsFn(beam.DoFn):
+    """Emit the first value per key; drop repeats until the key's TTL timer clears it."""
+
+    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
+
+    def __init__(self, namespace: str):
+        self._namespace = namespace
+        self._dropped = Metrics.counter(namespace, "duplicates_dropped")
+
+    def ttl_sec(self, value) -> float:
+        raise NotImplementedError
+
+    def process(self, element, seen=beam.DoFn.StateParam(SEEN), expiry=beam.DoFn.TimerParam(EXPIRY)):
+        _, value = element
+        ttl = self.ttl_sec(value)
+        if ttl <= 0:
+            yield value
+            return
+        if seen.read():
+            self._dropped.inc()
+            return
+        seen.write(True)
+        expiry.set(Timestamp.now() + ttl)
+        yield value
+
+    @on_timer(EXPIRY)
+    def expire(self, seen=beam.DoFn.StateParam(SEEN)):
+        seen.clear()
+
+
+class DropRepeatedSignalsFn(_DropRepeatsFn):
+    def __init__(self, ttl_sec: int):
+        super().__init__("signals")
+        self._ttl = ttl_sec
+
+    def ttl_sec(self, value) -> float:
+        return self._ttl
+
+
+class DropRepeatedDecisionsFn(_DropRepeatsFn):
+    """A decision is remembered for its own TTL (``expires_at - decided_at``), capped."""
+
+    def __init__(self, max_ttl_sec: int):
+        super().__init__("decisions")
+        self._max = max_ttl_sec
+
+    def ttl_sec(self, value) -> float:
+        return min(self._max, max(0, (value.expires_at_ms - value.decided_at_ms) / 1000))
+
+
+def _earliest(signals):
+    """Of several copies of one event, keep the earliest (ties broken by content)."""
+    return min(signals, key=lambda s: (s.event_time_ms, repr(s)))
+
+
+class DeduplicateSignals(beam.PTransform):
+    """Signals with a repeated ``event_id`` are dropped (see module docstring)."""
+
+    def __init__(self, ttl_sec: int, streaming: bool):
+        super().__init__()
+        if ttl_sec < 0:
+            raise ValueError("ttl_sec must be >= 0")
+        self._ttl = ttl_sec
+        self._streaming = streaming
+
+    def expand(self, signals):
+        keyed = signals | "KeyByEventId" >> beam.Map(lambda s: (s.event_id, s)).with_output_types(tuple[str, Signal])
+        if self._streaming:
+            return keyed | "DropRepeats" >> beam.ParDo(DropRepeatedSignalsFn(self._ttl)).with_output_types(Signal)
+        return (
+            keyed
+            | "KeepEarliest" >> beam.CombinePerKey(_earliest)
+            | "Values" >> beam.Values().with_output_types(Signal)
+        )
+
+
+class DeduplicateDecisions(beam.PTransform):
+    """Decisions with a repeated ``decision_id`` are not published again within their TTL."""
+
+    def __init__(self, max_ttl_sec: int):
+        super().__init__()
+        self._max = max_ttl_sec
+
+    def expand(self, decisions):
+        return (
+            decisions
+            | "KeyByDecisionId" >> beam.Map(lambda d: (d.decision_id, d)).with_output_types(tuple[str, Decision])
+            | "DropRepeats" >> beam.ParDo(DropRepeatedDecisionsFn(self._max)).with_output_types(Decision)
+        )
