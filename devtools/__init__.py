@@ -1,0 +1,1 @@
+"""Developer tooling (emulators, local runs). Not shipped to Dataflow workers."""

@@ -1,0 +1,253 @@
+"""The production streaming job: Pub/Sub in, decisions to Pub/Sub, audit rows to BigQuery.
+
+Reads signals from a subscription (with attributes, so a ``trace_id``
+attribute and the publish time are available), runs the same graph as the
+backtest (``pipelines.pipeline.build_pipeline`` in streaming mode), and:
+
+* publishes each decision once, as JSON, with attributes ``action``,
+  ``entity_type``, ``rule_id``, ``mode`` and ``decision_id``, so subscribers can
+  filter (for example enforcement services that take only ``mode=enforce``);
+* streams decision, audit and dead-letter rows into BigQuery tables created
+  beforehand by ``python -m pipelines.provision`` (the job writes with
+  ``CREATE_NEVER``). Rows that BigQuery rejects are sent to the dead-letter
+  table with the error, so no audit row vanishes silently.
+
+Early firings (``--early_firing_sec``) let a decision go out before its window
+closes; the same decision id is published only once.
+
+Run locally against the emulators (``make streaming-local`` does all of this)::
+
+    PUBSUB_EMULATOR_HOST=127.0.0.1:8085 BIGQUERY_EMULATOR_HOST=http://127.0.0.1:9050 \\
+    python -m pipelines.streaming --runner_config streaming_local.yaml \\
+        --input_subscription projects/test-project/subscriptions/signals \\
+        --decisions_topic projects/test-project/topics/decisions \\
+        --audit_table test-project:mitigation.audit --decisions_table test-project:mitigation.decisions \\
+        --dead_letter_table test-project:mitigation.dead_letters
+
+Run on Dataflow::
+
+    python -m pipelines.streaming --runner_config streaming_dataflow.yaml \\
+        --project PROJECT --region REGION --temp_location gs://BUCKET/tmp \\
+        --input_subscription projects/PROJECT/subscriptions/signals \\
+        --decisions_topic projects/PROJECT/topics/decisions \\
+        --audit_table PROJECT:mitigation.audit --decisions_table PROJECT:mitigation.decisions \\
+        --dead_letter_table PROJECT:mitigation.dead_letters --rules gs://BUCKET/rules/default.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+
+import apache_beam as beam
+import orjson
+from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
+from apache_beam.io.gcp.bigquery_tools import RetryStrategy
+from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipelines.options import DEFAULT_RULES, OptionsError, runner_config_args
+from pipelines.pipeline import PipelineConfig, build_pipeline
+from schemas import (
+    AUDIT_SCHEMA,
+    DEAD_LETTER_SCHEMA,
+    DECISION_SCHEMA,
+    DeadLetter,
+    bigquery_schema,
+    to_bigquery_row,
+    to_json_dict,
+)
+from transforms.rulepack import RulePackError, load_rule_pack
+
+_LOGGER = logging.getLogger(__name__)
+
+BQ_METHODS = ("STREAMING_INSERTS", "STORAGE_WRITE_API")
+_SUBSCRIPTION_RE = re.compile(r"projects/[^/]+/subscriptions/[^/]+")
+_TOPIC_RE = re.compile(r"projects/[^/]+/topics/[^/]+")
+_TABLE_RE = re.compile(r"[A-Za-z0-9_.-]+[:.][A-Za-z0-9_]+\.[A-Za-z0-9_$-]+")
+DECISION_ATTRIBUTES = ("action", "entity_type", "rule_id", "mode", "decision_id")
+
+
+class StreamingOptions(PipelineOptions):
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--input_subscription", help="Pub/Sub subscription to read signals from: projects/P/subscriptions/S."
+        )
+        parser.add_argument("--decisions_topic", help="Pub/Sub topic decisions are published to: projects/P/topics/T.")
+        parser.add_argument("--audit_table", help="BigQuery table for audit rows: PROJECT:DATASET.TABLE.")
+        parser.add_argument("--decisions_table", help="BigQuery table for decisions: PROJECT:DATASET.TABLE.")
+        parser.add_argument(
+            "--dead_letter_table", help="BigQuery table for rejected signals and rows: PROJECT:DATASET.TABLE."
+        )
+        parser.add_argument("--rules", default=DEFAULT_RULES, help="Rule pack YAML, local or gs:// path.")
+        parser.add_argument(
+            "--allowed_lateness_sec",
+            type=int,
+            default=3600,
+            help="Seconds after a window's end that late signals still update it (and may re-fire its rules).",
+        )
+        parser.add_argument(
+            "--early_firing_sec",
+            type=int,
+            default=30,
+            help="Fire speculative panes this often (processing-time seconds) before a window closes; 0 = only at "
+            "the watermark.",
+        )
+        parser.add_argument(
+            "--signal_dedup_ttl_sec",
+            type=int,
+            default=3600,
+            help="Seconds an event_id is remembered to drop redeliveries; 0 disables de-duplication.",
+        )
+        parser.add_argument(
+            "--decision_dedup_max_ttl_sec",
+            type=int,
+            default=2 * 86400,
+            help="Upper bound in seconds on how long a published decision_id is remembered.",
+        )
+        parser.add_argument(
+            "--bigquery_write_method",
+            default="STREAMING_INSERTS",
+            choices=BQ_METHODS,
+            help="STREAMING_INSERTS (default, works with the emulator) or STORAGE_WRITE_API (production; needs "
+            "Beam's Java expansion service).",
+        )
+
+
+def validate(opts: StreamingOptions) -> None:
+    """Fail before the graph is built, naming the option."""
+    checks = [
+        ("input_subscription", _SUBSCRIPTION_RE, "projects/P/subscriptions/S"),
+        ("decisions_topic", _TOPIC_RE, "projects/P/topics/T"),
+        ("audit_table", _TABLE_RE, "PROJECT:DATASET.TABLE"),
+        ("decisions_table", _TABLE_RE, "PROJECT:DATASET.TABLE"),
+        ("dead_letter_table", _TABLE_RE, "PROJECT:DATASET.TABLE"),
+    ]
+    for name, pattern, form in checks:
+        value = getattr(opts, name)
+        if not value:
+            raise OptionsError(f"--{name} is required ({form})")
+        if not pattern.fullmatch(value):
+            raise OptionsError(f"--{name} {value!r} is not of the form {form}")
+    for name in ("allowed_lateness_sec", "early_firing_sec", "signal_dedup_ttl_sec", "decision_dedup_max_ttl_sec"):
+        if getattr(opts, name) < 0:
+            raise OptionsError(f"--{name} must be >= 0")
+    if 0 < opts.signal_dedup_ttl_sec < opts.allowed_lateness_sec:
+        _LOGGER.warning(
+            "signal_dedup_ttl_sec < allowed_lateness_sec: a signal redelivered after its id is forgotten but "
+            "within lateness would be counted twice"
+        )
+
+
+def decision_message(decision) -> PubsubMessage:
+    """A decision as a Pub/Sub message: JSON payload, filterable attributes."""
+    payload = orjson.dumps(to_json_dict(DECISION_SCHEMA, decision))
+    attributes = {name: str(getattr(decision, name)) for name in DECISION_ATTRIBUTES}
+    return PubsubMessage(data=payload, attributes=attributes)
+
+
+def _failed_row_to_dead_letter(failed) -> DeadLetter:
+    """``(table, row, errors)`` from WriteToBigQuery to a dead-letter record."""
+    table, row, *errors = failed
+    Metrics.counter("dead_letters", "bigquery_insert_error").inc()
+    return DeadLetter(
+        stage="sink",
+        reason="bigquery_insert_error",
+        detail=f"{table}: {orjson.dumps(errors, default=str).decode()[:2000]}",
+        raw_payload=orjson.dumps(row, default=str),
+        source=str(table),
+        failed_at_ms=int(time.time() * 1000),
+    )
+
+
+class WriteRows(beam.PTransform):
+    """Records to one BigQuery table; returns the rejected rows as ``DeadLetter`` records."""
+
+    def __init__(self, table: str, schema: dict, method: str):
+        super().__init__()
+        self._table, self._schema, self._method = table, schema, method
+
+    def expand(self, records):
+        schema = self._schema
+        result = (
+            records
+            | "ToRow" >> beam.Map(lambda r: to_bigquery_row(schema, r))
+            | "Insert"
+            >> WriteToBigQuery(
+                self._table,
+                schema=bigquery_schema(schema),
+                method=self._method,
+                create_disposition=BigQueryDisposition.CREATE_NEVER,
+                write_disposition=BigQueryDisposition.WRITE_APPEND,
+                # Transient errors (the service being down) are retried; rows the table
+                # rejects are returned below and dead-lettered rather than retried forever.
+                insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
+            )
+        )
+        if self._method != "STREAMING_INSERTS":
+            return None
+        return result.failed_rows_with_errors | "RejectedToDeadLetter" >> beam.Map(_failed_row_to_dead_letter)
+
+
+def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack) -> None:
+    """Sources and sinks around ``build_pipeline`` (kept separate from ``main`` for the dry-run test)."""
+    config = PipelineConfig(
+        streaming=True,
+        allowed_lateness_sec=opts.allowed_lateness_sec,
+        early_firing_sec=opts.early_firing_sec,
+        signal_dedup_ttl_sec=opts.signal_dedup_ttl_sec,
+        decision_dedup_max_ttl_sec=opts.decision_dedup_max_ttl_sec,
+    )
+    messages = pipeline | "ReadSignals" >> ReadFromPubSub(subscription=opts.input_subscription, with_attributes=True)
+    outputs = build_pipeline(messages, pack, source=opts.input_subscription, config=config)
+    _ = (
+        outputs.decisions
+        | "ToDecisionMessage" >> beam.Map(decision_message).with_output_types(PubsubMessage)
+        | "PublishDecisions" >> WriteToPubSub(opts.decisions_topic, with_attributes=True)
+    )
+    method = opts.bigquery_write_method
+    rejected = [
+        outputs.decisions | "WriteDecisionRows" >> WriteRows(opts.decisions_table, DECISION_SCHEMA, method),
+        outputs.audit | "WriteAuditRows" >> WriteRows(opts.audit_table, AUDIT_SCHEMA, method),
+    ]
+    dead_letters = outputs.dead_letters
+    if method == "STREAMING_INSERTS":
+        dead_letters = [dead_letters, *rejected] | "WithRejectedRows" >> beam.Flatten()
+    # Rows the dead-letter table itself rejects are logged by Beam and counted; there is nowhere further to send them.
+    _ = dead_letters | "WriteDeadLetterRows" >> WriteRows(opts.dead_letter_table, DEAD_LETTER_SCHEMA, method)
+
+
+def make_pipeline(argv: list[str], runner_config: str | None) -> tuple[beam.Pipeline, StreamingOptions]:
+    args = (runner_config_args(runner_config) if runner_config else []) + argv
+    options = PipelineOptions(args)
+    options.view_as(StandardOptions).streaming = True
+    opts = options.view_as(StreamingOptions)
+    validate(opts)
+    pack = load_rule_pack(opts.rules)
+    pipeline = beam.Pipeline(options=options)
+    build_streaming(pipeline, opts, pack)
+    return pipeline, opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--runner_config", default=None, help="YAML file in runner_configs/ with runner options.")
+    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+    try:
+        pipeline, _ = make_pipeline(rest, known.runner_config)
+    except (OptionsError, RulePackError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = pipeline.run()
+    result.wait_until_finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

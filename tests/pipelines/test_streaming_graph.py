@@ -1,0 +1,90 @@
+"""The streaming job's graph, built by the real DataflowRunner with --dry_run (offline, no job submitted)."""
+
+import os
+import pathlib
+
+import pytest
+
+from pipelines.options import OptionsError
+from pipelines.streaming import decision_message, make_pipeline
+
+SNAPSHOT = pathlib.Path(__file__).with_name("streaming_steps.txt")
+ARGS = [
+    "--runner=DataflowRunner",
+    "--dry_run=True",
+    "--project=my-project",
+    "--region=europe-west1",
+    "--temp_location=gs://my-bucket/tmp",
+    "--staging_location=gs://my-bucket/staging",
+    "--input_subscription=projects/my-project/subscriptions/signals",
+    "--decisions_topic=projects/my-project/topics/decisions",
+    "--audit_table=my-project:mitigation.audit",
+    "--decisions_table=my-project:mitigation.decisions",
+    "--dead_letter_table=my-project:mitigation.dead_letters",
+]
+TEST_ONLY = ("TestStream", "Create", "assert_that", "Impulse", "_TestStream")
+
+
+@pytest.fixture(scope="module")
+def transforms():
+    pipeline, _ = make_pipeline(ARGS, None)
+    result = pipeline.run()
+    proto = result.job.proto_pipeline
+    return {t.unique_name: t.spec.urn for t in proto.components.transforms.values()}
+
+
+def step_names(transforms) -> list[str]:
+    """Step names three levels deep (ComputeFeatures/Window3600s/Aggregate): what --update matches state by."""
+    return sorted({name for name in transforms if name.count("/") <= 2 and not name.startswith("ref_")})
+
+
+def test_graph_uses_dataflow_native_pubsub_and_bigquery(transforms):
+    urns = set(transforms.values())
+    assert "beam:transform:pubsub_read:v1" in urns
+    assert "beam:transform:pubsub_write:v1" in urns
+    assert sum(1 for urn in transforms.values() if urn == "beam:transform:write_to_big_query:v0") == 3
+
+
+def test_no_test_only_transforms_in_the_production_graph(transforms):
+    leaked = [name for name in transforms if any(marker in name for marker in TEST_ONLY)]
+    assert leaked == []
+
+
+def test_step_names_match_the_snapshot(transforms):
+    """A renamed step breaks `--update` of a running job unless a --transform_name_mapping is given.
+
+    If the rename is intended, regenerate the snapshot and ship the mapping with the release:
+    UPDATE_SNAPSHOT=1 make test
+    """
+    names = step_names(transforms)
+    if os.environ.get("UPDATE_SNAPSHOT"):
+        SNAPSHOT.write_text("\n".join(names) + "\n")
+    assert names == SNAPSHOT.read_text().split()
+
+
+@pytest.mark.parametrize(
+    "drop, replace, message",
+    [
+        ("--input_subscription", None, "--input_subscription is required"),
+        ("--decisions_topic", "--decisions_topic=decisions", "not of the form projects/P/topics/T"),
+        ("--audit_table", "--audit_table=audit", "not of the form PROJECT:DATASET.TABLE"),
+    ],
+)
+def test_bad_options_fail_before_building(drop, replace, message):
+    args = [a for a in ARGS if not a.startswith(drop)] + ([replace] if replace else [])
+    with pytest.raises(OptionsError, match=message):
+        make_pipeline(args, None)
+
+
+def test_decision_message_carries_filter_attributes():
+    from tests.schemas.test_schemas import _decision
+
+    msg = decision_message(_decision())
+    assert msg.attributes == {
+        "action": "exclude_streams",
+        "entity_type": "user",
+        "rule_id": "r",
+        "mode": "enforce",
+        "decision_id": "d1",
+    }
+    assert b'"window_start_ms":"2026-11-02T00:00:00.000Z"' in msg.data
