@@ -6,7 +6,12 @@ BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format validate-rules clean
+# The BigQuery emulator (local-bigquery) needs Python 3.13; pyenv provides it on these machines.
+PYTHON313 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null) $$(command -v python3.13); do $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
+BQ_VENV := .venv-bq
+BQ_STAMP := $(BQ_VENV)/.installed
+
+.PHONY: demo test lint format validate-rules clean streaming-local emulators
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,12 +20,24 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 
 venv: $(STAMP)
 
+$(BQ_STAMP): devtools/requirements-bq-emulator.txt
+	@test -n "$(PYTHON313)" || { echo "Python 3.13 is needed for the BigQuery emulator (pyenv install 3.13)"; exit 1; }
+	test -x $(BQ_VENV)/bin/python || $(PYTHON313) -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps local-bigquery==0.4.0
+	$(BQ_VENV)/bin/pip install --quiet --disable-pip-version-check -r devtools/requirements-bq-emulator.txt
+	# DuckDB loads extensions from $$HOME/.duckdb; install the PyPI-shipped ones under the emulator's own HOME.
+	mkdir -p $(BQ_VENV)/home
+	HOME=$(CURDIR)/$(BQ_VENV)/home $(BQ_VENV)/bin/python -c "import duckdb, duckdb_extensions; \
+	names = ('icu', 'json', 'ducklake', 'spatial'); [duckdb_extensions.import_extension(n) for n in names]; \
+	con = duckdb.connect(); [con.execute(f'LOAD {n}') for n in names]"
+	touch $(BQ_STAMP)
+
 ## Generate seeded traffic with attacks, run the pipeline locally, print a summary.
 demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo --output_dir out/demo
 
-## Run the whole test suite (what CI runs).
-test: $(STAMP)
+## Run the whole test suite (what CI runs); starts the Pub/Sub and BigQuery emulators itself.
+test: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

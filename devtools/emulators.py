@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 PUBSUB_LAUNCHER = pathlib.Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
@@ -79,8 +80,12 @@ class Emulator:
                 raise EmulatorError(
                     f"{self.name} exited with {self.process.returncode}; log {self.log_path}:\n{self.log_tail()}"
                 )
-            if self.ready():
-                return self
+            try:
+                if self.ready():
+                    return self
+            except EmulatorError:
+                self.stop()
+                raise
             time.sleep(0.2)
         self.stop()
         raise EmulatorError(
@@ -171,8 +176,17 @@ class BigQueryEmulator(Emulator):
         return {**os.environ, "HOME": str(BQ_VENV / "home")}
 
     def ready(self):
+        """200 from the projects list: the first request also runs DuckDB's lazy set-up.
+
+        Any other HTTP answer means that set-up failed, which poisons the
+        process (every later request fails), so fail at once with the log.
+        """
         try:
-            with urllib.request.urlopen(f"{self.url}/bigquery/v2/projects/{self.project}/datasets", timeout=1) as resp:
+            with urllib.request.urlopen(f"{self.url}/bigquery/v2/projects", timeout=5) as resp:
                 return resp.status == 200
+        except urllib.error.HTTPError as err:
+            raise EmulatorError(
+                f"bigquery emulator answered {err.code} while starting; log:\n{self.log_tail()}"
+            ) from None
         except OSError:
             return False

@@ -31,7 +31,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import DEFAULT_RULES, OptionsError, runner_config_args
+from pipelines.options import OptionsError, RuleOptions, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, to_json_dict
 from transforms.rulepack import RulePackError, load_rule_pack
@@ -45,7 +45,6 @@ class BacktestOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--input", help="Signals to replay: a .jsonl path or glob (local or gs://).")
-        parser.add_argument("--rules", default=DEFAULT_RULES, help="Rule pack YAML (default: rules/default.yaml).")
         parser.add_argument(
             "--output_dir", help="Folder for decisions.jsonl, audit.jsonl, dead_letter.jsonl, summary.json."
         )
@@ -73,7 +72,7 @@ def run(argv: list[str], runner_config: str = "backtest_local.yaml") -> dict:
     options = PipelineOptions(runner_config_args(runner_config) + argv)
     bt = options.view_as(BacktestOptions)
     validate(bt)
-    pack = load_rule_pack(bt.rules)
+    pack = load_rule_pack(options.view_as(RuleOptions).rules)
     out = bt.output_dir.rstrip("/")
     FileSystems.mkdirs(out) if not FileSystems.exists(out) else None
 

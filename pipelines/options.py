@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 
 import yaml
+from apache_beam.options.pipeline_options import PipelineOptions
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_RULES = str(PROJECT_ROOT / "rules" / "default.yaml")
@@ -38,3 +39,12 @@ def runner_config_args(path: str | pathlib.Path) -> list[str]:
             elif item is not False and item is not None:
                 args.append(f"--{key}={item}")
     return args
+
+
+class RuleOptions(PipelineOptions):
+    """Options every job shares. Beam merges all PipelineOptions subclasses into one
+    parser, so an option may be declared only once across the project."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--rules", default=DEFAULT_RULES, help="Rule pack YAML, local or gs:// path.")

@@ -39,7 +39,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 import time
 
 import apache_beam as beam
@@ -49,8 +51,9 @@ from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
 
-from pipelines.options import DEFAULT_RULES, OptionsError, runner_config_args
+from pipelines.options import OptionsError, RuleOptions, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import (
     AUDIT_SCHEMA,
@@ -84,7 +87,6 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument(
             "--dead_letter_table", help="BigQuery table for rejected signals and rows: PROJECT:DATASET.TABLE."
         )
-        parser.add_argument("--rules", default=DEFAULT_RULES, help="Rule pack YAML, local or gs:// path.")
         parser.add_argument(
             "--allowed_lateness_sec",
             type=int,
@@ -228,7 +230,7 @@ def make_pipeline(argv: list[str], runner_config: str | None) -> tuple[beam.Pipe
     options.view_as(StandardOptions).streaming = True
     opts = options.view_as(StreamingOptions)
     validate(opts)
-    pack = load_rule_pack(opts.rules)
+    pack = load_rule_pack(options.view_as(RuleOptions).rules)
     pipeline = beam.Pipeline(options=options)
     build_streaming(pipeline, opts, pack)
     return pipeline, opts
@@ -245,7 +247,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = pipeline.run()
-    result.wait_until_finish()
+    runner = pipeline.options.view_as(StandardOptions).runner or ""
+    if "Dataflow" in runner:
+        _LOGGER.info("submitted; cancel or drain the job with gcloud dataflow jobs cancel|drain")
+        result.wait_until_finish()
+        return 0
+    return run_until_signalled(result)
+
+
+def run_until_signalled(result) -> int:
+    """Run a local streaming job until SIGTERM or Ctrl-C, then cancel it.
+
+    The local runner's cancel stops its (daemon) worker threads without
+    draining: in-flight panes are dropped, as with ``gcloud dataflow jobs
+    cancel``. Nothing acknowledged is lost, because Pub/Sub redelivers what the
+    job had read but not yet acknowledged.
+    """
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if PipelineState.is_terminal(result.state):
+            return 0 if result.state == PipelineState.DONE else 1
+    result.cancel()
+    _LOGGER.info("streaming job cancelled (state %s)", result.state)
     return 0
 
 
