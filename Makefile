@@ -40,6 +40,10 @@ demo: $(STAMP)
 test: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m pytest -q
 
+## Start both emulators, provision tables, run the streaming job on simulated traffic, print decisions.
+streaming-local: $(STAMP) $(BQ_STAMP)
+	$(BIN)/python -m devtools.streaming_local
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

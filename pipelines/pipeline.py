@@ -17,7 +17,7 @@ import typing
 
 import apache_beam as beam
 
-from transforms.dedupe import DeduplicateDecisions, DeduplicateSignals
+from transforms.dedupe import DeduplicateHits, DeduplicateSignals
 from transforms.features import ComputeFeatures, WindowConfig
 from transforms.parse import AssignEventTime, ParseSignals
 from transforms.rulepack import RulePack
@@ -52,7 +52,7 @@ class PipelineConfig:
       signal_dedup_ttl_sec: streaming only: how long an event id is remembered
         (processing time); 0 turns de-duplication off without changing the graph.
       decision_dedup_max_ttl_sec: streaming only: upper bound on how long a
-        published decision id is remembered (each is kept for its own TTL).
+        decision id is remembered to drop repeats (each is kept for its own TTL).
     """
 
     streaming: bool = False
@@ -91,18 +91,18 @@ def build_pipeline(
     signals = unique | "AssignEventTime" >> AssignEventTime()
     features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), config.window_config())
     rule_outputs = features | "ApplyRules" >> ApplyRules(pack, config.decision_clock)
-    outputs = rule_outputs.hits | "EmitDecisions" >> EmitDecisions()
-    decisions = outputs.decisions
+    hits = rule_outputs.hits
     if config.streaming:
-        # Early, on-time and late panes of one window re-evaluate the same rules
-        # and yield the same decision id; publish each id once.
-        decisions = decisions | "DeduplicateDecisions" >> DeduplicateDecisions(config.decision_dedup_max_ttl_sec)
+        # Early, on-time and late panes of one window re-evaluate the same rules and
+        # yield the same decision id; publish and audit each decision once per outcome.
+        hits = hits | "DeduplicateHits" >> DeduplicateHits(config.decision_dedup_max_ttl_sec)
+    outputs = hits | "EmitDecisions" >> EmitDecisions()
     dead_letters = (parsed.dead_letters, rule_outputs.dead_letters) | "AllDeadLetters" >> beam.Flatten()
     return PipelineOutputs(
         signals=signals,
         features=features,
-        hits=rule_outputs.hits,
-        decisions=decisions,
+        hits=hits,
+        decisions=outputs.decisions,
         audit=outputs.audit,
         dead_letters=dead_letters,
     )

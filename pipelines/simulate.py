@@ -527,24 +527,28 @@ MALFORMED_SAMPLES = (
 )
 
 
-def default_scenarios(scale: float = 1.0) -> list[Scenario]:
-    """Every scenario, sized for the demo at scale 1.0."""
+def default_scenarios(scale: float = 1.0, hours: int = 24) -> list[Scenario]:
+    """Every scenario, sized for the demo at scale 1.0; attack start times spread over ``hours``."""
 
     def n(x: int) -> int:
         return max(1, int(x * scale))
 
+    def at(hour_of_24: int) -> int:
+        return hour_of_24 * hours // 24
+
+    span = max(1, min(2, hours))
     return [
         OrganicListeners(users=n(800)),
         # Farms run about four accounts per device.
         StreamFarm(accounts=n(12), devices=max(1, n(12) // 4)),
-        CredentialStuffing(),
-        SignupBurst(),
-        CardTesting(),
-        PlaylistStuffing(),
+        CredentialStuffing(start_hour=at(3), hours=span),
+        SignupBurst(start_hour=at(10)),
+        CardTesting(start_hour=at(14)),
+        PlaylistStuffing(start_hour=at(18), hours=span),
         SuperFans(fans=n(5)),
         SleepLoop(sleepers=n(5)),
         Dormitory(students=n(200)),
-        ViralTrack(listeners=n(1500)),
+        ViralTrack(listeners=n(1500), start_hour=at(20)),
     ]
 
 
@@ -556,7 +560,7 @@ def simulate(
     world = World(start_ms=parse_rfc3339_ms(start), hours=hours, rng=rng)
     events: list[dict] = []
     labels: list[Label] = []
-    for scenario in default_scenarios(scale):
+    for scenario in default_scenarios(scale, hours):
         events.extend(e for e in scenario.generate(world) if e["event_time"] < millis_to_rfc3339(world.end_ms))
         labels.extend(scenario.labels())
     events.sort(key=lambda e: e["event_time"])

@@ -1,9 +1,10 @@
 """Drop repeats: Pub/Sub delivers at least once, and producers retry.
 
 Two places need it. Signals are keyed by ``event_id``, so a redelivered or
-republished signal is not counted twice in any feature. Decisions are keyed by
-``decision_id``, so a window that fires again (an early pane, then the on-time
-pane, then a late pane) does not publish the same decision twice.
+republished signal is not counted twice in any feature. Rule hits are keyed by
+``decision_id`` and outcome, so a window that fires again (an early pane, then
+the on-time pane, then a late pane) does not publish or audit the same
+decision twice.
 
 State is one boolean per key, cleared by a processing-time timer, so it stays
 bounded by (keys per TTL). Timeline for a signal with a 600 s TTL::
@@ -32,7 +33,8 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from schemas import Decision, Signal
+from schemas import Signal
+from transforms.rules import RuleHit
 
 
 class _DropRepeatsFn(beam.DoFn):
@@ -75,15 +77,16 @@ class DropRepeatedSignalsFn(_DropRepeatsFn):
         return self._ttl
 
 
-class DropRepeatedDecisionsFn(_DropRepeatsFn):
-    """A decision is remembered for its own TTL (``expires_at - decided_at``), capped."""
+class DropRepeatedHitsFn(_DropRepeatsFn):
+    """A rule hit is remembered for its decision's own TTL (``expires_at - decided_at``), capped."""
 
     def __init__(self, max_ttl_sec: int):
         super().__init__("decisions")
         self._max = max_ttl_sec
 
     def ttl_sec(self, value) -> float:
-        return min(self._max, max(0, (value.expires_at_ms - value.decided_at_ms) / 1000))
+        d = value.decision
+        return min(self._max, max(0, (d.expires_at_ms - d.decided_at_ms) / 1000))
 
 
 def _earliest(signals):
@@ -112,16 +115,23 @@ class DeduplicateSignals(beam.PTransform):
         )
 
 
-class DeduplicateDecisions(beam.PTransform):
-    """Decisions with a repeated ``decision_id`` are not published again within their TTL."""
+def hit_key(hit: RuleHit) -> str:
+    """Same decision, same outcome: an early pane and the on-time pane of one window collapse.
+    A change of outcome (too little evidence at first, enough later) is kept: it is news."""
+    return f"{hit.decision.decision_id}/{hit.status}/{hit.decision.mode}"
+
+
+class DeduplicateHits(beam.PTransform):
+    """Rule hits repeated by re-fired panes are dropped, so each decision is published, and
+    audited, once per outcome within its TTL."""
 
     def __init__(self, max_ttl_sec: int):
         super().__init__()
         self._max = max_ttl_sec
 
-    def expand(self, decisions):
+    def expand(self, hits):
         return (
-            decisions
-            | "KeyByDecisionId" >> beam.Map(lambda d: (d.decision_id, d)).with_output_types(tuple[str, Decision])
-            | "DropRepeats" >> beam.ParDo(DropRepeatedDecisionsFn(self._max)).with_output_types(Decision)
+            hits
+            | "KeyByDecision" >> beam.Map(lambda h: (hit_key(h), h)).with_output_types(tuple[str, RuleHit])
+            | "DropRepeats" >> beam.ParDo(DropRepeatedHitsFn(self._max)).with_output_types(RuleHit)
         )

@@ -147,24 +147,20 @@ def run(stack, tmp_path_factory):
         f"--early_firing_sec={EARLY_FIRING_SEC}",
         f"--project={project}",
     ]
+    # Everything is published before the job starts (the subscription keeps it), so the
+    # job's first read takes in originals and redeliveries well within one early firing.
+    messages, malformed = traffic(int(time.time() * 1000))
+    publisher, subscriber = stack["publisher"], stack["subscriber"]
+    futures = [publisher.publish(names["signals"][0], data, **attrs) for data, attrs in messages]
+    futures += [publisher.publish(names["signals"][0], data) for data in malformed]
+    for future in futures:
+        future.result(timeout=30)
     with open(log_path, "wb") as log:
         job = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        messages, malformed = traffic(int(time.time() * 1000))
-        publisher, subscriber = stack["publisher"], stack["subscriber"]
-        futures = [publisher.publish(names["signals"][0], data, **attrs) for data, attrs in messages]
-        futures += [publisher.publish(names["signals"][0], data) for data in malformed]
-        for future in futures:
-            future.result(timeout=30)
         with BackgroundTraffic(publisher, names["signals"][0]):
             received = _pull_until_quiet(subscriber, names["decisions"][1], expected_rules=2)
-            audit = _wait_for_rows(
-                stack["bq"],
-                f"{DATASET}.audit",
-                lambda rows: (
-                    max((r["event_count"] for r in rows if r["rule_id"] == "stream_farm_exclude"), default=0) >= 45
-                ),
-            )
+            audit = _wait_for_rows(stack["bq"], f"{DATASET}.audit", lambda rows: len(rows) >= 2)
             dead = _wait_for_rows(stack["bq"], f"{DATASET}.dead_letters", lambda rows: len(rows) >= len(malformed))
             decision_rows = _wait_for_rows(stack["bq"], f"{DATASET}.decisions", lambda rows: len(rows) >= 2)
             job.send_signal(signal.SIGTERM)
@@ -231,13 +227,13 @@ def test_decisions_carry_filter_attributes_and_trace_ids_from_attributes(run):
 
 def test_redelivered_signals_are_not_counted_twice(run):
     farm_rows = [r for r in run["audit"] if r["rule_id"] == "stream_farm_exclude"]
-    assert farm_rows, "no audit row for the stream farm"
-    assert max(r["event_count"] for r in farm_rows) == 45  # 45 unique plays, 20 of them delivered twice
+    assert [r["event_count"] for r in farm_rows] == [45]  # 45 unique plays, 20 of them delivered twice
 
 
 def test_audit_and_decision_rows_are_queryable(run):
     published = {orjson.loads(data)["decision_id"] for data, _ in run["received"]}
-    assert {r["decision_id"] for r in run["audit"]} >= published
+    assert {r["decision_id"] for r in run["audit"]} == published  # one audit row per decision, not per pane
+    assert len(run["audit"]) == len(published)
     assert all(r["status"] == "issued" for r in run["audit"])
     assert {r["decision_id"] for r in run["decision_rows"]} == published
 

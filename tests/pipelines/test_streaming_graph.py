@@ -88,3 +88,18 @@ def test_decision_message_carries_filter_attributes():
         "decision_id": "d1",
     }
     assert b'"window_start_ms":"2026-11-02T00:00:00.000Z"' in msg.data
+
+
+def test_storage_write_api_is_selectable_and_reaches_the_expansion_service():
+    """STORAGE_WRITE_API needs Beam's Java expansion service, which is downloaded at graph
+    construction and cannot be fetched here; reaching that step shows the option selects it."""
+    with pytest.raises(RuntimeError, match="expansion-service"):
+        make_pipeline([*ARGS, "--bigquery_write_method=STORAGE_WRITE_API"], None)
+
+
+def test_runner_configs_parse_into_flags():
+    from pipelines.options import runner_config_args
+
+    flags = runner_config_args("streaming_dataflow.yaml")
+    assert "--runner=DataflowRunner" in flags and "--streaming" in flags and "--enable_streaming_engine" in flags
+    assert runner_config_args("streaming_local.yaml") == ["--runner=BundleBasedDirectRunner", "--streaming"]

@@ -11,7 +11,8 @@ from apache_beam.transforms.window import TimestampedValue
 
 from schemas import Signal
 from tests.kit import T0_MS, signal
-from transforms.dedupe import DeduplicateSignals, DropRepeatedDecisionsFn, DropRepeatedSignalsFn
+from transforms.dedupe import DeduplicateSignals, DropRepeatedHitsFn, DropRepeatedSignalsFn, hit_key
+from transforms.rules import RuleHit
 
 
 class _State:
@@ -64,9 +65,10 @@ def test_ttl_zero_passes_everything_and_keeps_no_state():
 def test_a_decision_is_remembered_for_its_own_ttl_capped():
     from tests.schemas.test_schemas import _decision
 
-    d = _decision()  # expires one hour after it was decided
-    assert DropRepeatedDecisionsFn(max_ttl_sec=86400).ttl_sec(d) == 3600
-    assert DropRepeatedDecisionsFn(max_ttl_sec=60).ttl_sec(d) == 60
+    hit = RuleHit(_decision(), "issued", "{}", 1, "p@1")  # expires one hour after it was decided
+    assert DropRepeatedHitsFn(max_ttl_sec=86400).ttl_sec(hit) == 3600
+    assert DropRepeatedHitsFn(max_ttl_sec=60).ttl_sec(hit) == 60
+    assert hit_key(hit) == "d1/issued/enforce"
 
 
 def _stream_options():
