@@ -11,6 +11,12 @@ The same seed always gives the same file, byte for byte.
 Run locally::
 
     python -m pipelines.simulate --output /tmp/signals.jsonl --labels /tmp/labels.jsonl --hours 24 --seed 7
+    python -m pipelines.simulate --output /tmp/signals.avro --format avro --labels /tmp/labels.jsonl
+
+Publish to a Pub/Sub topic (the emulator, when PUBSUB_EMULATOR_HOST is set) at a steady rate::
+
+    python -m pipelines.simulate --output /tmp/s.jsonl --labels /tmp/l.jsonl --hours 1 \\
+        --publish_topic projects/test-project/topics/signals --rate 300
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import dataclasses
 import logging
 import random
+import time
 import typing
 from collections.abc import Iterator
 
@@ -38,6 +45,10 @@ class Label(typing.NamedTuple):
     entity_id: str
     scenario: str
     kind: str  # attack | lookalike | legit
+    first_seen: str = ""  # event time of the entity's first signal (RFC 3339)
+
+
+_ENTITY_FIELDS = {"user": "user_id", "device": "device_id", "ip": "ip", "track": "track_id", "artist": "artist_id"}
 
 
 @dataclasses.dataclass
@@ -541,7 +552,7 @@ def default_scenarios(scale: float = 1.0, hours: int = 24) -> list[Scenario]:
         OrganicListeners(users=n(800)),
         # Farms run about four accounts per device.
         StreamFarm(accounts=n(12), devices=max(1, n(12) // 4)),
-        CredentialStuffing(start_hour=at(3), hours=span),
+        CredentialStuffing(start_hour=at(3), hours=span, attempts_per_hour=max(600, int(1800 * scale))),
         SignupBurst(start_hour=at(10)),
         CardTesting(start_hour=at(14)),
         PlaylistStuffing(start_hour=at(18), hours=span),
@@ -560,9 +571,19 @@ def simulate(
     world = World(start_ms=parse_rfc3339_ms(start), hours=hours, rng=rng)
     events: list[dict] = []
     labels: list[Label] = []
+    end = millis_to_rfc3339(world.end_ms)
     for scenario in default_scenarios(scale, hours):
-        events.extend(e for e in scenario.generate(world) if e["event_time"] < millis_to_rfc3339(world.end_ms))
-        labels.extend(scenario.labels())
+        generated = [e for e in scenario.generate(world) if e["event_time"] < end]
+        first_seen: dict[tuple[str, str], str] = {}
+        for e in generated:
+            for entity_type, field in _ENTITY_FIELDS.items():
+                key = (entity_type, e.get(field))
+                if key[1] is not None and (key not in first_seen or e["event_time"] < first_seen[key]):
+                    first_seen[key] = e["event_time"]
+        events.extend(generated)
+        labels.extend(
+            lb._replace(first_seen=first_seen.get((lb.entity_type, lb.entity_id), "")) for lb in scenario.labels()
+        )
     events.sort(key=lambda e: e["event_time"])
     lines = [orjson.dumps(e) for e in events]
     for i in range(malformed):
@@ -576,6 +597,41 @@ def write_jsonl(path: str, lines: list[bytes]) -> None:
             handle.write(line.replace(b"\n", b" ") + b"\n")
 
 
+def write_avro(path: str, lines: list[bytes]) -> int:
+    """The valid signals as Avro records (schemas/signal_v1.avsc); malformed lines cannot be typed and are left out."""
+    import fastavro
+
+    from schemas import SIGNAL_SCHEMA
+    from transforms.parse import InvalidSignal, parse_signal
+
+    records = []
+    for line in lines:
+        try:
+            records.append(parse_signal(line).signal._asdict())
+        except InvalidSignal:
+            continue
+    with open(path, "wb") as handle:
+        fastavro.writer(handle, fastavro.parse_schema(SIGNAL_SCHEMA), records, codec="deflate")
+    return len(records)
+
+
+def publish(lines: list[bytes], topic: str, rate: float) -> int:
+    """Publish lines to a Pub/Sub topic at ``rate`` per second (honours PUBSUB_EMULATOR_HOST)."""
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    started = time.monotonic()
+    futures = []
+    for i, line in enumerate(lines):
+        futures.append(publisher.publish(topic, line))
+        ahead = i / rate - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+    for future in futures:
+        future.result(timeout=60)
+    return len(futures)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="Signals .jsonl to write.")
@@ -585,11 +641,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="Multiplies population sizes.")
     parser.add_argument("--start", default=DEFAULT_START, help="RFC 3339 start of the traffic.")
     parser.add_argument("--malformed", type=int, default=20, help="Malformed lines to mix in.")
+    parser.add_argument(
+        "--format", choices=("jsonl", "avro"), default="jsonl", help="jsonl (wire format) or avro (typed records)."
+    )
+    parser.add_argument("--publish_topic", default=None, help="Also publish to projects/P/topics/T at --rate.")
+    parser.add_argument("--rate", type=float, default=300, help="Signals per second when publishing.")
     args = parser.parse_args(argv)
     lines, labels = simulate(args.seed, args.hours, args.scale, args.start, args.malformed)
-    write_jsonl(args.output, lines)
+    if args.format == "avro":
+        written = write_avro(args.output, lines)
+    else:
+        write_jsonl(args.output, lines)
+        written = len(lines)
     write_jsonl(args.labels, [orjson.dumps(label._asdict()) for label in labels])
-    print(f"wrote {len(lines)} lines to {args.output} and {len(labels)} labels to {args.labels}")
+    print(f"wrote {written} signals to {args.output} and {len(labels)} labels to {args.labels}")
+    if args.publish_topic:
+        print(f"published {publish(lines, args.publish_topic, args.rate)} messages to {args.publish_topic}")
 
 
 if __name__ == "__main__":
