@@ -99,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             lines = recent_traffic(args.seed, args.scale)
             print(f"Publishing {len(lines)} signals at {args.rate:.0f}/s (job log: {job_log})")
-            started = time.monotonic()
-            for i, line in enumerate(lines):
-                publisher.publish(paths["signals"][0], line)
-                ahead = i / args.rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+            simulate.publish(lines, paths["signals"][0], args.rate)
             counts: collections.Counter = collections.Counter()
             deadline = time.monotonic() + args.max_listen_sec
             last = time.monotonic()

@@ -248,3 +248,25 @@ def test_malformed_messages_land_in_the_dead_letter_table(run):
 def test_the_job_stops_cleanly_on_sigterm(run):
     assert run["exit_code"] == 0, run["log"][-3000:]
     assert "streaming job cancelled" in run["log"]
+
+
+def test_the_simulator_publishes_at_a_rate_to_pubsub(gcp_env):
+    from pipelines import simulate
+
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(gcp_env["project"], "sim")
+    publisher.create_topic(name=topic)
+    sub = subscriber.subscription_path(gcp_env["project"], "sim-sub")
+    subscriber.create_subscription(name=sub, topic=topic)
+    lines = [orjson.dumps({"n": i}) for i in range(50)]
+    started = time.monotonic()
+    assert simulate.publish(lines, topic, rate=100) == 50
+    assert time.monotonic() - started >= 0.45  # 50 messages at 100/s take about half a second
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < 50 and time.monotonic() < deadline:
+        response = subscriber.pull(subscription=sub, max_messages=100, timeout=5)
+        got += [m.message.data for m in response.received_messages]
+        if response.received_messages:
+            subscriber.acknowledge(subscription=sub, ack_ids=[m.ack_id for m in response.received_messages])
+    assert sorted(got) == sorted(lines)
