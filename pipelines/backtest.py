@@ -32,11 +32,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.options import OptionsError, RuleOptions, runner_config_args
+from pipelines.options import OptionsError, RuleOptions, load_policy, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, to_json_dict
 from schemas.avro import millis_to_rfc3339
-from transforms.rulepack import RulePackError, load_rule_pack
+from transforms.rulepack import RulePackError
+from transforms.safeguards import AllowlistError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -89,7 +90,8 @@ def run(argv: list[str], runner_config: str = "backtest_local.yaml") -> dict:
     options = PipelineOptions(runner_config_args(runner_config) + argv)
     bt = options.view_as(BacktestOptions)
     validate(bt)
-    pack = load_rule_pack(options.view_as(RuleOptions).rules)
+    pack, allowlist = load_policy(options)
+    rule_opts = options.view_as(RuleOptions)
     out = bt.output_dir.rstrip("/")
     FileSystems.mkdirs(out) if not FileSystems.exists(out) else None
 
@@ -104,7 +106,13 @@ def run(argv: list[str], runner_config: str = "backtest_local.yaml") -> dict:
         )
     else:
         lines = pipeline | "ReadSignals" >> beam.io.ReadFromText(bt.input, coder=beam.coders.BytesCoder())
-    outputs = build_pipeline(lines, pack, source=bt.input, config=PipelineConfig(streaming=False))
+    config = PipelineConfig(
+        streaming=False,
+        allowlist=allowlist,
+        global_cap_per_window=rule_opts.global_cap_per_window,
+        action_memory_max_sec=rule_opts.action_memory_max_sec,
+    )
+    outputs = build_pipeline(lines, pack, source=bt.input, config=config)
     write_jsonl(outputs.decisions, f"{out}/decisions.jsonl", DECISION_SCHEMA, "WriteDecisions")
     write_jsonl(outputs.audit, f"{out}/audit.jsonl", AUDIT_SCHEMA, "WriteAudit")
     write_jsonl(outputs.dead_letters, f"{out}/dead_letter.jsonl", DEAD_LETTER_SCHEMA, "WriteDeadLetters")
@@ -172,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
     try:
         summary = run(rest, known.runner_config)
-    except (OptionsError, RulePackError) as err:
+    except (OptionsError, RulePackError, AllowlistError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, sort_keys=True))

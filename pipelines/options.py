@@ -9,6 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_RULES = str(PROJECT_ROOT / "rules" / "default.yaml")
+DEFAULT_ALLOWLIST = str(PROJECT_ROOT / "rules" / "allowlist.yaml")
 RUNNER_CONFIGS = PROJECT_ROOT / "runner_configs"
 
 
@@ -48,3 +49,33 @@ class RuleOptions(PipelineOptions):
     @classmethod
     def _add_argparse_args(cls, parser):
         parser.add_argument("--rules", default=DEFAULT_RULES, help="Rule pack YAML, local or gs:// path.")
+        parser.add_argument(
+            "--allowlist",
+            default=DEFAULT_ALLOWLIST,
+            help="Allowlist YAML (entities never enforced against), local or gs:// path; empty for none.",
+        )
+        parser.add_argument(
+            "--global_cap_per_window",
+            type=int,
+            default=0,
+            help="Circuit breaker: most distinct entities all rules together may enforce against per window; 0 = off.",
+        )
+        parser.add_argument(
+            "--action_memory_max_sec",
+            type=int,
+            default=31 * 86400,
+            help="Seconds an entity's active actions are remembered for the action ladder and cooldowns; 0 = off.",
+        )
+
+
+def load_policy(options: PipelineOptions):
+    """The rule pack and allowlist named by the options, validated (fails fast with file, entry and field)."""
+    from transforms.rulepack import load_rule_pack
+    from transforms.safeguards import EMPTY_ALLOWLIST, load_allowlist
+
+    opts = options.view_as(RuleOptions)
+    if opts.global_cap_per_window < 0 or opts.action_memory_max_sec < 0:
+        raise OptionsError("--global_cap_per_window and --action_memory_max_sec must be >= 0")
+    pack = load_rule_pack(opts.rules)
+    allowlist = load_allowlist(opts.allowlist, {r.id for r in pack.rules}) if opts.allowlist else EMPTY_ALLOWLIST
+    return pack, allowlist

@@ -22,6 +22,7 @@ from transforms.features import ComputeFeatures, WindowConfig
 from transforms.parse import AssignEventTime, ParseSignals
 from transforms.rulepack import RulePack
 from transforms.rules import ApplyRules, EmitDecisions
+from transforms.safeguards import EMPTY_ALLOWLIST, Allowlist, EnforceSafeguards, SafeguardConfig
 
 
 class PipelineOutputs(typing.NamedTuple):
@@ -53,6 +54,8 @@ class PipelineConfig:
         (processing time); 0 turns de-duplication off without changing the graph.
       decision_dedup_max_ttl_sec: streaming only: upper bound on how long a
         decision id is remembered to drop repeats (each is kept for its own TTL).
+      allowlist, global_cap_per_window, action_memory_max_sec: the
+        safeguards (see ``transforms.safeguards``); caps and memory of 0 are off.
     """
 
     streaming: bool = False
@@ -60,6 +63,18 @@ class PipelineConfig:
     early_firing_sec: int = 0
     signal_dedup_ttl_sec: int = 600
     decision_dedup_max_ttl_sec: int = 2 * 86400
+    allowlist: Allowlist = EMPTY_ALLOWLIST
+    global_cap_per_window: int = 0
+    action_memory_max_sec: int = 31 * 86400
+
+    def safeguard_config(self) -> SafeguardConfig:
+        return SafeguardConfig(
+            allowlist=self.allowlist,
+            global_cap_per_window=self.global_cap_per_window,
+            action_memory_max_sec=self.action_memory_max_sec,
+            allowed_lateness_sec=self.allowed_lateness_sec,
+            streaming=self.streaming,
+        )
 
     def window_config(self) -> WindowConfig:
         if not self.streaming:
@@ -78,7 +93,7 @@ def build_pipeline(
     source: str = "unknown",
     config: PipelineConfig = PipelineConfig(),
 ) -> PipelineOutputs:
-    """Wire parse -> de-duplicate -> event time -> features -> rules -> decisions.
+    """Wire parse -> de-duplicate -> event time -> features -> rules -> safeguards -> decisions.
 
     Args:
       payloads: raw signals: ``bytes``, ``str`` lines or ``PubsubMessage``.
@@ -96,6 +111,8 @@ def build_pipeline(
         # Early, on-time and late panes of one window re-evaluate the same rules and
         # yield the same decision id; publish and audit each decision once per outcome.
         hits = hits | "DeduplicateHits" >> DeduplicateHits(config.decision_dedup_max_ttl_sec)
+    rule_caps = {rule.id: rule.max_entities_per_window for rule in pack.rules}
+    hits = hits | "EnforceSafeguards" >> EnforceSafeguards(rule_caps, config.safeguard_config())
     outputs = hits | "EmitDecisions" >> EmitDecisions()
     dead_letters = (parsed.dead_letters, rule_outputs.dead_letters) | "AllDeadLetters" >> beam.Flatten()
     return PipelineOutputs(

@@ -53,7 +53,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 
-from pipelines.options import OptionsError, RuleOptions, runner_config_args
+from pipelines.options import OptionsError, RuleOptions, load_policy, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import (
     AUDIT_SCHEMA,
@@ -64,7 +64,8 @@ from schemas import (
     to_bigquery_row,
     to_json_dict,
 )
-from transforms.rulepack import RulePackError, load_rule_pack
+from transforms.rulepack import RulePackError
+from transforms.safeguards import AllowlistError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class WriteRows(beam.PTransform):
         return result.failed_rows_with_errors | "RejectedToDeadLetter" >> beam.Map(_failed_row_to_dead_letter)
 
 
-def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack) -> None:
+def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allowlist) -> None:
     """Sources and sinks around ``build_pipeline`` (kept separate from ``main`` for the dry-run test)."""
     config = PipelineConfig(
         streaming=True,
@@ -204,6 +205,9 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack) -> No
         early_firing_sec=opts.early_firing_sec,
         signal_dedup_ttl_sec=opts.signal_dedup_ttl_sec,
         decision_dedup_max_ttl_sec=opts.decision_dedup_max_ttl_sec,
+        allowlist=allowlist,
+        global_cap_per_window=pipeline.options.view_as(RuleOptions).global_cap_per_window,
+        action_memory_max_sec=pipeline.options.view_as(RuleOptions).action_memory_max_sec,
     )
     messages = pipeline | "ReadSignals" >> ReadFromPubSub(subscription=opts.input_subscription, with_attributes=True)
     outputs = build_pipeline(messages, pack, source=opts.input_subscription, config=config)
@@ -230,9 +234,9 @@ def make_pipeline(argv: list[str], runner_config: str | None) -> tuple[beam.Pipe
     options.view_as(StandardOptions).streaming = True
     opts = options.view_as(StreamingOptions)
     validate(opts)
-    pack = load_rule_pack(options.view_as(RuleOptions).rules)
+    pack, allowlist = load_policy(options)
     pipeline = beam.Pipeline(options=options)
-    build_streaming(pipeline, opts, pack)
+    build_streaming(pipeline, opts, pack, allowlist)
     return pipeline, opts
 
 
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
     try:
         pipeline, _ = make_pipeline(rest, known.runner_config)
-    except (OptionsError, RulePackError) as err:
+    except (OptionsError, RulePackError, AllowlistError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = pipeline.run()

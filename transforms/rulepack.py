@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import datetime as dt
 import hashlib
+import logging
 import re
 import string
+import time
 from collections.abc import Mapping
 
 import yaml
@@ -27,6 +30,8 @@ from simpleeval import SimpleEval
 
 from schemas import ACTIONS, ENTITY_TYPES, MODES
 from transforms.features import FEATURES
+
+_LOGGER = logging.getLogger(__name__)
 
 # Content and creators may be victims of sabotage streams bought by someone
 # else, so they are never enforced against automatically, only reviewed.
@@ -64,6 +69,8 @@ _RULE_FIELDS = {
     "reason": "one human sentence; may use {feature} placeholders",
     "ttl": "how long the action lasts, e.g. 24h (default depends on the action)",
     "min_events": "signals the window must hold before the rule may enforce (default 1)",
+    "expires": "date (YYYY-MM-DD, UTC) after which the rule stops enforcing and runs in shadow",
+    "max_entities_per_window": "circuit breaker: most distinct entities enforced per window; more go to shadow",
 }
 _REQUIRED_FIELDS = ("id", "version", "owner", "description", "entity", "window", "when", "action", "reason")
 _ALLOWED_NODES = (
@@ -124,6 +131,8 @@ class Rule:
     ttl_sec: int
     min_events: int
     features: tuple[str, ...]  # feature names the condition reads, in order of first use
+    expires_ms: int | None = None  # end of the expiry date, UTC
+    max_entities_per_window: int = 0  # 0 = no per-rule cap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,6 +306,10 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
         raise RulePackError(source, "must be an integer >= 1", rule_id, "min_events")
     features = _check_condition(raw["when"], source, rule_id)
     _check_reason(raw["reason"], features, source, rule_id)
+    expires_ms = _parse_expiry(raw.get("expires"), source, rule_id)
+    cap = raw.get("max_entities_per_window", 0)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        raise RulePackError(source, "must be an integer >= 0 (0 = no cap)", rule_id, "max_entities_per_window")
     rule = Rule(
         id=rule_id,
         version=version,
@@ -311,7 +324,11 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
         ttl_sec=ttl_sec,
         min_events=min_events,
         features=features,
+        expires_ms=expires_ms,
+        max_entities_per_window=cap,
     )
+    if expires_ms is not None and expires_ms <= time.time() * 1000:
+        _LOGGER.warning("%s: rule '%s' expired on %s: it runs in shadow only", source, rule_id, raw["expires"])
     try:
         CompiledRule(rule).matches({name: 0.0 for name in FEATURES})
     except RuleEvaluationError as err:
@@ -319,6 +336,21 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
             source, f"fails on an all-zero window ({err.__cause__ or err}); use the ratio features", rule_id, "when"
         ) from None
     return rule
+
+
+def _parse_expiry(value, source: str, rule_id: str) -> int | None:
+    """A YYYY-MM-DD date to the end of that day (UTC) in epoch ms."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = dt.date.fromisoformat(value)
+        except ValueError:
+            value = None
+    if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
+        raise RulePackError(source, "must be a date such as 2027-01-31", rule_id, "expires")
+    end = dt.datetime.combine(value + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+    return int(end.timestamp() * 1000)
 
 
 def parse_rule_pack(text: str, source: str) -> RulePack:

@@ -18,18 +18,20 @@ from transforms.rulepack import CompiledRule, RuleEvaluationError, RulePack, ren
 # becomes an audit row, so we can always see what a rule would have done.
 ISSUED = "issued"
 BELOW_MIN_EVENTS = "below_min_events"
+RULE_EXPIRED = "rule_expired"
 
 DECISION_CLOCKS = ("event", "processing")
 
 
 class RuleHit(typing.NamedTuple):
-    """A rule that matched one entity's window, before safeguards."""
+    """A rule that matched one entity's window; safeguards may change its mode and status."""
 
     decision: Decision
     status: str
     features_json: str
     event_count: int
     rule_pack: str
+    safeguard_note: typing.Optional[str] = None  # noqa: UP045 - Beam schema inference
 
 
 beam.coders.registry.register_coder(RuleHit, beam.coders.RowCoder)
@@ -54,6 +56,9 @@ def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, 
         evidence = {name: features[name] for name in rule.features}
         evidence["events"] = features["events"]
         enough = features["events"] >= rule.min_events
+        # An expired rule keeps running in shadow, so its owner sees what it would still do.
+        expired = rule.expires_ms is not None and decided_at_ms >= rule.expires_ms
+        status = RULE_EXPIRED if expired else ISSUED if enough else BELOW_MIN_EVENTS
         decision = Decision(
             decision_id=decision_id(
                 rule.id, rule.version, ef.entity_type, ef.entity_id, ef.window_start_ms, ef.window_end_ms
@@ -63,8 +68,8 @@ def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, 
             action=rule.action,
             rule_id=rule.id,
             rule_version=rule.version,
-            # Too little evidence never enforces: the hit is kept as shadow for the audit trail.
-            mode=rule.mode if enough else "shadow",
+            # Too little evidence, or an expired rule, never enforces: kept as shadow for the audit trail.
+            mode=rule.mode if status == ISSUED else "shadow",
             reason=render_reason(rule.reason, features, ef.entity_type, ef.entity_id, ef.window_sec),
             evidence=evidence,
             window_start_ms=ef.window_start_ms,
@@ -75,7 +80,7 @@ def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, 
         )
         yield RuleHit(
             decision=decision,
-            status=ISSUED if enough else BELOW_MIN_EVENTS,
+            status=status,
             features_json=orjson.dumps(dict(features), option=orjson.OPT_SORT_KEYS).decode(),
             event_count=int(features["events"]),
             rule_pack=pack_label,
@@ -170,6 +175,9 @@ def to_audit_row(hit: RuleHit) -> AuditRow:
         decided_at_ms=d.decided_at_ms,
         expires_at_ms=d.expires_at_ms,
         trace_ids=list(d.trace_ids),
+        safeguard_note=hit.safeguard_note,
+        reverses_decision_id=d.reverses_decision_id,
+        actor=d.actor,
     )
 
 

@@ -1,0 +1,442 @@
+"""Safeguards between the rules and enforcement: allowlists, caps (circuit breakers) and the action ladder.
+
+A rule hit that would enforce passes three checks, in this order:
+
+1. **Allowlist.** The entity, matched by exact id, id prefix or IP network
+   (optionally for some rules only, optionally until a date), is never
+   enforced against. The hit becomes a shadow decision with status
+   ``suppressed_allowlist`` and the entry's reason, so the audit shows what
+   would have happened.
+2. **Caps.** A rule may enforce against at most ``max_entities_per_window``
+   distinct entities per window, and all rules together against at most the
+   global cap. Past the cap, further hits in that window become shadow
+   (``capped``), and one ``rule_tripped`` audit record plus a metric alert the
+   operator. This bounds the blast radius of a bad rule or a bad deploy.
+3. **Action ladder.** While an entity has an active action (until its
+   ``expires_at``), a weaker action is not issued (``superseded``) and the same
+   action is not issued again (``cooldown``). Severity only rises inside a TTL.
+
+Only hits still ``issued`` after all three are published. Every hit is audited.
+
+A cap of 0, or an action memory of 0, turns that safeguard off without changing
+the graph, so it can be changed with a Dataflow ``--update``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import ipaddress
+import typing
+
+import apache_beam as beam
+import yaml
+from apache_beam.coders import BooleanCoder, PickleCoder
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from schemas import ACTIONS, ENTITY_TYPES, Decision
+from transforms.rulepack import format_duration
+from transforms.rules import ISSUED, RuleHit
+
+SUPPRESSED_ALLOWLIST = "suppressed_allowlist"
+CAPPED = "capped"
+RULE_TRIPPED = "rule_tripped"
+COOLDOWN = "cooldown"
+SUPERSEDED = "superseded"
+SEVERITY = {action: rank for rank, action in enumerate(ACTIONS)}
+_ENTRY_FIELDS = ("entity", "id", "id_prefix", "cidr", "rules", "expires", "reason", "owner")
+
+
+def _enforcing(hit: RuleHit) -> bool:
+    return hit.status == ISSUED and hit.decision.mode == "enforce"
+
+
+def _downgrade(hit: RuleHit, status: str, note: str, to_shadow: bool = True) -> RuleHit:
+    decision = hit.decision._replace(mode="shadow") if to_shadow else hit.decision
+    return hit._replace(decision=decision, status=status, safeguard_note=note)
+
+
+def _stamp(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+# --- allowlists ------------------------------------------------------------------------
+class AllowlistError(ValueError):
+    """An allowlist that cannot be used. The message names file, entry and field."""
+
+    def __init__(self, source: str, problem: str, entry: int | None = None, field: str | None = None):
+        where = source + (f": entry #{entry}" if entry is not None else "") + (f": field '{field}'" if field else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AllowEntry:
+    entity: str
+    reason: str
+    owner: str
+    id: str | None = None
+    id_prefix: str | None = None
+    cidr: str | None = None
+    rules: tuple[str, ...] = ()  # empty: every rule
+    expires_ms: int | None = None
+
+    def covers(self, rule_id: str, at_ms: int) -> bool:
+        return (not self.rules or rule_id in self.rules) and (self.expires_ms is None or at_ms < self.expires_ms)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allowlist:
+    """Entities no enforce decision may target. Lookups are indexed: exact ids by dict, then prefixes and networks."""
+
+    source: str
+    entries: tuple[AllowEntry, ...]
+
+    def __post_init__(self):
+        exact: dict[tuple[str, str], list[AllowEntry]] = {}
+        for entry in self.entries:
+            if entry.id is not None:
+                exact.setdefault((entry.entity, entry.id), []).append(entry)
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_prefixes", [e for e in self.entries if e.id_prefix is not None])
+        object.__setattr__(
+            self, "_networks", [(ipaddress.ip_network(e.cidr), e) for e in self.entries if e.cidr is not None]
+        )
+
+    def match(self, entity_type: str, entity_id: str, rule_id: str, at_ms: int) -> AllowEntry | None:
+        for entry in self._exact.get((entity_type, entity_id), ()):
+            if entry.covers(rule_id, at_ms):
+                return entry
+        for entry in self._prefixes:
+            if entry.entity == entity_type and entity_id.startswith(entry.id_prefix) and entry.covers(rule_id, at_ms):
+                return entry
+        if entity_type == "ip" and self._networks:
+            try:
+                address = ipaddress.ip_address(entity_id)
+            except ValueError:
+                return None
+            for network, entry in self._networks:
+                if address.version == network.version and address in network and entry.covers(rule_id, at_ms):
+                    return entry
+        return None
+
+
+EMPTY_ALLOWLIST = Allowlist("(none)", ())
+
+
+def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] = ()) -> Allowlist:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise AllowlistError(source, f"not valid YAML: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("allowlist"), list):
+        raise AllowlistError(source, "must be a mapping with an 'allowlist' list")
+    entries = []
+    for n, raw in enumerate(doc["allowlist"], start=1):
+        if not isinstance(raw, dict):
+            raise AllowlistError(source, "must be a mapping", n)
+        for key in raw:
+            if key not in _ENTRY_FIELDS:
+                raise AllowlistError(source, f"unknown field (allowed: {', '.join(_ENTRY_FIELDS)})", n, str(key))
+        entity = raw.get("entity")
+        if entity not in ENTITY_TYPES:
+            raise AllowlistError(source, f"must be one of {', '.join(ENTITY_TYPES)}", n, "entity")
+        for key in ("reason", "owner"):
+            if not isinstance(raw.get(key), str) or not raw[key].strip():
+                raise AllowlistError(source, "is required: say why and who answers for it", n, key)
+        selectors = [k for k in ("id", "id_prefix", "cidr") if raw.get(k) is not None]
+        if len(selectors) != 1:
+            raise AllowlistError(
+                source, "give exactly one of id, id_prefix, cidr", n, selectors[1] if selectors else "id"
+            )
+        if "cidr" in selectors:
+            if entity != "ip":
+                raise AllowlistError(source, "cidr applies only to ip entries", n, "cidr")
+            try:
+                ipaddress.ip_network(str(raw["cidr"]), strict=False)
+            except ValueError:
+                raise AllowlistError(
+                    source, f"{raw['cidr']!r} is not an IP network such as 10.0.0.0/8", n, "cidr"
+                ) from None
+        if raw.get("id_prefix") is not None and len(str(raw["id_prefix"])) < 3:
+            raise AllowlistError(
+                source, "must be at least 3 characters (a shorter prefix covers too much)", n, "id_prefix"
+            )
+        rules = raw.get("rules") or []
+        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+            raise AllowlistError(source, "must be a list of rule ids", n, "rules")
+        unknown = [r for r in rules if known_rules and r not in known_rules]
+        if unknown:
+            raise AllowlistError(source, f"unknown rule ids {unknown}", n, "rules")
+        expires_ms = None
+        if raw.get("expires") is not None:
+            try:
+                day = (
+                    raw["expires"]
+                    if isinstance(raw["expires"], dt.date)
+                    else dt.date.fromisoformat(str(raw["expires"]))
+                )
+            except ValueError:
+                raise AllowlistError(source, "must be a date such as 2027-01-31", n, "expires") from None
+            expires_ms = int(
+                dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC).timestamp() * 1000
+            )
+        entries.append(
+            AllowEntry(
+                entity=entity,
+                reason=raw["reason"].strip(),
+                owner=raw["owner"].strip(),
+                id=str(raw["id"]) if raw.get("id") is not None else None,
+                id_prefix=str(raw["id_prefix"]) if raw.get("id_prefix") is not None else None,
+                cidr=str(ipaddress.ip_network(str(raw["cidr"]), strict=False)) if raw.get("cidr") is not None else None,
+                rules=tuple(rules),
+                expires_ms=expires_ms,
+            )
+        )
+    return Allowlist(source, tuple(entries))
+
+
+def load_allowlist(path: str, known_rules: typing.Collection[str] = ()) -> Allowlist:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path) as handle:
+            text = handle.read().decode("utf-8")
+    except Exception as err:  # Beam wraps filesystem errors in BeamIOError
+        raise AllowlistError(path, f"cannot be read: {err}") from None
+    return parse_allowlist(text, path, known_rules)
+
+
+def apply_allowlist(hit: RuleHit, allowlist: Allowlist) -> RuleHit:
+    if not _enforcing(hit):
+        return hit
+    d = hit.decision
+    entry = allowlist.match(d.entity_type, d.entity_id, d.rule_id, d.decided_at_ms)
+    if entry is None:
+        return hit
+    Metrics.counter("safeguards", "suppressed_allowlist").inc()
+    return _downgrade(hit, SUPPRESSED_ALLOWLIST, f"allowlisted: {entry.reason} (owner {entry.owner})")
+
+
+# --- caps --------------------------------------------------------------------------------
+def tripped_record(hit: RuleHit, scope: str, cap: int, lateness_sec: int) -> RuleHit:
+    """The audit record that tells an operator a cap was hit."""
+    d = hit.decision
+    window = format_duration((d.window_end_ms - d.window_start_ms) // 1000)
+    what = f"rule {d.rule_id}" if scope == "rule" else "all rules together"
+    reason = (
+        f"Circuit breaker: {what} reached the cap of {cap} entities in the {window} window starting "
+        f"{_stamp(d.window_start_ms)}; further decisions in this window are shadow only."
+    )
+    key = f"tripped\x1f{scope}\x1f{d.rule_id if scope == 'rule' else '*'}\x1f{d.window_start_ms}\x1f{d.window_end_ms}"
+    record = Decision(
+        decision_id=hashlib.sha256(key.encode()).hexdigest()[:32],
+        entity_type="rule",
+        entity_id=d.rule_id if scope == "rule" else "*",
+        action=d.action,
+        rule_id=d.rule_id,
+        rule_version=d.rule_version,
+        mode="shadow",
+        reason=reason,
+        evidence={"cap": float(cap)},
+        window_start_ms=d.window_start_ms,
+        window_end_ms=d.window_end_ms,
+        decided_at_ms=d.decided_at_ms,
+        expires_at_ms=d.window_end_ms + lateness_sec * 1000,
+        trace_ids=[],
+    )
+    return RuleHit(record, RULE_TRIPPED, "{}", 0, hit.rule_pack, f"cap {cap} ({scope})")
+
+
+class CapFn(beam.DoFn):
+    """Counts distinct entities enforced per (scope, window); past the cap, hits go to shadow.
+
+    Timeline for a rule with a cap of 2 in the 10:00-11:00 window (lateness 1 h)::
+
+        10:05  user A hit: 1 entity -> enforce
+        10:20  user B hit: 2 entities -> enforce
+        10:30  user A again (a re-fired pane): already counted -> enforce (same decision id)
+        10:40  user C hit: over the cap -> shadow, status capped; one rule_tripped record
+        10:50  user D hit: shadow, status capped (no second rule_tripped)
+        12:00  watermark passes window end + lateness: the timer clears the state
+    """
+
+    ENTITIES = ReadModifyWriteStateSpec("entities", PickleCoder())
+    TRIPPED = ReadModifyWriteStateSpec("tripped", BooleanCoder())
+    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
+
+    def __init__(self, scope: str, global_cap: int, lateness_sec: int):
+        self._scope, self._global_cap, self._lateness = scope, global_cap, lateness_sec
+        self._capped = Metrics.counter("safeguards", f"capped_{scope}")
+        self._tripped = Metrics.counter("safeguards", "rule_tripped")
+
+    def _cap(self, hit: RuleHit, caps: dict[str, int]) -> int:
+        return caps.get(hit.decision.rule_id, 0) if self._scope == "rule" else self._global_cap
+
+    def process(
+        self,
+        element,
+        caps,
+        entities=beam.DoFn.StateParam(ENTITIES),
+        tripped=beam.DoFn.StateParam(TRIPPED),
+        cleanup=beam.DoFn.TimerParam(CLEANUP),
+    ):
+        _, hit = element
+        cap = self._cap(hit, caps)
+        if cap <= 0 or not _enforcing(hit):
+            yield hit
+            return
+        d = hit.decision
+        seen = entities.read() or frozenset()
+        entity = (d.entity_type, d.entity_id)
+        if entity in seen:
+            yield hit
+            return
+        if len(seen) < cap:
+            entities.write(seen | {entity})
+            cleanup.set(Timestamp(micros=(d.window_end_ms + self._lateness * 1000 + 1000) * 1000))
+            yield hit
+            return
+        self._capped.inc()
+        yield _downgrade(hit, CAPPED, f"over the {self._scope} cap of {cap} entities in this window")
+        if not tripped.read():
+            tripped.write(True)
+            self._tripped.inc()
+            yield tripped_record(hit, self._scope, cap, self._lateness)
+
+    @on_timer(CLEANUP)
+    def clear(self, entities=beam.DoFn.StateParam(ENTITIES), tripped=beam.DoFn.StateParam(TRIPPED)):
+        entities.clear()
+        tripped.clear()
+
+
+def _cap_key(scope: str):
+    def key(hit: RuleHit) -> str:
+        d = hit.decision
+        owner = d.rule_id if scope == "rule" else "*"
+        return f"{owner}|{d.window_start_ms}|{d.window_end_ms}"
+
+    return key
+
+
+# --- action ladder -------------------------------------------------------------------------
+def ladder_step(active: dict[str, int], hit: RuleHit, memory_max_sec: int) -> tuple[RuleHit, dict[str, int]]:
+    """One hit against an entity's active actions ({action: expires_at_ms}); returns (hit, new active)."""
+    if memory_max_sec <= 0 or not _enforcing(hit):
+        return hit, active
+    d = hit.decision
+    now = d.decided_at_ms
+    active = {action: until for action, until in active.items() if until > now}
+    stronger = [a for a in active if SEVERITY[a] > SEVERITY[d.action]]
+    if stronger:
+        top = max(stronger, key=SEVERITY.get)
+        return _downgrade(hit, SUPERSEDED, f"{top} is active until {_stamp(active[top])}", to_shadow=False), active
+    if d.action in active:
+        note = f"{d.action} already active until {_stamp(active[d.action])}"
+        return _downgrade(hit, COOLDOWN, note, to_shadow=False), active
+    active[d.action] = min(d.expires_at_ms, now + memory_max_sec * 1000)
+    return hit, active
+
+
+def _ladder_order(hit: RuleHit):
+    """Earliest first; at the same moment the strongest action first, so weaker ones are superseded."""
+    d = hit.decision
+    return (d.decided_at_ms, -SEVERITY[d.action], d.rule_id, d.decision_id)
+
+
+class LadderFn(beam.DoFn):
+    """Streaming: an entity's active actions in state, cleared by a timer when the last one expires.
+
+    Timeline for user U (exclude_streams TTL 7 d, suspend TTL 30 d)::
+
+        day 0 10:00  exclude_streams -> issued; active {exclude_streams: day 7}
+        day 0 11:00  exclude_streams again -> cooldown (not re-issued)
+        day 1 00:00  suspend -> issued (severity rises); active adds suspend: day 31
+        day 2 10:00  exclude_streams -> superseded (suspend is stronger and active)
+        day 31       timer fires: state cleared
+    """
+
+    ACTIVE = ReadModifyWriteStateSpec("active", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
+
+    def __init__(self, memory_max_sec: int):
+        self._max = memory_max_sec
+        self._counters = {s: Metrics.counter("safeguards", s) for s in (COOLDOWN, SUPERSEDED)}
+
+    def process(self, element, active=beam.DoFn.StateParam(ACTIVE), expiry=beam.DoFn.TimerParam(EXPIRY)):
+        _, hit = element
+        before = active.read() or {}
+        out, after = ladder_step(before, hit, self._max)
+        if out.status in self._counters:
+            self._counters[out.status].inc()
+        if after != before:
+            active.write(after)
+            expiry.set(Timestamp(micros=max(after.values()) * 1000))
+        yield out
+
+    @on_timer(EXPIRY)
+    def expire(self, active=beam.DoFn.StateParam(ACTIVE)):
+        active.clear()
+
+
+def ladder_batch(element, memory_max_sec: int):
+    """Batch: an entity's hits in time order through the same ``ladder_step`` (deterministic)."""
+    _, hits = element
+    active: dict[str, int] = {}
+    for hit in sorted(hits, key=_ladder_order):
+        out, active = ladder_step(active, hit, memory_max_sec)
+        yield out
+
+
+@dataclasses.dataclass(frozen=True)
+class SafeguardConfig:
+    """Attributes:
+    allowlist: entities never enforced against.
+    global_cap_per_window: most distinct entities all rules together may enforce against per window; 0 = off.
+    action_memory_max_sec: how long an entity's active actions are remembered for the ladder; 0 = off.
+    allowed_lateness_sec: keeps cap state until a window can no longer fire.
+    streaming: state and timers (streaming) or a grouped, time-ordered pass (batch) for the ladder.
+    """
+
+    allowlist: Allowlist = EMPTY_ALLOWLIST
+    global_cap_per_window: int = 0
+    action_memory_max_sec: int = 31 * 86400
+    allowed_lateness_sec: int = 0
+    streaming: bool = False
+
+
+class EnforceSafeguards(beam.PTransform):
+    """Rule hits through allowlist, caps and the action ladder (see module docstring)."""
+
+    def __init__(self, rule_caps: dict[str, int], config: SafeguardConfig):
+        super().__init__()
+        self._caps = dict(rule_caps)
+        self._config = config
+
+    def expand(self, hits):
+        cfg = self._config
+        allowed = hits | "Allowlist" >> beam.Map(apply_allowlist, cfg.allowlist).with_output_types(RuleHit)
+        capped = allowed
+        for scope in ("rule", "global"):
+            label = "RuleCap" if scope == "rule" else "GlobalCap"
+            capped = (
+                capped
+                | f"{label}/Key" >> beam.Map(lambda h, k=_cap_key(scope): (k(h), h))
+                | f"{label}/Count"
+                >> beam.ParDo(
+                    CapFn(scope, cfg.global_cap_per_window, cfg.allowed_lateness_sec), self._caps
+                ).with_output_types(RuleHit)
+            )
+        keyed = capped | "Ladder/KeyByEntity" >> beam.Map(
+            lambda h: (f"{h.decision.entity_type}:{h.decision.entity_id}", h)
+        )
+        if cfg.streaming:
+            return keyed | "Ladder/Apply" >> beam.ParDo(LadderFn(cfg.action_memory_max_sec)).with_output_types(RuleHit)
+        return (
+            keyed
+            | "Ladder/Group" >> beam.GroupByKey()
+            | "Ladder/Apply" >> beam.FlatMap(ladder_batch, cfg.action_memory_max_sec).with_output_types(RuleHit)
+        )
