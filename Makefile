@@ -62,7 +62,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 validate-rules: $(STAMP)
-	$(BIN)/python -m pipelines.rules validate rules/default.yaml
+	$(BIN)/python -m pipelines.rules validate rules/default.yaml --allowlist rules/allowlist.yaml
 
 clean:
 	rm -rf out .pytest_cache

@@ -20,6 +20,7 @@ import apache_beam as beam
 from transforms.dedupe import DeduplicateHits, DeduplicateSignals
 from transforms.features import ComputeFeatures, WindowConfig
 from transforms.parse import AssignEventTime, ParseSignals
+from transforms.policy import Policy, PolicySource
 from transforms.rulepack import RulePack
 from transforms.rules import ApplyRules, EmitDecisions
 from transforms.safeguards import EMPTY_ALLOWLIST, Allowlist, EnforceSafeguards, SafeguardConfig
@@ -56,6 +57,9 @@ class PipelineConfig:
         decision id is remembered to drop repeats (each is kept for its own TTL).
       allowlist, global_cap_per_window, action_memory_max_sec: the
         safeguards (see ``transforms.safeguards``); caps and memory of 0 are off.
+      rules_path, allowlist_path, policy_reload_sec: streaming only: re-read the
+        pack and allowlist this often so changes apply without a redeploy
+        (``transforms.policy``); 0 keeps the start-up policy.
     """
 
     streaming: bool = False
@@ -66,10 +70,20 @@ class PipelineConfig:
     allowlist: Allowlist = EMPTY_ALLOWLIST
     global_cap_per_window: int = 0
     action_memory_max_sec: int = 31 * 86400
+    rules_path: str | None = None
+    allowlist_path: str | None = None
+    policy_reload_sec: float = 0
+
+    def policy_source(self, pack: RulePack) -> PolicySource:
+        return PolicySource(
+            Policy(pack, self.allowlist),
+            rules_path=self.rules_path,
+            allowlist_path=self.allowlist_path,
+            reload_sec=self.policy_reload_sec if self.streaming else 0,
+        )
 
     def safeguard_config(self) -> SafeguardConfig:
         return SafeguardConfig(
-            allowlist=self.allowlist,
             global_cap_per_window=self.global_cap_per_window,
             action_memory_max_sec=self.action_memory_max_sec,
             allowed_lateness_sec=self.allowed_lateness_sec,
@@ -105,14 +119,14 @@ def build_pipeline(
     unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(config.signal_dedup_ttl_sec, config.streaming)
     signals = unique | "AssignEventTime" >> AssignEventTime()
     features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), config.window_config())
-    rule_outputs = features | "ApplyRules" >> ApplyRules(pack, config.decision_clock)
+    source = config.policy_source(pack)
+    rule_outputs = features | "ApplyRules" >> ApplyRules(source, config.decision_clock)
     hits = rule_outputs.hits
     if config.streaming:
         # Early, on-time and late panes of one window re-evaluate the same rules and
         # yield the same decision id; publish and audit each decision once per outcome.
         hits = hits | "DeduplicateHits" >> DeduplicateHits(config.decision_dedup_max_ttl_sec)
-    rule_caps = {rule.id: rule.max_entities_per_window for rule in pack.rules}
-    hits = hits | "EnforceSafeguards" >> EnforceSafeguards(rule_caps, config.safeguard_config())
+    hits = hits | "EnforceSafeguards" >> EnforceSafeguards(source, config.safeguard_config())
     outputs = hits | "EmitDecisions" >> EmitDecisions()
     dead_letters = (parsed.dead_letters, rule_outputs.dead_letters) | "AllDeadLetters" >> beam.Flatten()
     return PipelineOutputs(

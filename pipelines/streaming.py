@@ -114,6 +114,13 @@ class StreamingOptions(PipelineOptions):
             help="Upper bound in seconds on how long a published decision_id is remembered.",
         )
         parser.add_argument(
+            "--policy_reload_sec",
+            type=float,
+            default=60,
+            help="Re-read --rules and --allowlist this often (seconds) so changes apply without a redeploy; an "
+            "invalid file is rejected and the last good policy stays. 0 keeps the start-up policy.",
+        )
+        parser.add_argument(
             "--bigquery_write_method",
             default="STREAMING_INSERTS",
             choices=BQ_METHODS,
@@ -137,7 +144,13 @@ def validate(opts: StreamingOptions) -> None:
             raise OptionsError(f"--{name} is required ({form})")
         if not pattern.fullmatch(value):
             raise OptionsError(f"--{name} {value!r} is not of the form {form}")
-    for name in ("allowed_lateness_sec", "early_firing_sec", "signal_dedup_ttl_sec", "decision_dedup_max_ttl_sec"):
+    for name in (
+        "allowed_lateness_sec",
+        "early_firing_sec",
+        "signal_dedup_ttl_sec",
+        "decision_dedup_max_ttl_sec",
+        "policy_reload_sec",
+    ):
         if getattr(opts, name) < 0:
             raise OptionsError(f"--{name} must be >= 0")
     if 0 < opts.signal_dedup_ttl_sec < opts.allowed_lateness_sec:
@@ -151,6 +164,8 @@ def decision_message(decision) -> PubsubMessage:
     """A decision as a Pub/Sub message: JSON payload, filterable attributes."""
     payload = orjson.dumps(to_json_dict(DECISION_SCHEMA, decision))
     attributes = {name: str(getattr(decision, name)) for name in DECISION_ATTRIBUTES}
+    if decision.reverses_decision_id:
+        attributes["reverses_decision_id"] = decision.reverses_decision_id
     return PubsubMessage(data=payload, attributes=attributes)
 
 
@@ -199,6 +214,7 @@ class WriteRows(beam.PTransform):
 
 def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allowlist) -> None:
     """Sources and sinks around ``build_pipeline`` (kept separate from ``main`` for the dry-run test)."""
+    rule_opts = pipeline.options.view_as(RuleOptions)
     config = PipelineConfig(
         streaming=True,
         allowed_lateness_sec=opts.allowed_lateness_sec,
@@ -206,8 +222,11 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         signal_dedup_ttl_sec=opts.signal_dedup_ttl_sec,
         decision_dedup_max_ttl_sec=opts.decision_dedup_max_ttl_sec,
         allowlist=allowlist,
-        global_cap_per_window=pipeline.options.view_as(RuleOptions).global_cap_per_window,
-        action_memory_max_sec=pipeline.options.view_as(RuleOptions).action_memory_max_sec,
+        global_cap_per_window=rule_opts.global_cap_per_window,
+        action_memory_max_sec=rule_opts.action_memory_max_sec,
+        rules_path=rule_opts.rules,
+        allowlist_path=rule_opts.allowlist or None,
+        policy_reload_sec=opts.policy_reload_sec,
     )
     messages = pipeline | "ReadSignals" >> ReadFromPubSub(subscription=opts.input_subscription, with_attributes=True)
     outputs = build_pipeline(messages, pack, source=opts.input_subscription, config=config)

@@ -14,6 +14,9 @@ from schemas import AuditRow, DeadLetter, Decision
 from schemas.features import EntityFeatures
 from transforms.rulepack import CompiledRule, RuleEvaluationError, RulePack, render_reason
 
+if typing.TYPE_CHECKING:
+    from transforms.policy import PolicySource
+
 # Audit statuses. Only "issued" hits become decisions on the topic; every hit
 # becomes an audit row, so we can always see what a rule would have done.
 ISSUED = "issued"
@@ -90,31 +93,42 @@ def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, 
 class ApplyRulesFn(beam.DoFn):
     """Evaluates the rules that apply to each (entity type, window size).
 
-    The pack travels as plain data and is compiled once per DoFn instance in
-    ``setup``, so conditions are parsed once per worker, not per element.
+    The pack travels as plain data and is compiled once per DoFn instance (and
+    again only when a reloaded pack differs), so conditions are parsed once per
+    worker, not per element.
     """
 
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, pack: RulePack, decision_clock: str):
+    def __init__(self, source: PolicySource, decision_clock: str):
         if decision_clock not in DECISION_CLOCKS:
             raise ValueError(f"decision_clock must be one of {DECISION_CLOCKS}, got {decision_clock!r}")
-        self._pack = pack
+        self._source = source
         self._clock = decision_clock
+        self._digest = None
         self._by_key: dict[tuple[str, int], list[CompiledRule]] = {}
 
     def setup(self):
-        self._by_key = {}
-        for rule in self._pack.rules:
-            self._by_key.setdefault((rule.entity, rule.window_sec), []).append(CompiledRule(rule))
+        self._source.reset()
+        self._digest = None
+
+    def _compiled(self) -> tuple[RulePack, dict]:
+        pack = self._source.current().pack
+        if pack.digest != self._digest:
+            self._by_key = {}
+            for rule in pack.rules:
+                self._by_key.setdefault((rule.entity, rule.window_sec), []).append(CompiledRule(rule))
+            self._digest = pack.digest
+        return pack, self._by_key
 
     def process(self, ef: EntityFeatures):
-        compiled = self._by_key.get((ef.entity_type, ef.window_sec))
+        pack, by_key = self._compiled()
+        compiled = by_key.get((ef.entity_type, ef.window_sec))
         if not compiled:
             return
         decided_at = ef.window_end_ms if self._clock == "event" else int(time.time() * 1000)
         try:
-            hits = list(evaluate(compiled, ef, self._pack.label, decided_at))
+            hits = list(evaluate(compiled, ef, pack.label, decided_at))
         except RuleEvaluationError as err:
             Metrics.counter("dead_letters", "rule_evaluation_error").inc()
             yield beam.pvalue.TaggedOutput(
@@ -124,7 +138,7 @@ class ApplyRulesFn(beam.DoFn):
                     reason="rule_evaluation_error",
                     detail=str(err),
                     raw_payload=orjson.dumps(ef._asdict()),
-                    source=self._pack.source,
+                    source=pack.source,
                     failed_at_ms=int(time.time() * 1000),
                 ),
             )
@@ -140,15 +154,18 @@ class RuleOutputs(typing.NamedTuple):
 
 
 class ApplyRules(beam.PTransform):
-    """``EntityFeatures`` to ``RuleHit`` records; failing conditions go to dead letters."""
+    """``EntityFeatures`` to ``RuleHit`` records; failing conditions go to dead letters.
 
-    def __init__(self, pack: RulePack, decision_clock: str = "event"):
+    ``source`` is a ``transforms.policy.PolicySource`` (a fixed pack, or one re-read periodically).
+    """
+
+    def __init__(self, source: PolicySource, decision_clock: str = "event"):
         super().__init__()
-        self._pack = pack
+        self._source = source
         self._clock = decision_clock
 
     def expand(self, features):
-        results = features | "Evaluate" >> beam.ParDo(ApplyRulesFn(self._pack, self._clock)).with_outputs(
+        results = features | "Evaluate" >> beam.ParDo(ApplyRulesFn(self._source, self._clock)).with_outputs(
             ApplyRulesFn.DEAD_LETTER, main="hits"
         )
         return RuleOutputs(results.hits, results[ApplyRulesFn.DEAD_LETTER])

@@ -42,6 +42,9 @@ from schemas import ACTIONS, ENTITY_TYPES, Decision
 from transforms.rulepack import format_duration
 from transforms.rules import ISSUED, RuleHit
 
+if typing.TYPE_CHECKING:
+    from transforms.policy import PolicySource
+
 SUPPRESSED_ALLOWLIST = "suppressed_allowlist"
 CAPPED = "capped"
 RULE_TRIPPED = "rule_tripped"
@@ -210,6 +213,19 @@ def load_allowlist(path: str, known_rules: typing.Collection[str] = ()) -> Allow
     return parse_allowlist(text, path, known_rules)
 
 
+class ApplyAllowlistFn(beam.DoFn):
+    """The allowlist in force (re-read with the policy) applied to each hit."""
+
+    def __init__(self, source: PolicySource):
+        self._source = source
+
+    def setup(self):
+        self._source.reset()
+
+    def process(self, hit: RuleHit):
+        yield apply_allowlist(hit, self._source.current().allowlist)
+
+
 def apply_allowlist(hit: RuleHit, allowlist: Allowlist) -> RuleHit:
     if not _enforcing(hit):
         return hit
@@ -268,24 +284,32 @@ class CapFn(beam.DoFn):
     TRIPPED = ReadModifyWriteStateSpec("tripped", BooleanCoder())
     CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
 
-    def __init__(self, scope: str, global_cap: int, lateness_sec: int):
+    def __init__(self, scope: str, global_cap: int, lateness_sec: int, source: PolicySource):
         self._scope, self._global_cap, self._lateness = scope, global_cap, lateness_sec
+        self._source = source
         self._capped = Metrics.counter("safeguards", f"capped_{scope}")
         self._tripped = Metrics.counter("safeguards", "rule_tripped")
 
-    def _cap(self, hit: RuleHit, caps: dict[str, int]) -> int:
-        return caps.get(hit.decision.rule_id, 0) if self._scope == "rule" else self._global_cap
+    def setup(self):
+        self._source.reset()
+
+    def _cap(self, hit: RuleHit) -> int:
+        if self._scope != "rule":
+            return self._global_cap
+        for rule in self._source.current().pack.rules:  # a handful of rules: a scan is cheapest
+            if rule.id == hit.decision.rule_id:
+                return rule.max_entities_per_window
+        return 0
 
     def process(
         self,
         element,
-        caps,
         entities=beam.DoFn.StateParam(ENTITIES),
         tripped=beam.DoFn.StateParam(TRIPPED),
         cleanup=beam.DoFn.TimerParam(CLEANUP),
     ):
         _, hit = element
-        cap = self._cap(hit, caps)
+        cap = self._cap(hit)
         if cap <= 0 or not _enforcing(hit):
             yield hit
             return
@@ -393,15 +417,13 @@ def ladder_batch(element, memory_max_sec: int):
 
 @dataclasses.dataclass(frozen=True)
 class SafeguardConfig:
-    """Attributes:
-    allowlist: entities never enforced against.
+    """Attributes (the allowlist and per-rule caps come with the policy, see ``transforms.policy``):
     global_cap_per_window: most distinct entities all rules together may enforce against per window; 0 = off.
     action_memory_max_sec: how long an entity's active actions are remembered for the ladder; 0 = off.
     allowed_lateness_sec: keeps cap state until a window can no longer fire.
     streaming: state and timers (streaming) or a grouped, time-ordered pass (batch) for the ladder.
     """
 
-    allowlist: Allowlist = EMPTY_ALLOWLIST
     global_cap_per_window: int = 0
     action_memory_max_sec: int = 31 * 86400
     allowed_lateness_sec: int = 0
@@ -411,24 +433,22 @@ class SafeguardConfig:
 class EnforceSafeguards(beam.PTransform):
     """Rule hits through allowlist, caps and the action ladder (see module docstring)."""
 
-    def __init__(self, rule_caps: dict[str, int], config: SafeguardConfig):
+    def __init__(self, source: PolicySource, config: SafeguardConfig):
         super().__init__()
-        self._caps = dict(rule_caps)
+        self._source = source
         self._config = config
 
     def expand(self, hits):
         cfg = self._config
-        allowed = hits | "Allowlist" >> beam.Map(apply_allowlist, cfg.allowlist).with_output_types(RuleHit)
+        allowed = hits | "Allowlist" >> beam.ParDo(ApplyAllowlistFn(self._source)).with_output_types(RuleHit)
         capped = allowed
         for scope in ("rule", "global"):
             label = "RuleCap" if scope == "rule" else "GlobalCap"
+            count = CapFn(scope, cfg.global_cap_per_window, cfg.allowed_lateness_sec, self._source)
             capped = (
                 capped
                 | f"{label}/Key" >> beam.Map(lambda h, k=_cap_key(scope): (k(h), h))
-                | f"{label}/Count"
-                >> beam.ParDo(
-                    CapFn(scope, cfg.global_cap_per_window, cfg.allowed_lateness_sec), self._caps
-                ).with_output_types(RuleHit)
+                | f"{label}/Count" >> beam.ParDo(count).with_output_types(RuleHit)
             )
         keyed = capped | "Ladder/KeyByEntity" >> beam.Map(
             lambda h: (f"{h.decision.entity_type}:{h.decision.entity_id}", h)

@@ -1,0 +1,187 @@
+"""Reverse a decision, for example after a successful appeal.
+
+Looks the original up in the decisions table, then writes a compensating
+decision: same entity, action and rule, ``reverses_decision_id`` set to the
+original's id, with the operator (``--actor``) and ``--reason``. It goes to
+the same places as every decision: the decisions topic (with the attribute
+``reverses_decision_id``, so enforcement services lift the action), the
+decisions table and the audit table (status ``reversal``). The original rows
+are never changed or deleted.
+
+The reversal's id is derived from the original's, so running the command
+twice publishes the same id (consumers de-duplicate), and it refuses when the
+audit table already holds that reversal.
+
+Run against production::
+
+    python -m pipelines.reverse --decision_id 0123abcd... --actor alice@example.com \\
+        --reason "Appeal 4411: family account, plays verified" --project PROJECT \\
+        --decisions_table PROJECT:mitigation.decisions --audit_table PROJECT:mitigation.audit \\
+        --decisions_topic projects/PROJECT/topics/decisions
+
+Against the emulators, set PUBSUB_EMULATOR_HOST and BIGQUERY_EMULATOR_HOST first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import sys
+import time
+
+from google.cloud import bigquery, pubsub_v1
+
+from pipelines.provision import client_for
+from pipelines.streaming import decision_message
+from schemas import AUDIT_SCHEMA, DECISION_SCHEMA, AuditRow, Decision, to_bigquery_row
+
+REVERSAL = "reversal"
+
+
+class ReversalError(RuntimeError):
+    """The decision cannot be reversed (unknown, or already reversed)."""
+
+
+def _table_id(spec: str) -> str:
+    """PROJECT:DATASET.TABLE (Beam's form) to PROJECT.DATASET.TABLE (the client's)."""
+    return spec.replace(":", ".", 1)
+
+
+def _ms(value) -> int:
+    if isinstance(value, dt.datetime):
+        return int(value.timestamp() * 1000)
+    return int(value)
+
+
+def find_decision(client: bigquery.Client, table: str, decision_id: str) -> Decision:
+    query = f"SELECT * FROM `{_table_id(table)}` WHERE decision_id = @id LIMIT 1"
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", decision_id)])
+    rows = [dict(r) for r in client.query(query, job_config=config).result()]
+    if not rows:
+        raise ReversalError(f"decision {decision_id} is not in {table}")
+    row = rows[0]
+    return Decision(
+        decision_id=row["decision_id"],
+        entity_type=row["entity_type"],
+        entity_id=row["entity_id"],
+        action=row["action"],
+        rule_id=row["rule_id"],
+        rule_version=row["rule_version"],
+        mode=row["mode"],
+        reason=row["reason"],
+        evidence={e["key"]: e["value"] for e in row.get("evidence") or []},
+        window_start_ms=_ms(row["window_start_ms"]),
+        window_end_ms=_ms(row["window_end_ms"]),
+        decided_at_ms=_ms(row["decided_at_ms"]),
+        expires_at_ms=_ms(row["expires_at_ms"]),
+        trace_ids=list(row.get("trace_ids") or []),
+        reverses_decision_id=row.get("reverses_decision_id"),
+        actor=row.get("actor"),
+    )
+
+
+def reversal_of(original: Decision, reason: str, actor: str, now_ms: int) -> Decision:
+    if original.reverses_decision_id:
+        raise ReversalError(f"{original.decision_id} is itself a reversal")
+    return original._replace(
+        decision_id=hashlib.sha256(f"reversal\x1f{original.decision_id}".encode()).hexdigest()[:32],
+        mode="enforce",
+        reason=f"Reversal of {original.action} ({original.rule_id}): {reason}",
+        evidence={},
+        decided_at_ms=now_ms,
+        trace_ids=[],
+        reverses_decision_id=original.decision_id,
+        actor=actor,
+    )
+
+
+def audit_row(reversal: Decision, original: Decision) -> AuditRow:
+    return AuditRow(
+        decision_id=reversal.decision_id,
+        entity_type=reversal.entity_type,
+        entity_id=reversal.entity_id,
+        action=reversal.action,
+        rule_id=reversal.rule_id,
+        rule_version=reversal.rule_version,
+        rule_pack="manual",
+        mode=reversal.mode,
+        status=REVERSAL,
+        reason=reversal.reason,
+        evidence_json="{}",
+        features_json="{}",
+        event_count=0,
+        window_start_ms=reversal.window_start_ms,
+        window_end_ms=reversal.window_end_ms,
+        decided_at_ms=reversal.decided_at_ms,
+        expires_at_ms=reversal.expires_at_ms,
+        trace_ids=[],
+        safeguard_note=f"reverses {original.decision_id} decided {original.decided_at_ms}",
+        reverses_decision_id=original.decision_id,
+        actor=reversal.actor,
+    )
+
+
+def reverse(
+    client: bigquery.Client,
+    publisher: pubsub_v1.PublisherClient,
+    *,
+    decision_id: str,
+    reason: str,
+    actor: str,
+    decisions_table: str,
+    audit_table: str,
+    decisions_topic: str,
+) -> Decision:
+    if not reason.strip() or not actor.strip():
+        raise ReversalError("a reversal needs a reason and an actor")
+    original = find_decision(client, decisions_table, decision_id)
+    reversal = reversal_of(original, reason.strip(), actor.strip(), int(time.time() * 1000))
+    done = f"SELECT COUNT(*) AS n FROM `{_table_id(audit_table)}` WHERE decision_id = @id AND status = 'reversal'"
+    config = bigquery.QueryJobConfig(
+        query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", reversal.decision_id)]
+    )
+    if next(iter(client.query(done, job_config=config).result()))["n"]:
+        raise ReversalError(f"{decision_id} is already reversed (reversal {reversal.decision_id})")
+    message = decision_message(reversal)
+    publisher.publish(decisions_topic, message.data, **message.attributes).result(timeout=60)
+    for table, rows in (
+        (decisions_table, [to_bigquery_row(DECISION_SCHEMA, reversal)]),
+        (audit_table, [to_bigquery_row(AUDIT_SCHEMA, audit_row(reversal, original))]),
+    ):
+        errors = client.insert_rows_json(_table_id(table), rows, row_ids=[reversal.decision_id])
+        if errors:
+            raise ReversalError(f"{table} rejected the reversal row: {errors}")
+    return reversal
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decision_id", required=True, help="The decision to reverse.")
+    parser.add_argument("--reason", required=True, help="Why (appeal number, finding); stored in the audit table.")
+    parser.add_argument("--actor", required=True, help="Who is reversing it; stored in the audit table.")
+    parser.add_argument("--project", required=True, help="GCP project of the tables.")
+    parser.add_argument("--decisions_table", required=True, help="PROJECT:DATASET.TABLE of decisions.")
+    parser.add_argument("--audit_table", required=True, help="PROJECT:DATASET.TABLE of audit rows.")
+    parser.add_argument("--decisions_topic", required=True, help="projects/P/topics/T decisions are published to.")
+    args = parser.parse_args(argv)
+    try:
+        reversal = reverse(
+            client_for(args.project),
+            pubsub_v1.PublisherClient(),
+            decision_id=args.decision_id,
+            reason=args.reason,
+            actor=args.actor,
+            decisions_table=args.decisions_table,
+            audit_table=args.audit_table,
+            decisions_topic=args.decisions_topic,
+        )
+    except ReversalError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"reversed {args.decision_id}: reversal {reversal.decision_id} published and audited")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

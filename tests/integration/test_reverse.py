@@ -1,0 +1,70 @@
+"""Reversing a decision against the real emulators: compensating decision out, original kept."""
+
+import subprocess
+import sys
+
+import pytest
+from google.api_core.client_options import ClientOptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import bigquery, pubsub_v1
+
+from pipelines import provision
+from pipelines.options import PROJECT_ROOT
+from schemas import DECISION_SCHEMA, to_bigquery_row
+from tests.schemas.test_schemas import _decision
+
+DATASET = "mitigation_reverse"
+
+
+@pytest.fixture(scope="module")
+def env(gcp_env):
+    project = gcp_env["project"]
+    bq = bigquery.Client(
+        project=project,
+        credentials=AnonymousCredentials(),
+        client_options=ClientOptions(api_endpoint=gcp_env["bigquery"].url),
+    )
+    provision.provision(bq, DATASET)
+    original = _decision()._replace(decision_id="orig-1", entity_id="u77")
+    assert bq.insert_rows_json(f"{project}.{DATASET}.decisions", [to_bigquery_row(DECISION_SCHEMA, original)]) == []
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    topic = publisher.topic_path(project, "decisions-rev")
+    publisher.create_topic(name=topic)
+    sub = subscriber.subscription_path(project, "decisions-rev-sub")
+    subscriber.create_subscription(name=sub, topic=topic)
+    args = [
+        f"--project={project}",
+        f"--decisions_table={project}:{DATASET}.decisions",
+        f"--audit_table={project}:{DATASET}.audit",
+        f"--decisions_topic={topic}",
+    ]
+    return {"bq": bq, "project": project, "args": args, "subscriber": subscriber, "sub": sub}
+
+
+def _reverse(env, decision_id):
+    command = [sys.executable, "-m", "pipelines.reverse", "--decision_id", decision_id, "--actor", "alice@example.com"]
+    command += ["--reason", "Appeal 4411 upheld", *env["args"]]
+    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_reversal_is_published_audited_and_the_original_kept(env):
+    done = _reverse(env, "orig-1")
+    assert done.returncode == 0, done.stderr
+    response = env["subscriber"].pull(subscription=env["sub"], max_messages=10, timeout=10)
+    [message] = [m.message for m in response.received_messages]
+    assert message.attributes["reverses_decision_id"] == "orig-1"
+    audit = [dict(r) for r in env["bq"].query(f"SELECT * FROM `{DATASET}.audit`").result()]
+    assert [(a["status"], a["actor"], a["reverses_decision_id"]) for a in audit] == [
+        ("reversal", "alice@example.com", "orig-1")
+    ]
+    assert "Appeal 4411 upheld" in audit[0]["reason"]
+    ids = sorted(r["decision_id"] for r in env["bq"].query(f"SELECT decision_id FROM `{DATASET}.decisions`").result())
+    assert "orig-1" in ids and len(ids) == 2  # the original row stays; the reversal is added
+
+
+def test_reversing_twice_or_an_unknown_decision_is_refused(env):
+    _reverse(env, "orig-1")  # done already if the test above ran; either way it is reversed now
+    again = _reverse(env, "orig-1")
+    assert again.returncode == 2 and "already reversed" in again.stderr
+    unknown = _reverse(env, "no-such-decision")
+    assert unknown.returncode == 2 and "is not in" in unknown.stderr
