@@ -190,3 +190,12 @@ class BigQueryEmulator(Emulator):
             ) from None
         except OSError:
             return False
+
+
+def create_topic_with_subscription(publisher, subscriber, project: str, name: str) -> tuple[str, str]:
+    """Topic ``name`` and subscription ``name-sub`` on the Pub/Sub emulator; returns their paths."""
+    topic = publisher.topic_path(project, name)
+    publisher.create_topic(name=topic)
+    subscription = subscriber.subscription_path(project, f"{name}-sub")
+    subscriber.create_subscription(name=subscription, topic=topic)
+    return topic, subscription

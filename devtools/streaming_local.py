@@ -26,7 +26,7 @@ import time
 import orjson
 from google.cloud import pubsub_v1
 
-from devtools.emulators import BigQueryEmulator, PubSubEmulator
+from devtools.emulators import BigQueryEmulator, PubSubEmulator, create_topic_with_subscription
 from devtools.fake_auth import FakeCredentials
 from pipelines import provision, simulate
 from pipelines.options import PROJECT_ROOT
@@ -67,13 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, **creds.environment(), "PUBSUB_EMULATOR_HOST": ps.host, "BIGQUERY_EMULATOR_HOST": bq.url}
         os.environ.update(env)
         publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-        paths = {}
-        for name in ("signals", "decisions"):
-            topic = publisher.topic_path(project, name)
-            publisher.create_topic(name=topic)
-            subscription = subscriber.subscription_path(project, f"{name}-sub")
-            subscriber.create_subscription(name=subscription, topic=topic)
-            paths[name] = (topic, subscription)
+        paths = {
+            name: create_topic_with_subscription(publisher, subscriber, project, name)
+            for name in ("signals", "decisions")
+        }
         client = provision.client_for(project, bq.url)
         provision.provision(client, DATASET)
         print(f"Pub/Sub emulator on {ps.host}, BigQuery emulator on {bq.url}; tables provisioned in {DATASET}")

@@ -35,6 +35,7 @@ from google.cloud import bigquery, pubsub_v1
 from pipelines.provision import client_for
 from pipelines.streaming import decision_message
 from schemas import AUDIT_SCHEMA, DECISION_SCHEMA, AuditRow, Decision, to_bigquery_row
+from transforms.rules import RuleHit, to_audit_row
 
 REVERSAL = "reversal"
 
@@ -97,29 +98,8 @@ def reversal_of(original: Decision, reason: str, actor: str, now_ms: int) -> Dec
 
 
 def audit_row(reversal: Decision, original: Decision) -> AuditRow:
-    return AuditRow(
-        decision_id=reversal.decision_id,
-        entity_type=reversal.entity_type,
-        entity_id=reversal.entity_id,
-        action=reversal.action,
-        rule_id=reversal.rule_id,
-        rule_version=reversal.rule_version,
-        rule_pack="manual",
-        mode=reversal.mode,
-        status=REVERSAL,
-        reason=reversal.reason,
-        evidence_json="{}",
-        features_json="{}",
-        event_count=0,
-        window_start_ms=reversal.window_start_ms,
-        window_end_ms=reversal.window_end_ms,
-        decided_at_ms=reversal.decided_at_ms,
-        expires_at_ms=reversal.expires_at_ms,
-        trace_ids=[],
-        safeguard_note=f"reverses {original.decision_id} decided {original.decided_at_ms}",
-        reverses_decision_id=original.decision_id,
-        actor=reversal.actor,
-    )
+    note = f"reverses {original.decision_id} ({original.action} by {original.rule_id})"
+    return to_audit_row(RuleHit(reversal, REVERSAL, "{}", 0, "manual", note))
 
 
 def reverse(

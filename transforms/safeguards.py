@@ -447,12 +447,13 @@ class EnforceSafeguards(beam.PTransform):
             count = CapFn(scope, cfg.global_cap_per_window, cfg.allowed_lateness_sec, self._source)
             capped = (
                 capped
-                | f"{label}/Key" >> beam.Map(lambda h, k=_cap_key(scope): (k(h), h))
+                | f"{label}/Key"
+                >> beam.Map(lambda h, k=_cap_key(scope): (k(h), h)).with_output_types(tuple[str, RuleHit])
                 | f"{label}/Count" >> beam.ParDo(count).with_output_types(RuleHit)
             )
         keyed = capped | "Ladder/KeyByEntity" >> beam.Map(
             lambda h: (f"{h.decision.entity_type}:{h.decision.entity_id}", h)
-        )
+        ).with_output_types(tuple[str, RuleHit])
         if cfg.streaming:
             return keyed | "Ladder/Apply" >> beam.ParDo(LadderFn(cfg.action_memory_max_sec)).with_output_types(RuleHit)
         return (

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from google.cloud import pubsub_v1
 
+from devtools.emulators import create_topic_with_subscription
 from pipelines import provision
 from pipelines.options import PROJECT_ROOT
 from tests.integration.test_streaming_e2e import BackgroundTraffic, _signal
@@ -59,13 +60,10 @@ def job(gcp_env, tmp_path_factory):
     rules = folder / "rules.yaml"
     rules.write_text(PACK_A)
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    names = {}
-    for name in ("signals-reload", "decisions-reload"):
-        topic = publisher.topic_path(project, name)
-        publisher.create_topic(name=topic)
-        sub = subscriber.subscription_path(project, f"{name}-sub")
-        subscriber.create_subscription(name=sub, topic=topic)
-        names[name] = (topic, sub)
+    names = {
+        name: create_topic_with_subscription(publisher, subscriber, project, name)
+        for name in ("signals-reload", "decisions-reload")
+    }
     provision.provision(provision.client_for(project, gcp_env["bigquery"].url), DATASET)
     log_path = folder / "job.log"
     command = [

@@ -8,6 +8,7 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery, pubsub_v1
 
+from devtools.emulators import create_topic_with_subscription
 from pipelines import provision
 from pipelines.options import PROJECT_ROOT
 from schemas import DECISION_SCHEMA, to_bigquery_row
@@ -28,10 +29,7 @@ def env(gcp_env):
     original = _decision()._replace(decision_id="orig-1", entity_id="u77")
     assert bq.insert_rows_json(f"{project}.{DATASET}.decisions", [to_bigquery_row(DECISION_SCHEMA, original)]) == []
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    topic = publisher.topic_path(project, "decisions-rev")
-    publisher.create_topic(name=topic)
-    sub = subscriber.subscription_path(project, "decisions-rev-sub")
-    subscriber.create_subscription(name=sub, topic=topic)
+    topic, sub = create_topic_with_subscription(publisher, subscriber, project, "decisions-rev")
     args = [
         f"--project={project}",
         f"--decisions_table={project}:{DATASET}.decisions",

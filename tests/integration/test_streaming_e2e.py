@@ -15,10 +15,9 @@ import time
 
 import orjson
 import pytest
-from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import bigquery, pubsub_v1
+from google.cloud import pubsub_v1
 
+from devtools.emulators import create_topic_with_subscription
 from pipelines import provision
 from pipelines.options import PROJECT_ROOT
 from schemas.avro import millis_to_rfc3339
@@ -74,18 +73,10 @@ def stack(gcp_env):
     project = gcp_env["project"]
     publisher = pubsub_v1.PublisherClient()
     subscriber = pubsub_v1.SubscriberClient()
-    names = {}
-    for name in ("signals", "decisions"):
-        topic = publisher.topic_path(project, name)
-        publisher.create_topic(name=topic)
-        sub = subscriber.subscription_path(project, f"{name}-sub")
-        subscriber.create_subscription(name=sub, topic=topic)
-        names[name] = (topic, sub)
-    bq = bigquery.Client(
-        project=project,
-        credentials=AnonymousCredentials(),
-        client_options=ClientOptions(api_endpoint=gcp_env["bigquery"].url),
-    )
+    names = {
+        name: create_topic_with_subscription(publisher, subscriber, project, name) for name in ("signals", "decisions")
+    }
+    bq = provision.client_for(project, gcp_env["bigquery"].url)
     provision.provision(bq, DATASET)
     yield {"project": project, "publisher": publisher, "subscriber": subscriber, "names": names, "bq": bq}
     subscriber.close()
@@ -254,10 +245,7 @@ def test_the_simulator_publishes_at_a_rate_to_pubsub(gcp_env):
     from pipelines import simulate
 
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
-    topic = publisher.topic_path(gcp_env["project"], "sim")
-    publisher.create_topic(name=topic)
-    sub = subscriber.subscription_path(gcp_env["project"], "sim-sub")
-    subscriber.create_subscription(name=sub, topic=topic)
+    topic, sub = create_topic_with_subscription(publisher, subscriber, gcp_env["project"], "sim")
     lines = [orjson.dumps({"n": i}) for i in range(50)]
     started = time.monotonic()
     assert simulate.publish(lines, topic, rate=100) == 50
