@@ -32,6 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipelines.logs import setup_logging
 from pipelines.options import OptionsError, RuleOptions, load_policy, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, to_json_dict
@@ -136,6 +137,28 @@ def _counters(result, namespace: str) -> dict[str, int]:
     return dict(totals)
 
 
+def all_metrics(result) -> dict[str, object]:
+    """Every counter (committed value) and distribution (count, min, mean, max) the run reported."""
+    try:
+        query = result.metrics().query()
+    except Exception:  # a runner without metrics support
+        return {}
+    out: dict[str, object] = {}
+    for counter in query["counters"]:
+        key = f"{counter.key.metric.namespace}/{counter.key.metric.name}"
+        out[key] = out.get(key, 0) + (counter.committed or 0)
+    for dist in query["distributions"]:
+        value = dist.committed
+        if value is not None and value.count:
+            out[f"{dist.key.metric.namespace}/{dist.key.metric.name}"] = {
+                "count": value.count,
+                "min": value.min,
+                "mean": round(value.mean, 1),
+                "max": value.max,
+            }
+    return dict(sorted(out.items()))
+
+
 def _read_jsonl(path: str):
     with FileSystems.open(path) as handle:
         for line in handle:
@@ -170,11 +193,12 @@ def summarize(out: str, result, pack_label: str, seconds: float) -> dict:
         "audit_by_status": dict(collections.Counter(a["status"] for a in audit)),
         "entities_enforced": len({(d["entity_type"], d["entity_id"]) for d in decisions if d["mode"] == "enforce"}),
         "wall_seconds": round(seconds, 2),
+        "metrics": all_metrics(result),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--runner_config", default="backtest_local.yaml")
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])

@@ -22,6 +22,7 @@ import sys
 import orjson
 
 from pipelines import backtest, evaluate, simulate
+from pipelines.logs import setup_logging
 
 
 def render(summary: dict, scores: dict, out: str) -> str:
@@ -41,6 +42,9 @@ def render(summary: dict, scores: dict, out: str) -> str:
     lines += ["", f"{'scenario':22} {'kind':10} enforced/entities"]
     for name, entry in scores["scenarios"].items():
         lines.append(f"{name:22} {entry['kind']:10} {entry['enforced']}/{entry['entities']}")
+    lines += ["", "Metrics (Beam counters and distributions):"]
+    for name, value in summary.get("metrics", {}).items():
+        lines.append(f"  {name:56} {value}")
     lines.append("")
     if scores["enforced_non_attack"]:
         lines.append("ENFORCED AGAINST NON-ATTACK ENTITIES:")
@@ -55,7 +59,7 @@ def render(summary: dict, scores: dict, out: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="out/demo", help="Where traffic, labels and outputs go.")
     parser.add_argument("--seed", type=int, default=7, help="Traffic seed.")

@@ -52,7 +52,10 @@ from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubS
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
+from opentelemetry import propagate as otel_propagate
+from opentelemetry import trace as otel_trace
 
+from pipelines.logs import setup_logging
 from pipelines.options import OptionsError, RuleOptions, load_policy, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import (
@@ -161,11 +164,27 @@ def validate(opts: StreamingOptions) -> None:
 
 
 def decision_message(decision) -> PubsubMessage:
-    """A decision as a Pub/Sub message: JSON payload, filterable attributes."""
+    """A decision as a Pub/Sub message: JSON payload, filterable attributes.
+
+    Where OpenTelemetry is configured (a tracer provider is installed), the
+    publish gets a span carrying the decision's ids and contributing trace
+    ids, and its W3C ``traceparent`` goes out as a message attribute, so a
+    consumer's trace links back to the decision. Without a provider the
+    no-op tracer adds nothing.
+    """
     payload = orjson.dumps(to_json_dict(DECISION_SCHEMA, decision))
     attributes = {name: str(getattr(decision, name)) for name in DECISION_ATTRIBUTES}
     if decision.reverses_decision_id:
         attributes["reverses_decision_id"] = decision.reverses_decision_id
+    span_attributes = {
+        "decision.id": decision.decision_id,
+        "decision.rule_id": decision.rule_id,
+        "decision.signal_trace_ids": list(decision.trace_ids),
+    }
+    with otel_trace.get_tracer("streamguard").start_as_current_span("decision.publish", attributes=span_attributes):
+        carrier: dict[str, str] = {}
+        otel_propagate.inject(carrier)
+    attributes.update(carrier)
     return PubsubMessage(data=payload, attributes=attributes)
 
 
@@ -260,7 +279,7 @@ def make_pipeline(argv: list[str], runner_config: str | None) -> tuple[beam.Pipe
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--runner_config", default=None, help="YAML file in runner_configs/ with runner options.")
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])

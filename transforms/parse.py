@@ -292,6 +292,8 @@ class ParseSignalFn(beam.DoFn):
         self._read = {t: Metrics.counter("signals", f"read_{t}") for t in EVENT_TYPES}
         self._unknown = Metrics.counter("signals", "unknown_fields")
         self._rejected = Metrics.counter("signals", "dead_lettered")
+        # Event lag: how long after it happened a signal reached us (processing minus event time).
+        self._lag = Metrics.distribution("latency", "event_lag_ms")
 
     def process(self, element):
         raw, trace_attr, publish_ms = _payload_of(element)
@@ -313,6 +315,7 @@ class ParseSignalFn(beam.DoFn):
             )
             return
         self._read[parsed.signal.event_type].inc()
+        self._lag.update(max(0, int(time.time() * 1000) - parsed.signal.event_time_ms))
         if parsed.unknown_fields:
             self._unknown.inc(parsed.unknown_fields)
         yield parsed.signal

@@ -107,6 +107,7 @@ class ApplyRulesFn(beam.DoFn):
         self._clock = decision_clock
         self._digest = None
         self._by_key: dict[tuple[str, int], list[CompiledRule]] = {}
+        self._latency = Metrics.distribution("latency", "decision_latency_ms")
 
     def setup(self):
         self._source.reset()
@@ -144,7 +145,9 @@ class ApplyRulesFn(beam.DoFn):
             )
             return
         for hit in hits:
-            Metrics.counter("decisions", f"{hit.decision.rule_id}.{hit.decision.mode}").inc()
+            Metrics.counter("rule_hits", f"{hit.decision.rule_id}.{hit.status}").inc()
+            # Decision latency: from the newest signal behind the features to the decision.
+            self._latency.update(max(0, decided_at - ef.last_event_ms))
             yield hit
 
 
@@ -169,6 +172,11 @@ class ApplyRules(beam.PTransform):
             ApplyRulesFn.DEAD_LETTER, main="hits"
         )
         return RuleOutputs(results.hits, results[ApplyRulesFn.DEAD_LETTER])
+
+
+def count_published(decision: Decision) -> Decision:
+    Metrics.counter("decisions", f"{decision.rule_id}.{decision.action}.{decision.mode}").inc()
+    return decision
 
 
 def to_audit_row(hit: RuleHit) -> AuditRow:
@@ -210,7 +218,7 @@ class EmitDecisions(beam.PTransform):
         decisions = (
             hits
             | "Issued" >> beam.Filter(lambda h: h.status == ISSUED)
-            | "Decision" >> beam.Map(lambda h: h.decision).with_output_types(Decision)
+            | "Decision" >> beam.Map(lambda h: count_published(h.decision)).with_output_types(Decision)
         )
         audit = hits | "AuditRow" >> beam.Map(to_audit_row).with_output_types(AuditRow)
         return DecisionOutputs(decisions, audit)

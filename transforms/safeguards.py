@@ -28,6 +28,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import ipaddress
+import logging
 import typing
 
 import apache_beam as beam
@@ -44,6 +45,8 @@ from transforms.rules import ISSUED, RuleHit
 
 if typing.TYPE_CHECKING:
     from transforms.policy import PolicySource
+
+_LOGGER = logging.getLogger(__name__)
 
 SUPPRESSED_ALLOWLIST = "suppressed_allowlist"
 CAPPED = "capped"
@@ -329,7 +332,13 @@ class CapFn(beam.DoFn):
         if not tripped.read():
             tripped.write(True)
             self._tripped.inc()
-            yield tripped_record(hit, self._scope, cap, self._lateness)
+            record = tripped_record(hit, self._scope, cap, self._lateness)
+            _LOGGER.warning(
+                "circuit breaker tripped: %s",
+                record.decision.reason,
+                extra={"rule_id": d.rule_id, "decision_id": record.decision.decision_id},
+            )
+            yield record
 
     @on_timer(CLEANUP)
     def clear(self, entities=beam.DoFn.StateParam(ENTITIES), tripped=beam.DoFn.StateParam(TRIPPED)):
@@ -412,6 +421,8 @@ def ladder_batch(element, memory_max_sec: int):
     active: dict[str, int] = {}
     for hit in sorted(hits, key=_ladder_order):
         out, active = ladder_step(active, hit, memory_max_sec)
+        if out.status in (COOLDOWN, SUPERSEDED):
+            Metrics.counter("safeguards", out.status).inc()
         yield out
 
 

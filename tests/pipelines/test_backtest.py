@@ -111,3 +111,15 @@ def test_a_bad_rule_pack_fails_at_start_naming_the_rule(traffic, tmp_path, capsy
     assert code == 2
     err = capsys.readouterr().err
     assert f"{bad}: rule 'stream_farm_exclude': field 'when': unknown feature 'stremas'" in err
+
+
+def test_the_summary_reports_beam_metrics(backtest_run):
+    metrics = json.loads((backtest_run / "summary.json").read_text())["metrics"]
+    assert metrics["signals/read_stream"] > 0 and metrics["signals/read_login"] > 0
+    assert sum(v for k, v in metrics.items() if k.startswith("dead_letters/")) == 10
+    assert any(k.startswith("decisions/") and k.endswith(".enforce") for k in metrics)
+    assert metrics["safeguards/cooldown"] > 0  # the stream farm's hourly repeats
+    assert metrics["latency/decision_latency_ms"]["count"] > 0
+    assert metrics["latency/event_lag_ms"]["count"] == metrics["signals/read_stream"] + sum(
+        v for k, v in metrics.items() if k.startswith("signals/read_") and k != "signals/read_stream"
+    )

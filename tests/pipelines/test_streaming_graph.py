@@ -103,3 +103,22 @@ def test_runner_configs_parse_into_flags():
     flags = runner_config_args("streaming_dataflow.yaml")
     assert "--runner=DataflowRunner" in flags and "--streaming" in flags and "--enable_streaming_engine" in flags
     assert runner_config_args("streaming_local.yaml") == ["--runner=BundleBasedDirectRunner", "--streaming"]
+
+
+def test_flex_template_metadata_describes_every_job_option():
+    import argparse
+    import json
+
+    from pipelines.options import PROJECT_ROOT, RuleOptions
+    from pipelines.streaming import StreamingOptions
+
+    metadata = json.loads((PROJECT_ROOT / "runner_configs" / "flex_template" / "metadata.json").read_text())
+    described = {p["name"]: p for p in metadata["parameters"]}
+    for cls in (StreamingOptions, RuleOptions):
+        parser = argparse.ArgumentParser()
+        cls._add_argparse_args(parser)
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                name = action.option_strings[0].lstrip("-")
+                assert name in described, f"{name} is missing from the Flex Template metadata"
+                assert described[name]["helpText"], name
