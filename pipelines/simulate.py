@@ -480,9 +480,20 @@ class Dormitory(Scenario):
             if n % 7 == 0:  # new students sign up, each on their own phone
                 yield world.event("signup", start - 60_000, who.user_id, device_id=who.device_id, ip=who.ip)
             ok = rng.random() < 0.93
-            yield world.event("login", start - 5_000, who.user_id, success=ok, device_id=who.device_id, ip=who.ip)
+            app = "StreamApp/8.9.2 (Android 14)"
+            yield world.event(
+                "login", start - 5_000, who.user_id, success=ok, device_id=who.device_id, ip=who.ip, user_agent=app
+            )
             if not ok:
-                yield world.event("login", start - 2_000, who.user_id, success=True, device_id=who.device_id, ip=who.ip)
+                yield world.event(
+                    "login",
+                    start - 2_000,
+                    who.user_id,
+                    success=True,
+                    device_id=who.device_id,
+                    ip=who.ip,
+                    user_agent=app,
+                )
             yield from listening_session(world, who, start, rng.uniform(20, 90))
 
     def labels(self):

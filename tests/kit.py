@@ -7,7 +7,11 @@ returned PCollections.
 
 from __future__ import annotations
 
+import apache_beam as beam
 import orjson
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.window import TimestampedValue
 
 from schemas.avro import millis_to_rfc3339
 from transforms.features import Accumulator, add_signal, compute_features
@@ -53,3 +57,33 @@ def features_of(signals, window_sec: int = 3600) -> dict[str, float]:
     for s in signals:
         add_signal(acc, s)
     return compute_features(acc, window_sec)
+
+
+def assert_mergeable(extractor, signals, cut: int) -> None:
+    """An extractor's merge must equal one pass: Beam combines partial states in any split."""
+
+    def fold(items):
+        state = extractor.create()
+        for s in items:
+            if s.event_type in extractor.event_types:
+                state = extractor.add(state, s)
+        return state
+
+    whole = extractor.value(fold(signals), 3600)
+    merged = extractor.value(extractor.merge(fold(signals[:cut]), fold(signals[cut:])), 3600)
+    assert merged == whole, f"{extractor.name}: merge gives {merged}, one pass gives {whole}"
+
+
+def streaming_options() -> PipelineOptions:
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    return options
+
+
+def hourly_stream(batches: list[list[bytes]]) -> TestStream:
+    """A TestStream delivering one batch of payloads per hour from T0, the watermark following."""
+    stream = TestStream(coder=beam.coders.BytesCoder())
+    for hour, lines in enumerate(batches):
+        at = (T0_MS + hour * HOUR_MS) / 1000
+        stream = stream.advance_watermark_to(at).add_elements([TimestampedValue(x, at) for x in lines])
+    return stream.advance_watermark_to_infinity()

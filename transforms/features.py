@@ -26,8 +26,9 @@ import apache_beam as beam
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window as beam_window
 
-from schemas import ENTITY_TYPES, Signal
+from schemas import ENTITY_TYPES, EVENT_TYPES, Signal
 from schemas.features import EntityFeatures
+from transforms.extractors import EXTRACTORS
 
 DISTINCT_CAP = 4096
 TOP_CAP = 256
@@ -73,6 +74,7 @@ class Accumulator:
         "stream_tracks",
         "playlist_artists",
         "trace_ids",
+        "extra",
     )
 
     def __init__(self):
@@ -86,6 +88,7 @@ class Accumulator:
         self.artists, self.playlists, self.cards, self.countries = set(), set(), set(), set()
         self.stream_artists, self.stream_tracks, self.playlist_artists = {}, {}, {}
         self.trace_ids = []
+        self.extra = {}  # extractor name -> its state (transforms.extractors)
 
     def __getstate__(self):
         return [getattr(self, name) for name in self.__slots__]
@@ -152,6 +155,9 @@ def add_signal(acc: Accumulator, s: Signal) -> Accumulator:
         _add_distinct(acc.cards, s.card_fingerprint)
     if s.trace_id is not None:
         _add_trace(acc.trace_ids, s.trace_id)
+    for extractor in _EXTRACTORS_BY_TYPE.get(kind, ()):
+        state = acc.extra.get(extractor.name)
+        acc.extra[extractor.name] = extractor.add(extractor.create() if state is None else state, s)
     return acc
 
 
@@ -170,7 +176,9 @@ def _add_trace(sample: list, trace_id: str) -> None:
 def merge(accs: Iterable[Accumulator]) -> Accumulator:
     """Merge partial accumulators (combiner lifting and fan-out rely on this)."""
     accs = iter(accs)
-    out = next(accs)
+    out = next(accs, None)
+    if out is None:  # Beam may merge an empty list (hot-key fan-out does)
+        return Accumulator()
     for a in accs:
         out.events += a.events
         out.streams += a.streams
@@ -201,6 +209,9 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
                 elif len(mine) < TOP_CAP:
                     mine[key] = count
         out.trace_ids = heapq.nsmallest(TRACE_SAMPLE, set(out.trace_ids) | set(a.trace_ids))
+        for name, state in a.extra.items():
+            mine = out.extra.get(name)
+            out.extra[name] = state if mine is None else EXTRACTORS[name].merge(mine, state)
     return out
 
 
@@ -289,7 +300,25 @@ def _features() -> dict[str, Feature]:
     return {name: Feature(name, description, fn) for name, description, fn in specs}
 
 
-FEATURES: dict[str, Feature] = _features()
+def _extractor_feature(extractor) -> Feature:
+    def compute(acc: Accumulator, window_sec: int) -> float:
+        state = acc.extra.get(extractor.name)
+        return extractor.value(extractor.create() if state is None else state, window_sec)
+
+    return Feature(extractor.name, extractor.description, compute)
+
+
+def _all_features() -> dict[str, Feature]:
+    features = _features()
+    for name, extractor in EXTRACTORS.items():
+        if name in features:
+            raise ValueError(f"extractor {name!r} clashes with a built-in feature")
+        features[name] = _extractor_feature(extractor)
+    return features
+
+
+FEATURES: dict[str, Feature] = _all_features()
+_EXTRACTORS_BY_TYPE = {t: tuple(e for e in EXTRACTORS.values() if t in e.event_types) for t in EVENT_TYPES}
 
 
 def compute_features(acc: Accumulator, window_sec: int) -> dict[str, float]:
@@ -319,6 +348,15 @@ def entity_keys(signal: Signal, entity_types: tuple[str, ...]):
         entity_id = getattr(signal, _ENTITY_FIELD[entity_type])
         if entity_id is not None:
             yield (entity_type, entity_id), signal
+
+
+HOT_KEY_FANOUT = 16
+_HOT_ENTITY_TYPES = frozenset({"track", "artist", "ip"})
+
+
+def hot_key_fanout(key) -> int:
+    """Entity types whose single keys can carry a large share of traffic get combiner fan-out."""
+    return HOT_KEY_FANOUT if key[0] in _HOT_ENTITY_TYPES else 1
 
 
 def entity_window_keys(signal: Signal, entity_types: tuple[str, ...], window_sec: int):
@@ -426,9 +464,14 @@ class ComputeFeatures(beam.PTransform):
                     | f"{label}/Window" >> self._window_into(size)
                     | f"{label}/KeyByEntity" >> beam.FlatMap(entity_keys, entity_types)
                 )
+            combine = beam.CombinePerKey(EntityFeaturesFn())
+            if not self._config.keyed_windows:
+                # A viral track, a big artist or a carrier NAT IP is one hot key: spread its
+                # pre-combining over HOT_KEY_FANOUT workers (docs/scaling.md).
+                combine = combine.with_hot_key_fanout(hot_key_fanout)
             branches.append(
                 keyed
-                | f"{label}/Aggregate" >> beam.CombinePerKey(EntityFeaturesFn())
+                | f"{label}/Aggregate" >> combine
                 | f"{label}/ToFeatures" >> beam.ParDo(ToEntityFeaturesFn(size)).with_output_types(EntityFeatures)
                 # Each record carries its own window bounds, so branches of different
                 # sizes can be merged in the global window.

@@ -44,9 +44,20 @@ def around_the_clock(per_hour, hours):
     return [s for h in range(hours) for s in plays(per_hour, 32 * SEC, start=T0_MS + h * HOUR_MS)]
 
 
-def logins(n, users, fail_share, ip="203.0.113.9"):
+def logins(n, users, fail_share, ip="203.0.113.9", agent=None, scripted_share=1.0):
     fails = round(n * fail_share)
-    return [signal("login", T0_MS + i * 1000, user_id=f"v{i % users}", ip=ip, success=i >= fails) for i in range(n)]
+    scripted = round(n * scripted_share)
+    return [
+        signal(
+            "login",
+            T0_MS + i * 1000,
+            user_id=f"v{i % users}",
+            ip=ip,
+            success=i >= fails,
+            user_agent=agent if i < scripted else "StreamApp/8.9",
+        )
+        for i in range(n)
+    ]
 
 
 def payments(n, cards, fail_share, users=1):
@@ -118,6 +129,11 @@ CASES = {
         ("fires: 80 logins, 50 accounts, 90% failed", logins(80, 50, 0.9), True),
         ("near miss: 80% failed", logins(80, 50, 0.8), False),
         ("look-alike: dormitory NAT after a password reset mail, 30% failed", logins(120, 100, 0.3), False),
+    ],
+    "scripted_login_review": [
+        ("fires: 25 logins, all from a scripting library", logins(25, 25, 0.0, agent="python-requests/2.31"), True),
+        ("near miss: 70% scripted", logins(25, 25, 0.0, agent="python-requests/2.31", scripted_share=0.7), False),
+        ("look-alike: dormitory NAT, 60 logins from the app", logins(60, 60, 0.08, agent="StreamApp/8.9"), False),
     ],
     "signup_burst_device": [
         ("fires: 5 sign-ups on one device", signups(5), True),

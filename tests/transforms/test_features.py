@@ -207,3 +207,7 @@ def test_keyed_windows_give_the_same_features_as_beam_windows():
             label="Same",
         )
         assert_that(beam_windows | beam.combiners.Count.Globally(), equal_to([3 * 3 + 3 * 2 + 15 * 2]), label="Count")
+
+
+def test_merging_nothing_gives_an_empty_accumulator():
+    assert compute_features(merge([]), 3600) == compute_features(Accumulator(), 3600)

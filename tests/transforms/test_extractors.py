@@ -1,0 +1,79 @@
+"""The feature-extractor extension point, with its example ``scripted_client_share``."""
+
+import apache_beam as beam
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipelines.options import DEFAULT_RULES
+from pipelines.pipeline import PipelineConfig, build_pipeline
+from tests.kit import T0_MS, assert_mergeable, features_of, hourly_stream, payload, signal, streaming_options
+from transforms.extractors import EXTRACTORS, FeatureExtractor, register
+from transforms.features import FEATURES
+from transforms.rulepack import load_rule_pack
+
+SCRIPTED = EXTRACTORS["scripted_client_share"]
+
+
+def logins(n, scripted, ip="203.0.113.9", agent="python-requests/2.31"):
+    return [
+        signal(
+            "login",
+            T0_MS + i * 1000,
+            user_id=f"v{i}",
+            ip=ip,
+            success=False,
+            user_agent=agent if i < scripted else "StreamApp/8.9",
+        )
+        for i in range(n)
+    ]
+
+
+def test_the_extractor_is_a_feature_rules_can_use():
+    assert "scripted_client_share" in FEATURES
+    assert features_of(logins(10, 8))["scripted_client_share"] == 0.8
+    assert features_of([signal("stream")])["scripted_client_share"] == 0.0  # no logins, no division by zero
+
+
+@pytest.mark.parametrize(
+    "agent, scripted",
+    [
+        ("python-requests/2.31", True),
+        ("curl/8.4.0", True),
+        ("Go-http-client/1.1", True),
+        ("StreamApp/8.9 (iOS 17)", False),
+        ("Mozilla/5.0", False),
+    ],
+)
+def test_which_clients_count_as_scripted(agent, scripted):
+    assert features_of(logins(1, 1, agent=agent))["scripted_client_share"] == float(scripted)
+
+
+@pytest.mark.parametrize("cut", [0, 3, 7, 12])
+def test_the_extractor_merges_like_one_pass(cut):
+    assert_mergeable(SCRIPTED, logins(12, 5), cut)
+
+
+def test_registering_a_clash_or_a_bad_name_fails_at_import():
+    with pytest.raises(ValueError, match="registered twice"):
+        register(SCRIPTED)
+    with pytest.raises(ValueError, match="snake_case"):
+        register(FeatureExtractor("Bad Name", "x.", ("login",), list, lambda a, s: a, lambda a, b: a, lambda a, w: 0.0))
+
+
+def test_the_default_rule_using_it_fires_in_a_streaming_run():
+    pack = load_rule_pack(DEFAULT_RULES)
+    scripted = [
+        payload("login", T0_MS + i * 1000, user_id=f"v{i}", ip="203.0.113.9", success=True, user_agent="curl/8.4")
+        for i in range(25)
+    ]
+    app = [
+        payload("login", T0_MS + i * 1000, user_id=f"s{i}", ip="198.51.100.4", success=True, user_agent="StreamApp/8.9")
+        for i in range(25)
+    ]
+    with TestPipeline(options=streaming_options()) as p:
+        out = build_pipeline(p | hourly_stream([scripted + app]), pack, config=PipelineConfig(streaming=True))
+        assert_that(
+            out.decisions | beam.Map(lambda d: (d.rule_id, d.entity_id, d.action)),
+            equal_to([("scripted_login_review", "203.0.113.9", "flag_for_review")]),
+        )
