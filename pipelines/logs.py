@@ -63,5 +63,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings become JSON log lines too
     # Beam's type-hint conversions are noise at INFO.
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)

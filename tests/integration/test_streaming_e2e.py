@@ -45,6 +45,7 @@ def traffic(now_ms: int) -> tuple[list[tuple[bytes, dict]], list[bytes]]:
             i,
             user_id="bot1",
             device_id="dfarm",
+            ip="203.0.113.50",
             track_id=f"t{i % 3}",
             artist_id="a1",
             ms_played=32_000,
@@ -239,6 +240,13 @@ def test_malformed_messages_land_in_the_dead_letter_table(run):
 def test_the_job_stops_cleanly_on_sigterm(run):
     assert run["exit_code"] == 0, run["log"][-3000:]
     assert "streaming job cancelled" in run["log"]
+
+
+def test_the_job_logs_one_json_object_per_line_without_raw_ips(run):
+    lines = [line for line in run["log"].splitlines() if line.strip()]
+    records = [orjson.loads(line) for line in lines]  # raises on any line that is not JSON
+    assert records and all({"severity", "message", "logger", "time"} <= set(r) for r in records)
+    assert "203.0.113" not in run["log"]
 
 
 def test_the_simulator_publishes_at_a_rate_to_pubsub(gcp_env):
