@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -199,3 +200,22 @@ def create_topic_with_subscription(publisher, subscriber, project: str, name: st
     subscription = subscriber.subscription_path(project, f"{name}-sub")
     subscriber.create_subscription(name=subscription, topic=topic)
     return topic, subscription
+
+
+def local_streaming_command(
+    project: str, subscription: str, decisions_topic: str, dataset: str, *extra: str
+) -> list[str]:
+    """The command line that runs ``pipelines.streaming`` on the local runner against the emulators' resources."""
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.streaming",
+        "--runner_config=streaming_local.yaml",
+        f"--project={project}",
+        f"--input_subscription={subscription}",
+        f"--decisions_topic={decisions_topic}",
+        f"--audit_table={project}:{dataset}.audit",
+        f"--decisions_table={project}:{dataset}.decisions",
+        f"--dead_letter_table={project}:{dataset}.dead_letters",
+        *extra,
+    ]

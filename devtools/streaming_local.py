@@ -26,7 +26,12 @@ import time
 import orjson
 from google.cloud import pubsub_v1
 
-from devtools.emulators import BigQueryEmulator, PubSubEmulator, create_topic_with_subscription
+from devtools.emulators import (
+    BigQueryEmulator,
+    PubSubEmulator,
+    create_topic_with_subscription,
+    local_streaming_command,
+)
 from devtools.fake_auth import FakeCredentials
 from pipelines import provision, simulate
 from pipelines.options import PROJECT_ROOT
@@ -76,21 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Pub/Sub emulator on {ps.host}, BigQuery emulator on {bq.url}; tables provisioned in {DATASET}")
 
         job_log = workdir / "streaming-job.log"
-        command = [
-            sys.executable,
-            "-m",
-            "pipelines.streaming",
-            "--runner_config=streaming_local.yaml",
-            f"--project={project}",
-            f"--input_subscription={paths['signals'][1]}",
-            f"--decisions_topic={paths['decisions'][0]}",
-            f"--audit_table={project}:{DATASET}.audit",
-            f"--decisions_table={project}:{DATASET}.decisions",
-            f"--dead_letter_table={project}:{DATASET}.dead_letters",
+        command = local_streaming_command(
+            project,
+            paths["signals"][1],
+            paths["decisions"][0],
+            DATASET,
             "--early_firing_sec=5",
             f"--allowed_lateness_sec={(HOURS + 1) * 3600}",
             f"--signal_dedup_ttl_sec={(HOURS + 1) * 3600}",
-        ]
+        )
         with open(job_log, "wb") as log:
             job = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:

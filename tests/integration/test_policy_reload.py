@@ -2,14 +2,13 @@
 
 import signal
 import subprocess
-import sys
 import time
 
 import orjson
 import pytest
 from google.cloud import pubsub_v1
 
-from devtools.emulators import create_topic_with_subscription
+from devtools.emulators import create_topic_with_subscription, local_streaming_command
 from pipelines import provision
 from pipelines.options import PROJECT_ROOT
 from tests.integration.test_streaming_e2e import BackgroundTraffic, _signal
@@ -66,22 +65,16 @@ def job(gcp_env, tmp_path_factory):
     }
     provision.provision(provision.client_for(project, gcp_env["bigquery"].url), DATASET)
     log_path = folder / "job.log"
-    command = [
-        sys.executable,
-        "-m",
-        "pipelines.streaming",
-        "--runner_config=streaming_local.yaml",
-        f"--project={project}",
-        f"--input_subscription={names['signals-reload'][1]}",
-        f"--decisions_topic={names['decisions-reload'][0]}",
-        f"--audit_table={project}:{DATASET}.audit",
-        f"--decisions_table={project}:{DATASET}.decisions",
-        f"--dead_letter_table={project}:{DATASET}.dead_letters",
+    command = local_streaming_command(
+        project,
+        names["signals-reload"][1],
+        names["decisions-reload"][0],
+        DATASET,
         f"--rules={rules}",
         "--allowlist=",
         "--early_firing_sec=1",
         "--policy_reload_sec=1",
-    ]
+    )
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
     with BackgroundTraffic(publisher, names["signals-reload"][0]):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -17,7 +16,7 @@ import orjson
 import pytest
 from google.cloud import pubsub_v1
 
-from devtools.emulators import create_topic_with_subscription
+from devtools.emulators import create_topic_with_subscription, local_streaming_command
 from pipelines import provision
 from pipelines.options import PROJECT_ROOT
 from schemas.avro import millis_to_rfc3339
@@ -126,19 +125,9 @@ def run(stack, tmp_path_factory):
     """Start the job as an operator would, publish, collect decisions until quiet, then stop it."""
     project, names = stack["project"], stack["names"]
     log_path = tmp_path_factory.mktemp("job") / "streaming.log"
-    command = [
-        sys.executable,
-        "-m",
-        "pipelines.streaming",
-        "--runner_config=streaming_local.yaml",
-        f"--input_subscription={names['signals'][1]}",
-        f"--decisions_topic={names['decisions'][0]}",
-        f"--audit_table={project}:{DATASET}.audit",
-        f"--decisions_table={project}:{DATASET}.decisions",
-        f"--dead_letter_table={project}:{DATASET}.dead_letters",
-        f"--early_firing_sec={EARLY_FIRING_SEC}",
-        f"--project={project}",
-    ]
+    command = local_streaming_command(
+        project, names["signals"][1], names["decisions"][0], DATASET, f"--early_firing_sec={EARLY_FIRING_SEC}"
+    )
     # Everything is published before the job starts (the subscription keeps it), so the
     # job's first read takes in originals and redeliveries well within one early firing.
     messages, malformed = traffic(int(time.time() * 1000))
