@@ -119,14 +119,14 @@ def build_pipeline(
     unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(config.signal_dedup_ttl_sec, config.streaming)
     signals = unique | "AssignEventTime" >> AssignEventTime()
     features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), config.window_config())
-    source = config.policy_source(pack)
-    rule_outputs = features | "ApplyRules" >> ApplyRules(source, config.decision_clock)
+    policy = config.policy_source(pack)
+    rule_outputs = features | "ApplyRules" >> ApplyRules(policy, config.decision_clock)
     hits = rule_outputs.hits
     if config.streaming:
         # Early, on-time and late panes of one window re-evaluate the same rules and
         # yield the same decision id; publish and audit each decision once per outcome.
         hits = hits | "DeduplicateHits" >> DeduplicateHits(config.decision_dedup_max_ttl_sec)
-    hits = hits | "EnforceSafeguards" >> EnforceSafeguards(source, config.safeguard_config())
+    hits = hits | "EnforceSafeguards" >> EnforceSafeguards(policy, config.safeguard_config())
     outputs = hits | "EmitDecisions" >> EmitDecisions()
     dead_letters = (parsed.dead_letters, rule_outputs.dead_letters) | "AllDeadLetters" >> beam.Flatten()
     return PipelineOutputs(
