@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 
 PUBSUB_LAUNCHER = pathlib.Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
-BIGTABLE_LAUNCHER = pathlib.Path("/usr/lib/google-cloud-sdk/platform/bigtable-emulator/cbtemulator")
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 BQ_VENV = PROJECT_ROOT / ".venv-bq"
 
