@@ -21,17 +21,26 @@ import logging
 import re
 
 CONTEXT_KEYS = ("rule_id", "entity_type", "decision_id", "trace_id")
-_IPV4 = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b")
-# Candidates with two or more colons; only those that parse as IPv6 are masked (times like 10:00:00 do not).
-_IPV6_CANDIDATE = re.compile(r"(?<![\w:.])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?![\w:])")
+# Digit lookarounds, not \b: "ip_203.0.113.9" has no word boundary before the 2.
+_IPV4 = re.compile(r"(?<!\d)(?:\d{1,3}\.){3}\d{1,3}(?!\d)")
+# Runs of hex digits, colons and dots with two or more colons; only an IPv6 address inside one is masked
+# (times like 10:00:00 are not).
+_IPV6_CANDIDATE = re.compile(r"(?<![0-9A-Fa-f:.])[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*")
 
 
 def _mask_v6(match: re.Match) -> str:
-    try:
-        ipaddress.IPv6Address(match.group(0))
-    except ValueError:
-        return match.group(0)
-    return "<ip>"
+    """Mask the address in a run, which may start with a label's tail ("ip:", "id:") and end with a full stop."""
+    text = match.group(0)
+    core = text.rstrip(".")
+    for start in [0] + [i + 1 for i, char in enumerate(core) if char == ":"]:
+        if len(core) - start > 45:  # longer than any IPv6 address (with an embedded IPv4)
+            continue
+        try:
+            ipaddress.IPv6Address(core[start:])
+        except ValueError:
+            continue
+        return text[:start] + "<ip>" + text[len(core) :]
+    return text
 
 
 def mask_ips(text: str) -> str:

@@ -20,6 +20,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import logging
+import math
 import re
 import string
 import time
@@ -51,6 +52,12 @@ DEFAULT_TTL_SEC = {
 MIN_WINDOW_SEC = 60
 MAX_WINDOW_SEC = 7 * 86400
 _SAFE_FUNCTIONS = {"min": min, "max": max, "abs": abs}
+# Real conditions are under 150 characters and a few levels deep. The limits keep a
+# hostile or careless condition from costing per-element CPU, or from hitting
+# Python's parser and recursion limits (MemoryError, RecursionError) instead of
+# failing with a RulePackError.
+MAX_CONDITION_CHARS = 1000
+MAX_CONDITION_DEPTH = 32
 _CONTEXT_NAMES = ("entity_type", "entity_id", "window")
 _RULE_ID_RE = re.compile(r"[a-z][a-z0-9_]{2,63}")
 _DURATION_RE = re.compile(r"(\d+)\s*([smhd])")
@@ -177,10 +184,17 @@ def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
     """Parse and vet a condition; return the feature names it reads."""
     if not isinstance(expr, str) or not expr.strip():
         raise RulePackError(source, "must be a non-empty condition string", rule_id, "when")
+    if len(expr) > MAX_CONDITION_CHARS:
+        raise RulePackError(source, f"longer than {MAX_CONDITION_CHARS} characters", rule_id, "when")
     try:
         tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError as err:
         raise RulePackError(source, f"syntax error at column {err.offset}: {err.msg}", rule_id, "when") from None
+    except (ValueError, RecursionError, MemoryError) as err:  # the parser's own limits
+        raise RulePackError(source, f"cannot be parsed: {type(err).__name__}", rule_id, "when") from None
+    if _depth(tree.body) > MAX_CONDITION_DEPTH:
+        raise RulePackError(source, f"nested deeper than {MAX_CONDITION_DEPTH} levels", rule_id, "when")
+    callees = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     names: list[str] = []
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
@@ -192,7 +206,10 @@ def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
         if isinstance(node, ast.Call):
             if not isinstance(node.func, ast.Name) or node.func.id not in _SAFE_FUNCTIONS or node.keywords:
                 raise RulePackError(source, f"only {', '.join(_SAFE_FUNCTIONS)} may be called", rule_id, "when")
-        elif isinstance(node, ast.Name) and node.id not in _SAFE_FUNCTIONS:
+        elif isinstance(node, ast.Name) and node.id in _SAFE_FUNCTIONS:
+            if id(node) not in callees:  # a bare 'min' would hand a Python function object to the condition
+                raise RulePackError(source, f"'{node.id}' may only be called", rule_id, "when")
+        elif isinstance(node, ast.Name):
             if node.id not in FEATURES:
                 raise RulePackError(
                     source, f"unknown feature '{node.id}' (known: {', '.join(sorted(FEATURES))})", rule_id, "when"
@@ -204,6 +221,16 @@ def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
     if not _is_boolean(tree.body):
         raise RulePackError(source, "must be a true/false test: comparisons joined by and, or, not", rule_id, "when")
     return tuple(names)
+
+
+def _depth(node: ast.AST) -> int:
+    """Nesting depth of expression nodes, without recursion (the tree may be very deep)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node) if isinstance(child, ast.expr))
+    return deepest
 
 
 def _is_boolean(node: ast.AST) -> bool:
@@ -418,4 +445,17 @@ class CompiledRule:
             raise RuleEvaluationError(
                 f"rule '{self.rule.id}' condition returned {type(result).__name__}, not true/false"
             )
+        if result:  # a hit's reason, evidence and event count need real numbers; int(nan) would raise out of the step
+            bad = sorted(name for name, value in features.items() if not _is_number(value))
+            if bad:
+                raise RuleEvaluationError(
+                    f"rule '{self.rule.id}' matched a window whose features are not finite numbers: {', '.join(bad)}"
+                )
         return result
+
+
+def _is_number(value) -> bool:
+    """A finite float, or an int that fits in 64 bits (what a decision's fields and reason can hold)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and -(2**63) <= value < 2**63
