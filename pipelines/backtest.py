@@ -36,7 +36,7 @@ from pipelines.logs import setup_logging
 from pipelines.options import OptionsError, RuleOptions, load_policy, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, to_json_dict
-from schemas.avro import millis_to_rfc3339
+from schemas.avro import datetime_to_millis, millis_to_rfc3339
 from transforms.rulepack import RulePackError
 from transforms.safeguards import AllowlistError
 
@@ -72,7 +72,7 @@ def avro_record_to_payload(record: dict) -> bytes:
     out = {k: v for k, v in record.items() if v is not None and k != "event_time_ms"}
     stamp = record.get("event_time_ms")
     if isinstance(stamp, dt.datetime):  # fastavro decodes timestamp-millis to datetime
-        stamp = int(stamp.timestamp() * 1000)
+        stamp = datetime_to_millis(stamp)
     if isinstance(stamp, int) and 0 <= stamp < 253_402_300_800_000:
         out["event_time"] = millis_to_rfc3339(stamp)
     return orjson.dumps(out, default=str)

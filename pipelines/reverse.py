@@ -35,6 +35,7 @@ from google.cloud import bigquery, pubsub_v1
 from pipelines.provision import client_for
 from pipelines.streaming import decision_message
 from schemas import AUDIT_SCHEMA, DECISION_SCHEMA, AuditRow, Decision, to_bigquery_row
+from schemas.avro import datetime_to_millis
 from transforms.rules import RuleHit, to_audit_row
 
 REVERSAL = "reversal"
@@ -51,7 +52,7 @@ def _table_id(spec: str) -> str:
 
 def _ms(value) -> int:
     if isinstance(value, dt.datetime):
-        return int(value.timestamp() * 1000)
+        return datetime_to_millis(value)
     return int(value)
 
 

@@ -132,6 +132,14 @@ def bigquery_schema(schema: dict) -> dict:
     return {"fields": [_bq_field(f) for f in schema["fields"]]}
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def datetime_to_millis(stamp: dt.datetime) -> int:
+    """Aware datetime to epoch milliseconds, exactly (``timestamp() * 1000`` is 1 ms low about 1 time in 160)."""
+    return (stamp - _EPOCH) // dt.timedelta(milliseconds=1)
+
+
 def millis_to_rfc3339(ms: int) -> str:
     """Epoch milliseconds to RFC 3339 in UTC with millisecond precision."""
     stamp = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)

@@ -25,6 +25,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 
 from schemas import EVENT_TYPES, REQUIRED_FOR, DeadLetter, Signal
+from schemas.avro import datetime_to_millis
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 # into logs, BigQuery and dashboards without escaping surprises.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,127}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_RFC3339_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+# re.ASCII: RFC 3339 digits are 0-9 only; without it \d also takes Arabic-Indic, fullwidth and other digits.
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
 _CURRENCY_RE = re.compile(r"[A-Z]{3}")
 
 # ISO 3166-1 alpha-2, officially assigned codes.
@@ -104,7 +108,7 @@ def parse_rfc3339_ms(value: str) -> int:
         tz = dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
     micros = int((frac or ".0")[1:].ljust(6, "0")[:6])
     stamp = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micros, tzinfo=tz)
-    return int(stamp.timestamp() * 1000) if micros else int(stamp.timestamp()) * 1000
+    return datetime_to_millis(stamp)
 
 
 def _id(obj: Mapping, name: str, required: bool) -> str | None:
@@ -217,9 +221,14 @@ def parse_signal(
         if not isinstance(ip, str):
             raise InvalidSignal("wrong_type", f"'ip' must be a string, got {type(ip).__name__}")
         try:
-            ip = ipaddress.ip_address(ip).compressed
+            address = ipaddress.ip_address(ip)
         except ValueError:
             raise InvalidSignal("invalid_value", "'ip' is not an IPv4 or IPv6 address") from None
+        # An IPv6 zone id ("fe80::1%eth0") is free text that means nothing off the sender's host: it would let
+        # one address pose as many in per-IP features and carry newlines or markup into logs.
+        if getattr(address, "scope_id", None) is not None:
+            raise InvalidSignal("invalid_value", "'ip' must not carry an IPv6 zone id ('%...')")
+        ip = address.compressed
 
     country = obj.get("country")
     if country is not None and (not isinstance(country, str) or country not in _COUNTRIES):
@@ -275,7 +284,7 @@ def _payload_of(element) -> tuple[bytes, str | None, int | None]:
     if isinstance(element, PubsubMessage):
         attributes = element.attributes or {}
         publish_time = getattr(element, "publish_time", None)
-        publish_ms = int(publish_time.timestamp() * 1000) if publish_time is not None else None
+        publish_ms = datetime_to_millis(publish_time) if publish_time is not None else None
         return element.data or b"", attributes.get("trace_id"), publish_ms
     if isinstance(element, str):
         return element.encode("utf-8", "surrogateescape"), None, None
