@@ -25,13 +25,14 @@ from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 
-from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, bigquery_schema
+from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, FEATURE_ROW_SCHEMA, bigquery_schema
 
 # table name -> (schema, partition column, clustering columns)
 TABLES = {
     "decisions": (DECISION_SCHEMA, "decided_at_ms", ["entity_type", "entity_id", "rule_id"]),
     "audit": (AUDIT_SCHEMA, "decided_at_ms", ["entity_type", "entity_id", "rule_id"]),
     "dead_letters": (DEAD_LETTER_SCHEMA, "failed_at_ms", ["stage", "reason"]),
+    "features": (FEATURE_ROW_SCHEMA, "window_start_ms", ["entity_type", "entity_id"]),
 }
 
 

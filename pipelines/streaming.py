@@ -7,7 +7,8 @@ backtest (``pipelines.pipeline.build_pipeline`` in streaming mode), and:
 * publishes each decision once, as JSON, with attributes ``action``,
   ``entity_type``, ``rule_id``, ``mode`` and ``decision_id``, so subscribers can
   filter (for example enforcement services that take only ``mode=enforce``);
-* streams decision, audit and dead-letter rows into BigQuery tables created
+* streams decision, audit and dead-letter rows (and, with ``--features_table``,
+  every entity window's features) into BigQuery tables created
   beforehand by ``python -m pipelines.provision`` (the job writes with
   ``CREATE_NEVER``). Rows that BigQuery rejects are sent to the dead-letter
   table with the error, so no audit row vanishes silently.
@@ -62,11 +63,14 @@ from schemas import (
     AUDIT_SCHEMA,
     DEAD_LETTER_SCHEMA,
     DECISION_SCHEMA,
+    FEATURE_ROW_SCHEMA,
     DeadLetter,
+    FeatureRow,
     bigquery_schema,
     to_bigquery_row,
     to_json_dict,
 )
+from schemas.features import EntityFeatures
 from transforms.rulepack import RulePackError
 from transforms.safeguards import AllowlistError
 
@@ -90,6 +94,12 @@ class StreamingOptions(PipelineOptions):
         parser.add_argument("--decisions_table", help="BigQuery table for decisions: PROJECT:DATASET.TABLE.")
         parser.add_argument(
             "--dead_letter_table", help="BigQuery table for rejected signals and rows: PROJECT:DATASET.TABLE."
+        )
+        parser.add_argument(
+            "--features_table",
+            default="",
+            help="Optional BigQuery table for every entity window's features, one row per firing: "
+            "PROJECT:DATASET.TABLE. Empty (default) writes none.",
         )
         parser.add_argument(
             "--allowed_lateness_sec",
@@ -141,6 +151,8 @@ def validate(opts: StreamingOptions) -> None:
         ("decisions_table", _TABLE_RE, "PROJECT:DATASET.TABLE"),
         ("dead_letter_table", _TABLE_RE, "PROJECT:DATASET.TABLE"),
     ]
+    if opts.features_table and not _TABLE_RE.fullmatch(opts.features_table):
+        raise OptionsError(f"--features_table {opts.features_table!r} is not of the form PROJECT:DATASET.TABLE")
     for name, pattern, form in checks:
         value = getattr(opts, name)
         if not value:
@@ -186,6 +198,21 @@ def decision_message(decision) -> PubsubMessage:
         otel_propagate.inject(carrier)
     attributes.update(carrier)
     return PubsubMessage(data=payload, attributes=attributes)
+
+
+def feature_row(ef: EntityFeatures) -> FeatureRow:
+    """An entity window's features as a table row, stamped with when the pane fired."""
+    return FeatureRow(
+        entity_type=ef.entity_type,
+        entity_id=ef.entity_id,
+        window_sec=ef.window_sec,
+        window_start_ms=ef.window_start_ms,
+        window_end_ms=ef.window_end_ms,
+        event_count=int(ef.features["events"]),
+        features=dict(ef.features),
+        last_event_ms=ef.last_event_ms,
+        emitted_at_ms=int(time.time() * 1000),
+    )
 
 
 def _failed_row_to_dead_letter(failed) -> DeadLetter:
@@ -259,6 +286,9 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         outputs.decisions | "WriteDecisionRows" >> WriteRows(opts.decisions_table, DECISION_SCHEMA, method),
         outputs.audit | "WriteAuditRows" >> WriteRows(opts.audit_table, AUDIT_SCHEMA, method),
     ]
+    if opts.features_table:
+        rows = outputs.features | "ToFeatureRow" >> beam.Map(feature_row).with_output_types(FeatureRow)
+        rejected.append(rows | "WriteFeatureRows" >> WriteRows(opts.features_table, FEATURE_ROW_SCHEMA, method))
     dead_letters = outputs.dead_letters
     if method == "STREAMING_INSERTS":
         dead_letters = [dead_letters, *rejected] | "WithRejectedRows" >> beam.Flatten()

@@ -1,4 +1,4 @@
-"""Record types for signals, decisions, audit rows and dead letters.
+"""Record types for signals, decisions, audit rows, dead letters and feature rows.
 
 Each type is derived from its ``.avsc`` file (see ``schemas/avro.py``); the
 Avro schema, the Python record, the JSON form and the BigQuery table schema
@@ -11,11 +11,13 @@ SIGNAL_SCHEMA = load_avro("signal_v1.avsc")
 DECISION_SCHEMA = load_avro("decision_v1.avsc")
 AUDIT_SCHEMA = load_avro("audit_v1.avsc")
 DEAD_LETTER_SCHEMA = load_avro("dead_letter_v1.avsc")
+FEATURE_ROW_SCHEMA = load_avro("feature_row_v1.avsc")
 
 Signal = namedtuple_from_avro(SIGNAL_SCHEMA)
 Decision = namedtuple_from_avro(DECISION_SCHEMA)
 AuditRow = namedtuple_from_avro(AUDIT_SCHEMA)
 DeadLetter = namedtuple_from_avro(DEAD_LETTER_SCHEMA)
+FeatureRow = namedtuple_from_avro(FEATURE_ROW_SCHEMA)
 
 
 def _symbols(schema: dict, field_name: str) -> tuple[str, ...]:
@@ -47,6 +49,8 @@ __all__ = [
     "Decision",
     "ENTITY_TYPES",
     "EVENT_TYPES",
+    "FEATURE_ROW_SCHEMA",
+    "FeatureRow",
     "MODES",
     "REQUIRED_FOR",
     "SIGNAL_SCHEMA",

@@ -122,3 +122,24 @@ def test_flex_template_metadata_describes_every_job_option():
                 name = action.option_strings[0].lstrip("-")
                 assert name in described, f"{name} is missing from the Flex Template metadata"
                 assert described[name]["helpText"], name
+
+
+def test_the_optional_features_table_adds_one_sink_and_keeps_the_other_step_names(transforms):
+    pipeline, _ = make_pipeline([*ARGS, "--features_table=my-project:mitigation.features"], None)
+    proto = pipeline.run().job.proto_pipeline
+    with_features = {t.unique_name: t.spec.urn for t in proto.components.transforms.values()}
+    assert sum(1 for urn in with_features.values() if urn == "beam:transform:write_to_big_query:v0") == 4
+    added = set(step_names(with_features)) - set(step_names(transforms))
+    assert added and all(name.startswith(("ToFeatureRow", "WriteFeatureRows")) for name in added)
+    assert set(step_names(transforms)) <= set(step_names(with_features))
+
+
+def test_a_feature_row_is_a_valid_bigquery_row():
+    from pipelines.streaming import feature_row
+    from schemas import FEATURE_ROW_SCHEMA, to_bigquery_row
+    from schemas.features import EntityFeatures
+
+    ef = EntityFeatures("user", "u1", 60, 0, 60_000, {"events": 3.0, "streams": 2.0}, ["t1"], 59_000)
+    row = to_bigquery_row(FEATURE_ROW_SCHEMA, feature_row(ef))
+    assert row["event_count"] == 3 and row["window_start_ms"] == "1970-01-01T00:00:00.000Z"
+    assert row["features"] == [{"key": "events", "value": 3.0}, {"key": "streams", "value": 2.0}]
