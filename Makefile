@@ -11,7 +11,7 @@ PYTHON313 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.
 BQ_VENV := .venv-bq
 BQ_STAMP := $(BQ_VENV)/.installed
 
-.PHONY: demo test eval lint format validate-rules clean streaming-local
+.PHONY: demo test eval soak lint format validate-rules clean streaming-local
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ test: $(STAMP) $(BQ_STAMP)
 ## Start both emulators, provision tables, run the streaming job on simulated traffic, print decisions.
 streaming-local: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local
+
+## Streaming job for 10 minutes against the emulators with faults injected, then reconciled (SOAK_ARGS to change).
+soak: $(STAMP) $(BQ_STAMP)
+	$(BIN)/python -m devtools.soak $(SOAK_ARGS)
 
 ## 200k+ signals on a held-out seed (rules were tuned on the demo's seed 7), backtest, quality report.
 EVAL_DIR := out/eval
