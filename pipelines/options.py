@@ -55,6 +55,12 @@ class RuleOptions(PipelineOptions):
             help="Allowlist YAML (entities never enforced against), local or gs:// path; empty for none.",
         )
         parser.add_argument(
+            "--rule_overrides",
+            default="",
+            help="Operators' rule pauses (YAML written by the Mitigation API), local or gs:// path: paused rules "
+            "run in shadow. Empty for none.",
+        )
+        parser.add_argument(
             "--global_cap_per_window",
             type=int,
             default=0,
@@ -69,13 +75,18 @@ class RuleOptions(PipelineOptions):
 
 
 def load_policy(options: PipelineOptions):
-    """The rule pack and allowlist named by the options, validated (fails fast with file, entry and field)."""
-    from transforms.rulepack import load_rule_pack
+    """The rule pack (with operators' pauses applied) and allowlist named by the options, validated.
+
+    Fails fast, naming file, entry and field.
+    """
+    from transforms.rulepack import load_rule_overrides, load_rule_pack, paused_rules
     from transforms.safeguards import EMPTY_ALLOWLIST, load_allowlist
 
     opts = options.view_as(RuleOptions)
     if opts.global_cap_per_window < 0 or opts.action_memory_max_sec < 0:
         raise OptionsError("--global_cap_per_window and --action_memory_max_sec must be >= 0")
     pack = load_rule_pack(opts.rules)
+    if opts.rule_overrides:
+        pack = paused_rules(pack, load_rule_overrides(opts.rule_overrides, pack.rule_ids))
     allowlist = load_allowlist(opts.allowlist, {r.id for r in pack.rules}) if opts.allowlist else EMPTY_ALLOWLIST
     return pack, allowlist

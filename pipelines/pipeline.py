@@ -57,8 +57,9 @@ class PipelineConfig:
         decision id is remembered to drop repeats (each is kept for its own TTL).
       allowlist, global_cap_per_window, action_memory_max_sec: the
         safeguards (see ``transforms.safeguards``); caps and memory of 0 are off.
-      rules_path, allowlist_path, policy_reload_sec: streaming only: re-read the
-        pack and allowlist this often so changes apply without a redeploy
+      rules_path, allowlist_path, rule_overrides_path, policy_reload_sec:
+        streaming only: re-read the pack, allowlist and operators' rule pauses
+        this often so changes apply without a redeploy
         (``transforms.policy``); 0 keeps the start-up policy.
     """
 
@@ -72,6 +73,7 @@ class PipelineConfig:
     action_memory_max_sec: int = 31 * 86400
     rules_path: str | None = None
     allowlist_path: str | None = None
+    rule_overrides_path: str | None = None
     policy_reload_sec: float = 0
 
     def policy_source(self, pack: RulePack) -> PolicySource:
@@ -80,6 +82,7 @@ class PipelineConfig:
             rules_path=self.rules_path,
             allowlist_path=self.allowlist_path,
             reload_sec=self.policy_reload_sec if self.streaming else 0,
+            overrides_path=self.rule_overrides_path,
         )
 
     def safeguard_config(self) -> SafeguardConfig:

@@ -272,6 +272,7 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         action_memory_max_sec=rule_opts.action_memory_max_sec,
         rules_path=rule_opts.rules,
         allowlist_path=rule_opts.allowlist or None,
+        rule_overrides_path=rule_opts.rule_overrides or None,
         policy_reload_sec=opts.policy_reload_sec,
     )
     messages = pipeline | "ReadSignals" >> ReadFromPubSub(subscription=opts.input_subscription, with_attributes=True)

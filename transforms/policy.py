@@ -1,4 +1,4 @@
-"""The policy in force (rule pack + allowlist), re-read periodically so it changes without a redeploy.
+"""The policy in force (rule pack, allowlist, rule pauses), re-read periodically so it changes without a redeploy.
 
 Each DoFn that needs the policy holds a ``PolicySource`` and asks it for
 ``current()``. With ``reload_sec > 0`` the source re-reads both files (local
@@ -34,7 +34,7 @@ import typing
 
 from apache_beam.metrics import Metrics
 
-from transforms.rulepack import RulePack, RulePackError, parse_rule_pack
+from transforms.rulepack import RulePack, RulePackError, parse_rule_overrides, parse_rule_pack, paused_rules
 from transforms.safeguards import EMPTY_ALLOWLIST, Allowlist, AllowlistError, parse_allowlist
 
 _LOGGER = logging.getLogger(__name__)
@@ -69,17 +69,22 @@ class PolicySource:
     _lock = threading.Lock()
 
     def __init__(
-        self, initial: Policy, rules_path: str | None = None, allowlist_path: str | None = None, reload_sec: float = 0
+        self,
+        initial: Policy,
+        rules_path: str | None = None,
+        allowlist_path: str | None = None,
+        reload_sec: float = 0,
+        overrides_path: str | None = None,
     ):
         self._initial = initial
-        self._rules_path, self._allowlist_path = rules_path, allowlist_path
+        self._rules_path, self._allowlist_path, self._overrides_path = rules_path, allowlist_path, overrides_path
         self._reload_sec = reload_sec if rules_path else 0
         self._plan = initial.pack.feature_plan()
         self.reset()
 
     @property
     def _key(self) -> tuple:
-        return (self._rules_path, self._allowlist_path, self._initial.pack.digest)
+        return (self._rules_path, self._allowlist_path, self._overrides_path, self._initial.pack.digest)
 
     def reset(self) -> None:
         """Runtime state for a new DoFn instance: the process's last good policy, else the start-up one."""
@@ -111,10 +116,11 @@ class PolicySource:
         try:
             rules_text = _read(self._rules_path)
             allow_text = _read(self._allowlist_path) if self._allowlist_path else b""
+            overrides_text = _read(self._overrides_path) if self._overrides_path else b""
         except Exception as err:  # unreadable for now (permissions, a GCS blip): keep the policy in force
             self._reject(f"cannot read the policy files: {err}", digest=f"read-error:{err}")
             return self._policy
-        digest = hashlib.sha256(rules_text + b"\0" + allow_text).hexdigest()
+        digest = hashlib.sha256(rules_text + b"\0" + allow_text + b"\0" + overrides_text).hexdigest()
         if digest == self._seen_digest:
             return self._policy
         self._seen_digest = digest
@@ -125,6 +131,9 @@ class PolicySource:
             return self._policy
         try:
             pack = parse_rule_pack(rules_text.decode("utf-8"), self._rules_path)
+            if self._overrides_path:
+                paused = parse_rule_overrides(overrides_text.decode("utf-8"), self._overrides_path, pack.rule_ids)
+                pack = paused_rules(pack, paused)
             allowlist = (
                 parse_allowlist(allow_text.decode("utf-8"), self._allowlist_path, {r.id for r in pack.rules})
                 if self._allowlist_path
@@ -137,12 +146,13 @@ class PolicySource:
         self._policy = Policy(pack, allowlist)
         with self._lock:
             self._accepted[self._key] = (digest, self._policy)
-        if accepted is not None or pack.digest != self._initial.pack.digest or allowlist != self._initial.allowlist:
+        if accepted is not None or pack != self._initial.pack or allowlist != self._initial.allowlist:
             self._reloaded.inc()
             _LOGGER.info(
-                "policy loaded: pack %s (%d rules, sha256 %s), %d allowlist entries",
+                "policy loaded: pack %s (%d rules, %d paused, sha256 %s), %d allowlist entries",
                 pack.label,
                 len(pack.rules),
+                sum(r.paused for r in pack.rules),
                 pack.digest[:12],
                 len(allowlist.entries),
             )

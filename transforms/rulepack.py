@@ -24,6 +24,7 @@ import math
 import re
 import string
 import time
+import typing
 from collections.abc import Mapping
 
 import yaml
@@ -140,6 +141,7 @@ class Rule:
     features: tuple[str, ...]  # feature names the condition reads, in order of first use
     expires_ms: int | None = None  # end of the expiry date, UTC
     max_entities_per_window: int = 0  # 0 = no per-rule cap
+    paused: bool = False  # an operator paused it (rule overrides): runs in shadow, audited as rule_paused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,10 @@ class RulePack:
     @property
     def label(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def rule_ids(self) -> frozenset[str]:
+        return frozenset(r.id for r in self.rules)
 
     def feature_plan(self) -> dict[int, tuple[str, ...]]:
         """Window size -> entity types that rules read at that size."""
@@ -407,6 +413,57 @@ def parse_rule_pack(text: str, source: str) -> RulePack:
         digest=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         rules=rules,
     )
+
+
+def paused_rules(pack: RulePack, paused: typing.Collection[str]) -> RulePack:
+    """The pack with these rules paused: they keep running, in shadow, so their owners still see what they do."""
+    if not paused:
+        return pack
+    rules = tuple(dataclasses.replace(r, paused=r.id in paused) for r in pack.rules)
+    return dataclasses.replace(pack, rules=rules)
+
+
+_OVERRIDE_FIELDS = ("rule", "actor", "reason", "paused_at")
+
+
+def parse_rule_overrides(text: str, source: str, known_rules: typing.Collection[str]) -> frozenset[str]:
+    """Rule ids paused by operators (the Mitigation API writes this file), validated like a pack.
+
+    Format: ``paused: [{rule, actor, reason, paused_at}]``. An unknown rule id
+    is refused, so a typo cannot silently leave the intended rule enforcing.
+    """
+    try:
+        doc = yaml.safe_load(text) if text.strip() else {"paused": []}
+    except yaml.YAMLError as err:
+        raise RulePackError(source, f"not valid YAML: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("paused", []), list) or set(doc) - {"paused"}:
+        raise RulePackError(source, "must be a mapping with a 'paused' list")
+    ids = set()
+    for n, entry in enumerate(doc.get("paused") or [], start=1):
+        where = f"paused entry #{n}"
+        if not isinstance(entry, dict):
+            raise RulePackError(source, "must be a mapping", where)
+        for key in entry:
+            if key not in _OVERRIDE_FIELDS:
+                raise RulePackError(source, f"unknown field (allowed: {', '.join(_OVERRIDE_FIELDS)})", where, key)
+        for key in ("rule", "actor", "reason"):
+            if not isinstance(entry.get(key), str) or not entry[key].strip():
+                raise RulePackError(source, "is required", where, key)
+        if entry["rule"] not in known_rules:
+            raise RulePackError(source, f"unknown rule id '{entry['rule']}'", where, "rule")
+        ids.add(entry["rule"])
+    return frozenset(ids)
+
+
+def load_rule_overrides(path: str, known_rules: typing.Collection[str]) -> frozenset[str]:
+    from apache_beam.io.filesystems import FileSystems  # noqa: PLC0415 - keeps the plain loader import-light
+
+    try:
+        with FileSystems.open(path) as handle:
+            text = handle.read().decode("utf-8")
+    except Exception as err:  # Beam wraps filesystem errors in BeamIOError
+        raise RulePackError(path, f"cannot be read: {err}") from None
+    return parse_rule_overrides(text, path, known_rules)
 
 
 def load_rule_pack(path: str) -> RulePack:

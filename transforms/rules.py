@@ -22,6 +22,7 @@ if typing.TYPE_CHECKING:
 ISSUED = "issued"
 BELOW_MIN_EVENTS = "below_min_events"
 RULE_EXPIRED = "rule_expired"
+RULE_PAUSED = "rule_paused"
 
 DECISION_CLOCKS = ("event", "processing")
 
@@ -61,7 +62,8 @@ def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, 
         enough = features["events"] >= rule.min_events
         # An expired rule keeps running in shadow, so its owner sees what it would still do.
         expired = rule.expires_ms is not None and decided_at_ms >= rule.expires_ms
-        status = RULE_EXPIRED if expired else ISSUED if enough else BELOW_MIN_EVENTS
+        # A paused rule (an operator's override) likewise runs in shadow until resumed.
+        status = RULE_PAUSED if rule.paused else RULE_EXPIRED if expired else ISSUED if enough else BELOW_MIN_EVENTS
         decision = Decision(
             decision_id=decision_id(
                 rule.id, rule.version, ef.entity_type, ef.entity_id, ef.window_start_ms, ef.window_end_ms
@@ -71,7 +73,7 @@ def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, 
             action=rule.action,
             rule_id=rule.id,
             rule_version=rule.version,
-            # Too little evidence, or an expired rule, never enforces: kept as shadow for the audit trail.
+            # Too little evidence, or an expired or paused rule, never enforces: kept as shadow for the audit trail.
             mode=rule.mode if status == ISSUED else "shadow",
             reason=render_reason(rule.reason, features, ef.entity_type, ef.entity_id, ef.window_sec),
             evidence=evidence,
