@@ -1,4 +1,4 @@
-"""Start the official Pub/Sub emulator and a BigQuery emulator on 127.0.0.1.
+"""Start the official Pub/Sub and Bigtable emulators and a BigQuery emulator on 127.0.0.1.
 
 Used by the test session fixtures, ``make streaming-local`` and the soak run.
 Each emulator gets a free port and a log file; ``start`` waits until it
@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 
 PUBSUB_LAUNCHER = pathlib.Path("/usr/lib/google-cloud-sdk/platform/pubsub-emulator/bin/cloud-pubsub-emulator")
+BIGTABLE_LAUNCHER = pathlib.Path("/usr/lib/google-cloud-sdk/platform/bigtable-emulator/cbtemulator")
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 BQ_VENV = PROJECT_ROOT / ".venv-bq"
 
@@ -188,6 +189,27 @@ class BigQueryEmulator(Emulator):
             raise EmulatorError(
                 f"bigquery emulator answered {err.code} while starting; log:\n{self.log_tail()}"
             ) from None
+        except OSError:
+            return False
+
+
+class BigtableEmulator(Emulator):
+    """Google's Bigtable emulator (Debian package google-cloud-cli-bigtable-emulator); in memory."""
+
+    name = "bigtable"
+
+    def command(self):
+        if not BIGTABLE_LAUNCHER.exists():
+            raise EmulatorError(
+                f"The Bigtable emulator is not installed ({BIGTABLE_LAUNCHER} is missing). "
+                "Install the Debian package google-cloud-cli-bigtable-emulator; it is not on PyPI."
+            )
+        return [str(BIGTABLE_LAUNCHER), "-host", "127.0.0.1", "-port", str(self.port)]
+
+    def ready(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
         except OSError:
             return False
 

@@ -10,12 +10,13 @@ import os
 
 import pytest
 
-from devtools.emulators import BigQueryEmulator, PubSubEmulator
+from devtools.emulators import BigQueryEmulator, BigtableEmulator, PubSubEmulator
 from devtools.fake_auth import FakeCredentials
 
 _EMULATOR_ENV = (
     "PUBSUB_EMULATOR_HOST",
     "BIGQUERY_EMULATOR_HOST",
+    "BIGTABLE_EMULATOR_HOST",
     "GOOGLE_APPLICATION_CREDENTIALS",
     "GOOGLE_CLOUD_PROJECT",
 )
@@ -36,16 +37,29 @@ def bigquery_emulator(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gcp_env(pubsub_emulator, bigquery_emulator):
+def bigtable_emulator(tmp_path_factory):
+    emulator = BigtableEmulator(tmp_path_factory.mktemp("bigtable")).start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def gcp_env(pubsub_emulator, bigquery_emulator, bigtable_emulator):
     """Point every Google client in this process (and its children) at the emulators."""
     creds = FakeCredentials(project=BigQueryEmulator.project).start()
     saved = {name: os.environ.get(name) for name in _EMULATOR_ENV}
     os.environ.update(
         PUBSUB_EMULATOR_HOST=pubsub_emulator.host,
         BIGQUERY_EMULATOR_HOST=bigquery_emulator.url,
+        BIGTABLE_EMULATOR_HOST=bigtable_emulator.host,
         **creds.environment(),
     )
-    yield {"project": BigQueryEmulator.project, "pubsub": pubsub_emulator, "bigquery": bigquery_emulator}
+    yield {
+        "project": BigQueryEmulator.project,
+        "pubsub": pubsub_emulator,
+        "bigquery": bigquery_emulator,
+        "bigtable": bigtable_emulator,
+    }
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
