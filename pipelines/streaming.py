@@ -11,7 +11,11 @@ backtest (``pipelines.pipeline.build_pipeline`` in streaming mode), and:
   every entity window's features) into BigQuery tables created
   beforehand by ``python -m pipelines.provision`` (the job writes with
   ``CREATE_NEVER``). Rows that BigQuery rejects are sent to the dead-letter
-  table with the error, so no audit row vanishes silently.
+  table with the error, so no audit row vanishes silently;
+* with ``--bigtable_instance``, keeps each entity's active (enforce-mode)
+  mitigations in a Bigtable table (``transforms.state_store``), created
+  beforehand by ``python -m pipelines.provision --bigtable_instance``. The
+  project is ``--project``.
 
 Early firings (``--early_firing_sec``) let a decision go out before its window
 closes; the same decision id is published only once.
@@ -51,7 +55,7 @@ from apache_beam.io.gcp.bigquery import BigQueryDisposition, WriteToBigQuery
 from apache_beam.io.gcp.bigquery_tools import RetryStrategy
 from apache_beam.io.gcp.pubsub import PubsubMessage, ReadFromPubSub, WriteToPubSub
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.runner import PipelineState
 from opentelemetry import propagate as otel_propagate
 from opentelemetry import trace as otel_trace
@@ -71,8 +75,10 @@ from schemas import (
     to_json_dict,
 )
 from schemas.features import EntityFeatures
+from schemas.mitigation_state import TABLE_ID as MITIGATIONS_TABLE_ID
 from transforms.rulepack import RulePackError
 from transforms.safeguards import AllowlistError
+from transforms.state_store import WriteActiveMitigations
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -80,6 +86,10 @@ BQ_METHODS = ("STREAMING_INSERTS", "STORAGE_WRITE_API")
 _SUBSCRIPTION_RE = re.compile(r"projects/[^/]+/subscriptions/[^/]+")
 _TOPIC_RE = re.compile(r"projects/[^/]+/topics/[^/]+")
 _TABLE_RE = re.compile(r"[A-Za-z0-9_.-]+[:.][A-Za-z0-9_]+\.[A-Za-z0-9_$-]+")
+# Bigtable's own rules: an instance id is 6-33 characters, a lowercase letter first, no hyphen last;
+# a table id is up to 50 characters of letters, digits, '_', '-' and '.', not starting with '-' or '.'.
+_BIGTABLE_INSTANCE_RE = re.compile(r"[a-z][a-z0-9-]{4,31}[a-z0-9]")
+_BIGTABLE_TABLE_RE = re.compile(r"[_a-zA-Z0-9][-_.a-zA-Z0-9]{0,49}")
 DECISION_ATTRIBUTES = ("action", "entity_type", "rule_id", "mode", "decision_id")
 
 
@@ -100,6 +110,17 @@ class StreamingOptions(PipelineOptions):
             default="",
             help="Optional BigQuery table for every entity window's features, one row per firing: "
             "PROJECT:DATASET.TABLE. Empty (default) writes none.",
+        )
+        parser.add_argument(
+            "--bigtable_instance",
+            default="",
+            help="Optional Bigtable instance (in --project) to keep each entity's active enforce-mode mitigations "
+            "in, for enforcement services to read. Empty (default) writes none.",
+        )
+        parser.add_argument(
+            "--bigtable_table",
+            default=MITIGATIONS_TABLE_ID,
+            help="Bigtable table of active mitigations in --bigtable_instance, created by pipelines.provision.",
         )
         parser.add_argument(
             "--allowed_lateness_sec",
@@ -153,6 +174,8 @@ def validate(opts: StreamingOptions) -> None:
     ]
     if opts.features_table and not _TABLE_RE.fullmatch(opts.features_table):
         raise OptionsError(f"--features_table {opts.features_table!r} is not of the form PROJECT:DATASET.TABLE")
+    if opts.bigtable_instance:
+        _validate_bigtable(opts)
     for name, pattern, form in checks:
         value = getattr(opts, name)
         if not value:
@@ -173,6 +196,21 @@ def validate(opts: StreamingOptions) -> None:
             "signal_dedup_ttl_sec < allowed_lateness_sec: a signal redelivered after its id is forgotten but "
             "within lateness would be counted twice"
         )
+
+
+def _validate_bigtable(opts: StreamingOptions) -> None:
+    if not _BIGTABLE_INSTANCE_RE.fullmatch(opts.bigtable_instance):
+        raise OptionsError(
+            f"--bigtable_instance {opts.bigtable_instance!r} is not a Bigtable instance id "
+            "(6-33 characters: lowercase letters, digits and '-', starting with a letter, not ending with '-')"
+        )
+    if not _BIGTABLE_TABLE_RE.fullmatch(opts.bigtable_table):
+        raise OptionsError(
+            f"--bigtable_table {opts.bigtable_table!r} is not a Bigtable table id "
+            "(1-50 characters: letters, digits, '_', '-' and '.', not starting with '-' or '.')"
+        )
+    if not opts.view_as(GoogleCloudOptions).project:
+        raise OptionsError("--bigtable_instance needs --project (the project of the Bigtable instance)")
 
 
 def decision_message(decision) -> PubsubMessage:
@@ -290,6 +328,11 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
     if opts.features_table:
         rows = outputs.features | "ToFeatureRow" >> beam.Map(feature_row).with_output_types(FeatureRow)
         rejected.append(rows | "WriteFeatureRows" >> WriteRows(opts.features_table, FEATURE_ROW_SCHEMA, method))
+    if opts.bigtable_instance:
+        project = pipeline.options.view_as(GoogleCloudOptions).project
+        _ = outputs.decisions | "WriteActiveMitigations" >> WriteActiveMitigations(
+            project, opts.bigtable_instance, opts.bigtable_table
+        )
     dead_letters = outputs.dead_letters
     if method == "STREAMING_INSERTS":
         dead_letters = [dead_letters, *rejected] | "WithRejectedRows" >> beam.Flatten()

@@ -143,3 +143,36 @@ def test_a_feature_row_is_a_valid_bigquery_row():
     row = to_bigquery_row(FEATURE_ROW_SCHEMA, feature_row(ef))
     assert row["event_count"] == 3 and row["window_start_ms"] == "1970-01-01T00:00:00.000Z"
     assert row["features"] == [{"key": "events", "value": 3.0}, {"key": "streams", "value": 2.0}]
+
+
+def test_the_optional_bigtable_instance_adds_the_state_sink_and_keeps_the_other_step_names(transforms):
+    pipeline, opts = make_pipeline([*ARGS, "--bigtable_instance=my-instance"], None)
+    assert opts.bigtable_table == "mitigations"
+    proto = pipeline.run().job.proto_pipeline
+    with_bigtable = {t.unique_name: t.spec.urn for t in proto.components.transforms.values()}
+    added = set(step_names(with_bigtable)) - set(step_names(transforms))
+    assert {"WriteActiveMitigations", "WriteActiveMitigations/ToRows", "WriteActiveMitigations/Write"} <= added
+    assert all(name.startswith("WriteActiveMitigations") for name in added)
+    assert set(step_names(transforms)) <= set(step_names(with_bigtable))
+    # The pure-Python writer: no cross-language (expansion service) transform in the graph.
+    assert not any("schematransform" in urn or "external" in urn for urn in with_bigtable.values())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--bigtable_instance=Bad_Instance"], "is not a Bigtable instance id"),
+        (["--bigtable_instance=short"], "is not a Bigtable instance id"),  # 5 characters; 6 is the minimum
+        (["--bigtable_instance=my-instance-"], "is not a Bigtable instance id"),
+        (["--bigtable_instance=my-instance", "--bigtable_table=.hidden"], "is not a Bigtable table id"),
+    ],
+)
+def test_bad_bigtable_options_fail_before_building(extra, message):
+    with pytest.raises(OptionsError, match=message):
+        make_pipeline([*ARGS, *extra], None)
+
+
+def test_the_bigtable_sink_needs_a_project():
+    args = [a for a in ARGS if not a.startswith(("--project", "--runner", "--dry_run"))]
+    with pytest.raises(OptionsError, match="needs --project"):
+        make_pipeline([*args, "--bigtable_instance=my-instance"], None)
