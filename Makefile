@@ -13,7 +13,7 @@ BQ_STAMP := $(BQ_VENV)/.installed
 
 .PHONY: demo test eval soak lint format validate-rules clean streaming-local
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt service/requirements.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)

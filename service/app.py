@@ -1,0 +1,946 @@
+"""The Mitigation API: active mitigations for enforcement services, and the operator's levers.
+
+Enforcement services (gateways, the player, payments) ask which mitigations
+are active for an entity; operators reverse decisions, change the allowlist
+and pause rules. Every operator write is audited with the token's actor and a
+reason, in the same BigQuery audit table as the pipeline's decisions.
+
+Reads come from Bigtable (``schemas/mitigation_state.py``), one ``ReadRows``
+per request. Writes reuse the pipeline's own code: ``pipelines.reverse`` for
+reversals, ``parse_allowlist`` and ``parse_rule_overrides`` to validate a file
+before it replaces the old one, so the streaming job never reads a file the
+API made invalid.
+
+Order of an operator write: validate, write the audit row, then replace the
+file. If the audit table is unavailable nothing changes (503): an unaudited
+change is worse than a delayed one. Files are rewritten from parsed YAML, so
+only their leading comment block survives; comments between entries are lost.
+Writes to one file are serialised in this process; run one process per file.
+
+Serve it with ``python -m service`` (see ``service/__main__.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import tempfile
+import threading
+import time
+import typing
+
+import orjson
+import yaml
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Request, Response, Security, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipelines.reverse import ReversalError, _table_id, find_decision, reverse
+from schemas import AUDIT_SCHEMA, ENTITY_TYPES, AuditRow, to_bigquery_row
+from schemas.mitigation_state import TABLE_ID
+from service.auth import OPERATE, READ, Principal, load_tokens
+from transforms.parse import _ID_RE
+from transforms.rulepack import _RULE_ID_RE, Rule, RulePackError, load_rule_pack, parse_rule_overrides
+from transforms.safeguards import AllowlistError, parse_allowlist
+
+if typing.TYPE_CHECKING:
+    from google.cloud import bigquery, pubsub_v1
+
+    from service.store import MitigationStore
+
+_LOGGER = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_BATCH = 100
+MAX_REASON = 500
+# The id grammar of signals (transforms.parse), anchored: pydantic's pattern is a search, not a full match.
+ID_PATTERN = f"^{_ID_RE.pattern}$"
+RULE_ID_PATTERN = f"^{_RULE_ID_RE.pattern}$"
+# One human sentence: no control characters (no newlines), at least one visible character.
+REASON_PATTERN = r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$"
+OPERATOR_PACK = "operator"
+# Audit statuses of operators' changes (reversals keep pipelines.reverse's own status, "reversal").
+OPERATOR_ALLOWLIST_ADD = "operator_allowlist_add"
+OPERATOR_ALLOWLIST_EXPIRE = "operator_allowlist_expire"
+OPERATOR_RULE_PAUSE = "operator_rule_pause"
+OPERATOR_RULE_RESUME = "operator_rule_resume"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Where the API reads and writes. Tables are ``PROJECT:DATASET.TABLE``, as for ``pipelines.reverse``."""
+
+    project: str
+    bigtable_instance: str
+    decisions_topic: str
+    decisions_table: str
+    audit_table: str
+    allowlist_path: str
+    rule_overrides_path: str
+    rules_path: str
+    tokens_path: str | None
+    bigtable_table: str = TABLE_ID
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+# --- models -----------------------------------------------------------------------------------
+EntityType = enum.StrEnum("EntityType", {name: name for name in ENTITY_TYPES})
+EntityId = typing.Annotated[str, Field(pattern=ID_PATTERN, max_length=128, examples=["u-1001"])]
+RuleId = typing.Annotated[str, Field(pattern=RULE_ID_PATTERN, max_length=64, examples=["stream_farm_exclude"])]
+Reason = typing.Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_REASON,
+        pattern=REASON_PATTERN,
+        description="Why (appeal or incident number, finding). Stored in the audit table.",
+        examples=["Appeal 4411 upheld"],
+    ),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Error(BaseModel):
+    error: str = Field(description="What went wrong, for a person to read.")
+
+
+class Problem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationFailure(BaseModel):
+    error: str
+    detail: list[Problem]
+
+
+class Mitigation(BaseModel):
+    """One active enforce decision against an entity, as the pipeline stored it."""
+
+    decision_id: str
+    entity_type: str
+    entity_id: str
+    action: str = Field(description="flag_for_review, exclude_streams, throttle, challenge, block_ip or suspend.")
+    rule_id: str
+    rule_version: int
+    reason: str
+    decided_at_ms: int = Field(description="Epoch milliseconds.")
+    expires_at_ms: int = Field(description="Epoch milliseconds; the mitigation is active until then.")
+    window_start_ms: int
+    window_end_ms: int
+
+
+class EntityMitigations(BaseModel):
+    entity_type: str
+    entity_id: str
+    mitigations: list[Mitigation] = Field(description="Active mitigations, soonest expiry first; empty if none.")
+
+
+class EntityRef(_Strict):
+    entity_type: EntityType
+    entity_id: EntityId
+
+
+class BatchLookupRequest(_Strict):
+    entities: list[EntityRef] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchLookupResponse(BaseModel):
+    results: list[EntityMitigations] = Field(description="One per requested entity, in request order.")
+
+
+class ReasonRequest(_Strict):
+    reason: Reason
+
+
+class ReversalResponse(BaseModel):
+    decision_id: str = Field(description="The reversed decision.")
+    reversal_decision_id: str = Field(description="The compensating decision, published and audited.")
+    entity_type: str
+    entity_id: str
+    action: str
+    rule_id: str
+    actor: str
+    reason: str
+
+
+class AllowlistEntryRequest(_Strict):
+    """An allowlist entry as in the YAML file: exactly one of id, id_prefix, cidr (ip only)."""
+
+    entity: EntityType
+    id: EntityId | None = None
+    id_prefix: typing.Annotated[str, Field(min_length=3, pattern=ID_PATTERN, max_length=128)] | None = None
+    cidr: typing.Annotated[str, Field(min_length=3, max_length=64, pattern=r"^[0-9A-Fa-f:./]+$")] | None = None
+    rules: list[RuleId] = Field(default_factory=list, max_length=100, description="Empty: every rule.")
+    expires: dt.date | None = Field(default=None, description="Last day the entry applies (UTC); none: no end.")
+    reason: Reason
+    owner: typing.Annotated[str, Field(min_length=1, max_length=200, pattern=REASON_PATTERN)]
+
+
+class AllowlistEntry(BaseModel):
+    index: int = Field(description="Position in the file, from 0; what /v1/allowlist/{index}/expire takes.")
+    entity: str
+    id: str | None = None
+    id_prefix: str | None = None
+    cidr: str | None = None
+    rules: list[str]
+    expires: dt.date | None
+    reason: str
+    owner: str
+    active: bool = Field(description="False once the expiry day has passed.")
+
+
+class AllowlistResponse(BaseModel):
+    version: str = Field(description="SHA-256 of the file; send it as If-Match to refuse a write on a changed file.")
+    entries: list[AllowlistEntry]
+
+
+class AllowlistChange(BaseModel):
+    version: str = Field(description="SHA-256 of the file after the change.")
+    entry: AllowlistEntry
+    audit_id: str
+
+
+class PausedRule(BaseModel):
+    rule: str
+    actor: str
+    reason: str
+    paused_at: str | None = None
+
+
+class PausedRules(BaseModel):
+    paused: list[PausedRule]
+
+
+class RuleChange(BaseModel):
+    rule: str
+    paused: bool
+    actor: str
+    reason: str
+    audit_id: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, typing.Any]]:
+    return {code: {"model": ValidationFailure if code == 422 else Error} for code in codes}
+
+
+# --- the service's state -----------------------------------------------------------------
+class AuditUnavailable(RuntimeError):
+    """The audit row could not be written, so the change was not made."""
+
+
+class _Service:
+    """Settings, tokens and (made on first use) the cloud clients; one per app."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.tokens = load_tokens(settings.tokens_path)
+        self.known_rules()  # fail at start on a broken pack, not on the first operator call
+        self.allowlist_lock = threading.Lock()
+        self.overrides_lock = threading.Lock()
+
+    def known_rules(self) -> dict[str, Rule]:
+        """The pack's rules by id, re-read on each use: rules added since start can be paused without a restart."""
+        return {rule.id: rule for rule in load_rule_pack(self.settings.rules_path).rules}
+
+    @functools.cached_property
+    def store(self) -> MitigationStore:
+        from service.store import MitigationStore
+
+        return MitigationStore(self.settings.project, self.settings.bigtable_instance, self.settings.bigtable_table)
+
+    @functools.cached_property
+    def bigquery(self) -> bigquery.Client:
+        from pipelines.provision import client_for
+
+        return client_for(self.settings.project)
+
+    @functools.cached_property
+    def publisher(self) -> pubsub_v1.PublisherClient:
+        from google.cloud import pubsub_v1
+
+        return pubsub_v1.PublisherClient()
+
+    def audit(self, row: AuditRow) -> None:
+        try:
+            errors = self.bigquery.insert_rows_json(
+                _table_id(self.settings.audit_table), [to_bigquery_row(AUDIT_SCHEMA, row)], row_ids=[row.decision_id]
+            )
+        except Exception as err:  # any client or transport failure: the caller refuses the change
+            _LOGGER.exception("audit insert failed", extra={"decision_id": row.decision_id})
+            raise AuditUnavailable(str(err)) from err
+        if errors:
+            _LOGGER.error("audit table rejected a row: %s", errors, extra={"decision_id": row.decision_id})
+            raise AuditUnavailable(str(errors))
+
+
+def _service(request: Request) -> _Service:
+    return request.app.state.service
+
+
+_bearer = HTTPBearer(auto_error=False, description="A token from the token file; scopes read and operate.")
+
+
+def _requires(scope: str):
+    def dependency(request: Request, credentials: HTTPAuthorizationCredentials | None = Security(_bearer)) -> Principal:
+        return _service(request).tokens.require(credentials.credentials if credentials else None, scope)
+
+    return dependency
+
+
+reader = _requires(READ)
+operator = _requires(OPERATE)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _today(now_ms: int) -> dt.date:
+    return dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).date()
+
+
+def _rfc3339(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def operator_audit_row(
+    *,
+    status_: str,
+    target: str,
+    entity_type: str,
+    entity_id: str,
+    action: str,
+    rule_id: str,
+    rule_version: int,
+    reason: str,
+    actor: str,
+    note: str,
+    now_ms: int,
+) -> AuditRow:
+    """An operator's change as an audit row: same table and shape as decisions, rule pack ``operator``."""
+    return AuditRow(
+        decision_id=hashlib.sha256(f"{status_}\x1f{target}\x1f{now_ms}".encode()).hexdigest()[:32],
+        entity_type=entity_type,
+        entity_id=entity_id,
+        action=action,
+        rule_id=rule_id,
+        rule_version=rule_version,
+        rule_pack=OPERATOR_PACK,
+        mode="enforce",
+        status=status_,
+        reason=reason,
+        evidence_json="{}",
+        features_json="{}",
+        event_count=0,
+        window_start_ms=now_ms,
+        window_end_ms=now_ms,
+        decided_at_ms=now_ms,
+        expires_at_ms=now_ms,
+        trace_ids=[],
+        safeguard_note=note,
+        reverses_decision_id=None,
+        actor=actor,
+    )
+
+
+# --- policy files --------------------------------------------------------------------------
+def _read(path: str) -> str:
+    """The file's text; a missing file reads as empty (no entries), and the first write creates it."""
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+
+
+def _version(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_version(text: str, if_match: str | None) -> None:
+    if if_match is not None and if_match.strip().strip('"') not in (_version(text), "*"):
+        raise HTTPException(status.HTTP_412_PRECONDITION_FAILED, "the file changed since that version; read it again")
+
+
+def _leading_comments(text: str) -> str:
+    """The file's opening comment block, which explains the format to whoever edits it by hand next."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("#") or (lines and not line.strip()):
+            lines.append(line)
+        else:
+            break
+    block = "\n".join(lines).rstrip()
+    return block + "\n" if block else ""
+
+
+def _rewrite(text: str, key: str, entries: list) -> str:
+    """The file with its ``key`` list replaced; other top-level keys and the leading comments are kept."""
+    doc = yaml.safe_load(text) if text.strip() else None
+    doc = dict(doc) if isinstance(doc, dict) else {}
+    doc[key] = entries
+    dumped = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, default_flow_style=False, width=1000)
+    return _leading_comments(text) + dumped
+
+
+def _atomic_write(path: str, text: str) -> None:
+    """Replace the file in one step (temp file in the same directory, then rename): readers see old or new."""
+    target = pathlib.Path(path)
+    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _raw_entries(text: str, key: str) -> list:
+    """The file's ``key`` list as plain YAML data (call after the file has been validated)."""
+    doc = yaml.safe_load(text) if text.strip() else None
+    return list(doc.get(key) or []) if isinstance(doc, dict) else []
+
+
+def _day_before(expires_ms: int | None) -> dt.date | None:
+    """parse_allowlist keeps the exclusive end (midnight after the day); the file names the day itself."""
+    if expires_ms is None:
+        return None
+    return (dt.datetime.fromtimestamp(expires_ms / 1000, tz=dt.UTC) - dt.timedelta(days=1)).date()
+
+
+def _parse_allowlist(text: str, known_rules: typing.Collection[str], now_ms: int) -> list[AllowlistEntry]:
+    """The entries, validated as the streaming job validates them; raises AllowlistError."""
+    parsed = parse_allowlist(text if text.strip() else "allowlist: []", "allowlist", known_rules)
+    return [
+        AllowlistEntry(
+            index=n,
+            entity=e.entity,
+            id=e.id,
+            id_prefix=e.id_prefix,
+            cidr=e.cidr,
+            rules=list(e.rules),
+            expires=_day_before(e.expires_ms),
+            reason=e.reason,
+            owner=e.owner,
+            active=e.expires_ms is None or now_ms < e.expires_ms,
+        )
+        for n, e in enumerate(parsed.entries)
+    ]
+
+
+def _current_allowlist(text: str, known_rules: typing.Collection[str], now_ms: int) -> list[AllowlistEntry]:
+    """The file as it is; a broken file is a conflict for a person to fix, not something to write over."""
+    try:
+        return _parse_allowlist(text, known_rules, now_ms)
+    except AllowlistError as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the allowlist file needs fixing by hand first: {err}") from None
+
+
+def _changed_allowlist(text: str, known_rules: typing.Collection[str], now_ms: int) -> list[AllowlistEntry]:
+    """The file after the caller's change; a problem is the request's (422)."""
+    try:
+        return _parse_allowlist(text, known_rules, now_ms)
+    except AllowlistError as err:
+        raise HTTPException(422, str(err)) from None
+
+
+def _allowlist_audit(status_: str, entry: AllowlistEntry, reason: str, actor: str, now_ms: int) -> AuditRow:
+    key, value = next((k, getattr(entry, k)) for k in ("id", "id_prefix", "cidr") if getattr(entry, k) is not None)
+    rules = ",".join(entry.rules) or "*"
+    expires = entry.expires.isoformat() if entry.expires else "never"
+    return operator_audit_row(
+        status_=status_,
+        target=f"allowlist\x1f{entry.entity}\x1f{key}\x1f{value}",
+        entity_type=entry.entity,
+        entity_id=value,
+        action="allowlist",
+        rule_id=rules,
+        rule_version=0,
+        reason=reason,
+        actor=actor,
+        note=f"allowlist entry #{entry.index}: {key} {value}, rules {rules}, expires {expires}, owner {entry.owner}",
+        now_ms=now_ms,
+    )
+
+
+def _paused_entries(text: str, known_rules: typing.Collection[str]) -> list[dict]:
+    """The overrides file's entries, validated with parse_rule_overrides; a broken file is a conflict (409)."""
+    try:
+        parse_rule_overrides(text, "rule overrides", known_rules)
+    except RulePackError as err:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"the rule overrides file needs fixing: {err}") from None
+    return _raw_entries(text, "paused")
+
+
+def _paused_ids(text: str) -> set[str]:
+    """Rule ids named in the file, whether or not the pack still has them (so they can be resumed)."""
+    try:
+        entries = _raw_entries(text, "paused")
+    except yaml.YAMLError:
+        return set()
+    return {e["rule"] for e in entries if isinstance(e, dict) and isinstance(e.get("rule"), str)}
+
+
+def _as_text(value) -> str | None:
+    if isinstance(value, dt.datetime):  # an unquoted timestamp written by hand
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if value is None else str(value)
+
+
+def _rule_audit(status_: str, rule: Rule | None, rule_id: str, reason: str, actor: str, now_ms: int) -> AuditRow:
+    pausing = status_ == OPERATOR_RULE_PAUSE
+    return operator_audit_row(
+        status_=status_,
+        target=f"rule\x1f{rule_id}",
+        entity_type="rule",
+        entity_id=rule_id,
+        action=rule.action if rule else "none",
+        rule_id=rule_id,
+        rule_version=rule.version if rule else 0,
+        reason=reason,
+        actor=actor,
+        note="paused: runs in shadow until resumed" if pausing else "resumed: enforces from the next policy reload",
+        now_ms=now_ms,
+    )
+
+
+# --- endpoints -------------------------------------------------------------------------------
+router = APIRouter()
+EntityTypePath = typing.Annotated[EntityType, Path(description="One of the platform's entity types.")]
+EntityIdPath = typing.Annotated[str, Path(pattern=ID_PATTERN, max_length=128, description="The entity's id.")]
+DecisionIdPath = typing.Annotated[str, Path(pattern=ID_PATTERN, max_length=128, description="A decision id.")]
+RuleIdPath = typing.Annotated[str, Path(pattern=RULE_ID_PATTERN, max_length=64, description="A rule id of the pack.")]
+IndexPath = typing.Annotated[int, Path(ge=0, le=100_000, description="The entry's index from GET /v1/allowlist.")]
+IfMatch = typing.Annotated[
+    str | None,
+    Header(max_length=200, description="The version from GET /v1/allowlist; the write is refused (412) if stale."),
+]
+Service = typing.Annotated[_Service, Depends(_service)]
+Reader = typing.Annotated[Principal, Depends(reader)]
+Operator = typing.Annotated[Principal, Depends(operator)]
+_READ_ERRORS = _errors(401, 403, 413, 422)
+_WRITE_ERRORS = _errors(401, 403, 404, 409, 412, 413, 422, 503)
+
+
+@router.get("/healthz", tags=["ops"], operation_id="healthz")
+def healthz() -> Health:
+    """Liveness: the process serves requests. Needs no token and touches no backend."""
+    return Health(status="ok")
+
+
+@router.get(
+    "/v1/entities/{entity_type}/{entity_id:path}/mitigations",
+    tags=["mitigations"],
+    responses=_READ_ERRORS,
+    operation_id="getEntityMitigations",
+)
+def entity_mitigations(
+    entity_type: EntityTypePath, entity_id: EntityIdPath, service: Service, _: Reader
+) -> EntityMitigations:
+    """Active (not yet expired) enforce mitigations against one entity; an empty list if there are none."""
+    entity = (entity_type.value, entity_id)
+    found = service.store.lookup([entity], _now_ms())
+    return EntityMitigations(entity_type=entity[0], entity_id=entity_id, mitigations=found[entity])
+
+
+@router.post(
+    "/v1/mitigations:batchLookup",
+    tags=["mitigations"],
+    responses=_READ_ERRORS,
+    operation_id="batchLookupMitigations",
+)
+def batch_lookup(body: BatchLookupRequest, service: Service, _: Reader) -> BatchLookupResponse:
+    """Active mitigations for 1 to 100 entities, in one Bigtable read."""
+    wanted = [(e.entity_type.value, e.entity_id) for e in body.entities]
+    found = service.store.lookup(wanted, _now_ms())
+    return BatchLookupResponse(
+        results=[EntityMitigations(entity_type=t, entity_id=i, mitigations=found[(t, i)]) for t, i in wanted]
+    )
+
+
+@router.post(
+    "/v1/decisions/{decision_id:path}/reversal",
+    tags=["decisions"],
+    responses=_errors(401, 403, 404, 409, 413, 422),
+    operation_id="reverseDecision",
+)
+def reverse_decision(
+    decision_id: DecisionIdPath, body: ReasonRequest, service: Service, caller: Operator
+) -> ReversalResponse:
+    """Reverse a decision (pipelines.reverse: published, written and audited), then lift its active mitigation.
+
+    A second call is refused (409) but still lifts the mitigation, so a retry after a failed Bigtable delete heals.
+    """
+    settings, reason = service.settings, body.reason.strip()
+    try:
+        original = find_decision(service.bigquery, settings.decisions_table, decision_id)
+    except ReversalError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such decision") from None
+    try:
+        reversal = reverse(
+            service.bigquery,
+            service.publisher,
+            decision_id=decision_id,
+            reason=reason,
+            actor=caller.actor,
+            decisions_table=settings.decisions_table,
+            audit_table=settings.audit_table,
+            decisions_topic=settings.decisions_topic,
+        )
+    except ReversalError as err:
+        # reverse() has one error type; these two are the refusals, anything else (a rejected row) is a failure.
+        if "already reversed" not in str(err) and "itself a reversal" not in str(err):
+            raise
+        if not original.reverses_decision_id:
+            service.store.remove(original.entity_type, original.entity_id, original.decision_id)
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    service.store.remove(original.entity_type, original.entity_id, original.decision_id)
+    _LOGGER.info("decision reversed", extra={"decision_id": original.decision_id, "rule_id": original.rule_id})
+    return ReversalResponse(
+        decision_id=original.decision_id,
+        reversal_decision_id=reversal.decision_id,
+        entity_type=original.entity_type,
+        entity_id=original.entity_id,
+        action=original.action,
+        rule_id=original.rule_id,
+        actor=caller.actor,
+        reason=reason,
+    )
+
+
+@router.get(
+    "/v1/allowlist",
+    tags=["allowlist"],
+    responses=_errors(401, 403, 409, 413, 422),
+    operation_id="listAllowlist",
+)
+def list_allowlist(response: Response, service: Service, _: Reader) -> AllowlistResponse:
+    """Every allowlist entry, ended ones included (``active`` false), and the file's version (also the ETag)."""
+    text = _read(service.settings.allowlist_path)
+    version = _version(text)
+    response.headers["ETag"] = f'"{version}"'
+    return AllowlistResponse(version=version, entries=_current_allowlist(text, (), _now_ms()))
+
+
+@router.post(
+    "/v1/allowlist",
+    tags=["allowlist"],
+    status_code=status.HTTP_201_CREATED,
+    responses=_WRITE_ERRORS,
+    operation_id="addAllowlistEntry",
+)
+def add_allowlist_entry(
+    body: AllowlistEntryRequest, service: Service, caller: Operator, if_match: IfMatch = None
+) -> AllowlistChange:
+    """Append an entry. The whole new file is validated (rule ids against the pack) before it replaces the old."""
+    now_ms = _now_ms()
+    if body.expires is not None and body.expires < _today(now_ms):
+        raise HTTPException(422, "expires is in the past")
+    raw: dict[str, typing.Any] = {"entity": body.entity.value}
+    raw.update({key: getattr(body, key) for key in ("id", "id_prefix", "cidr") if getattr(body, key) is not None})
+    raw.update(reason=body.reason.strip(), owner=body.owner.strip())
+    if body.rules:
+        raw["rules"] = list(body.rules)
+    if body.expires is not None:
+        raw["expires"] = body.expires
+    path = service.settings.allowlist_path
+    with service.allowlist_lock:
+        text = _read(path)
+        _check_version(text, if_match)
+        known = service.known_rules()
+        _current_allowlist(text, known, now_ms)
+        new_text = _rewrite(text, "allowlist", [*_raw_entries(text, "allowlist"), raw])
+        entry = _changed_allowlist(new_text, known, now_ms)[-1]
+        row = _allowlist_audit(OPERATOR_ALLOWLIST_ADD, entry, body.reason.strip(), caller.actor, now_ms)
+        service.audit(row)
+        _atomic_write(path, new_text)
+    _LOGGER.info("allowlist entry %d added", entry.index, extra={"decision_id": row.decision_id})
+    return AllowlistChange(version=_version(new_text), entry=entry, audit_id=row.decision_id)
+
+
+@router.post(
+    "/v1/allowlist/{index}/expire",
+    tags=["allowlist"],
+    responses=_WRITE_ERRORS,
+    operation_id="expireAllowlistEntry",
+)
+def expire_allowlist_entry(
+    index: IndexPath, body: ReasonRequest, service: Service, caller: Operator, if_match: IfMatch = None
+) -> AllowlistChange:
+    """End an entry today: it still applies until the end of today (UTC), as any ``expires`` day does.
+
+    The entry stays in the file, so the file keeps its history. An entry that already ends today or earlier is
+    a conflict (409): setting today would extend it.
+    """
+    now_ms = _now_ms()
+    today = _today(now_ms)
+    path = service.settings.allowlist_path
+    with service.allowlist_lock:
+        text = _read(path)
+        _check_version(text, if_match)
+        known = service.known_rules()
+        entries = _current_allowlist(text, known, now_ms)
+        if index >= len(entries):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no allowlist entry {index} (there are {len(entries)})")
+        if entries[index].expires is not None and entries[index].expires <= today:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"entry {index} already ends on {entries[index].expires}")
+        raw = _raw_entries(text, "allowlist")
+        raw[index] = {**raw[index], "expires": today}
+        new_text = _rewrite(text, "allowlist", raw)
+        entry = _changed_allowlist(new_text, known, now_ms)[index]
+        row = _allowlist_audit(OPERATOR_ALLOWLIST_EXPIRE, entry, body.reason.strip(), caller.actor, now_ms)
+        service.audit(row)
+        _atomic_write(path, new_text)
+    _LOGGER.info("allowlist entry %d expired", index, extra={"decision_id": row.decision_id})
+    return AllowlistChange(version=_version(new_text), entry=entry, audit_id=row.decision_id)
+
+
+@router.get(
+    "/v1/rules/paused",
+    tags=["rules"],
+    responses=_errors(401, 403, 409, 413, 422),
+    operation_id="listPausedRules",
+)
+def list_paused_rules(service: Service, _: Reader) -> PausedRules:
+    """Rules operators paused: the streaming job runs them in shadow."""
+    text = _read(service.settings.rule_overrides_path)
+    entries = _paused_entries(text, _paused_ids(text))  # shape only: a rule gone from the pack is still listed
+    return PausedRules(
+        paused=[
+            PausedRule(rule=e["rule"], actor=e["actor"], reason=e["reason"], paused_at=_as_text(e.get("paused_at")))
+            for e in entries
+        ]
+    )
+
+
+@router.post("/v1/rules/{rule_id}/pause", tags=["rules"], responses=_WRITE_ERRORS, operation_id="pauseRule")
+def pause_rule(rule_id: RuleIdPath, body: ReasonRequest, service: Service, caller: Operator) -> RuleChange:
+    """Pause a rule: from the job's next policy reload it runs in shadow (audited ``rule_paused``)."""
+    return _set_paused(service, rule_id, True, body.reason.strip(), caller.actor)
+
+
+@router.post("/v1/rules/{rule_id}/resume", tags=["rules"], responses=_WRITE_ERRORS, operation_id="resumeRule")
+def resume_rule(rule_id: RuleIdPath, body: ReasonRequest, service: Service, caller: Operator) -> RuleChange:
+    """Resume a paused rule: it enforces again from the job's next policy reload."""
+    return _set_paused(service, rule_id, False, body.reason.strip(), caller.actor)
+
+
+def _set_paused(service: _Service, rule_id: str, pause: bool, reason: str, actor: str) -> RuleChange:
+    """Add or remove the rule's entry. The new file must pass the job's own check against the current pack."""
+    now_ms = _now_ms()
+    path = service.settings.rule_overrides_path
+    with service.overrides_lock:
+        rules = service.known_rules()
+        text = _read(path)
+        entries = _paused_entries(text, set(rules) | _paused_ids(text))
+        paused_ids = [e["rule"] for e in entries]
+        if pause and rule_id not in rules:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rule {rule_id} in the rule pack")
+        if not pause and rule_id not in rules and rule_id not in paused_ids:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rule {rule_id} in the rule pack")
+        if pause and rule_id in paused_ids:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"rule {rule_id} is already paused")
+        if not pause and rule_id not in paused_ids:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"rule {rule_id} is not paused")
+        if pause:
+            entries.append({"rule": rule_id, "actor": actor, "reason": reason, "paused_at": _rfc3339(now_ms)})
+        else:  # resuming a rule the pack no longer has is allowed: it drops an entry the job would refuse
+            entries = [e for e in entries if e["rule"] != rule_id]
+        new_text = _rewrite(text, "paused", entries)
+        try:
+            parse_rule_overrides(new_text, "rule overrides", rules)
+        except RulePackError as err:  # e.g. another entry names a rule the pack has dropped: resume that first
+            raise HTTPException(status.HTTP_409_CONFLICT, f"the job would refuse the new file: {err}") from None
+        status_ = OPERATOR_RULE_PAUSE if pause else OPERATOR_RULE_RESUME
+        row = _rule_audit(status_, rules.get(rule_id), rule_id, reason, actor, now_ms)
+        service.audit(row)
+        _atomic_write(path, new_text)
+    _LOGGER.info(
+        "rule %s", "paused" if pause else "resumed", extra={"rule_id": rule_id, "decision_id": row.decision_id}
+    )
+    return RuleChange(rule=rule_id, paused=pause, actor=actor, reason=reason, audit_id=row.decision_id)
+
+
+# --- middleware and error handling ---------------------------------------------------------
+async def _send_json(send: Send, status_code: int, body: dict) -> None:
+    payload = orjson.dumps(body)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyLimitMiddleware:
+    """Refuses a request body over the limit with 413 before anything parses it, declared length or chunked.
+
+    The body (at most the limit) is read here and replayed to the app.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                await _send_json(send, 400, {"error": "invalid Content-Length"})
+                return
+            if int(declared) > self.max_bytes:
+                await _send_json(send, 413, {"error": f"request body over {self.max_bytes} bytes"})
+                return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await _send_json(send, 413, {"error": f"request body over {self.max_bytes} bytes"})
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class CatchAllMiddleware:
+    """An unhandled exception becomes ``{"error": "internal error"}`` (500); its stack trace goes to the log only."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception:
+            _LOGGER.exception("unhandled error in %s %s", scope.get("method"), _route(scope))
+            if started:
+                raise
+            await _send_json(send, 500, {"error": "internal error"})
+
+
+class AccessLogMiddleware:
+    """One line per request: method, route template (never the ids in the path), status and milliseconds."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") == "/healthz":
+            await self.app(scope, receive, send)
+            return
+        start, code = time.monotonic(), 500
+
+        async def tracking(message: Message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        finally:
+            elapsed = (time.monotonic() - start) * 1000
+            _LOGGER.info("%s %s %d %.1f ms", scope.get("method"), _route(scope), code, elapsed)
+
+
+def _route(scope: Scope) -> str:
+    """The matched route's template: ids in the path (user ids, IPs) stay out of the logs."""
+    return getattr(scope.get("route"), "path_format", "(not routed)")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # Location, message and type only: the input itself is not echoed back.
+    problems = [
+        {
+            "loc": [p if isinstance(p, int) else str(p)[:64] for p in e.get("loc", ())],
+            "msg": e["msg"],
+            "type": e["type"],
+        }
+        for e in exc.errors()[:20]
+    ]
+    return JSONResponse({"error": "invalid request", "detail": problems}, status_code=422)
+
+
+async def _audit_unavailable(request: Request, exc: AuditUnavailable) -> JSONResponse:
+    return JSONResponse({"error": "the audit table is unavailable; nothing was changed"}, status_code=503)
+
+
+async def _policy_unreadable(request: Request, exc: RulePackError) -> JSONResponse:
+    _LOGGER.error("rule pack cannot be used: %s", exc)
+    return JSONResponse({"error": "the rule pack cannot be read; nothing was changed"}, status_code=503)
+
+
+# --- the app -----------------------------------------------------------------------------------
+def create_app(settings: Settings) -> FastAPI:
+    """The API over these settings. Tokens and the rule pack are read now (a bad file fails at start)."""
+    app = FastAPI(
+        title="Mitigation API",
+        version="1",
+        description=__doc__.split("\n\n")[0],
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.service = _Service(settings)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(AuditUnavailable, _audit_unavailable)
+    app.add_exception_handler(RulePackError, _policy_unreadable)
+    # add_middleware puts the last one outermost: access log, then the catch-all, then the body limit.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(AccessLogMiddleware)
+
+    app.include_router(router)
+    return app

@@ -1,0 +1,98 @@
+"""Read and lift active mitigations in Bigtable, in the layout of ``schemas/mitigation_state.py``.
+
+The streaming job writes one column per enforce decision, with the decision's
+expiry as the cell timestamp. Garbage collection removes expired cells only
+eventually, so every read here filters by timestamp: a cell is served while its
+expiry is still ahead (``expires_at_ms > now``), the same test the action
+ladder uses for "active". A reversal deletes the column.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+
+import orjson
+from google.cloud import bigtable
+from google.cloud.bigtable import row_filters
+from google.cloud.bigtable.row_set import RowSet
+
+from schemas.mitigation_state import FAMILY, TABLE_ID, VALUE_FIELDS, cell_timestamp, row_key
+
+_LOGGER = logging.getLogger(__name__)
+
+Entity = tuple[str, str]
+
+
+class MitigationStore:
+    """Active mitigations per entity. The Bigtable client is made here, but connects on first use."""
+
+    def __init__(self, project: str, instance: str, table_id: str = TABLE_ID):
+        self._client = bigtable.Client(project=project)
+        self._table = self._client.instance(instance).table(table_id)
+
+    def lookup(self, entities: typing.Sequence[Entity], now_ms: int) -> dict[Entity, list[dict]]:
+        """Every entity's active mitigations, newest expiry last, in one ``ReadRows`` call.
+
+        Args:
+            entities: (entity_type, entity_id) pairs; duplicates are read once.
+            now_ms: the moment of the read. Cells whose expiry is not after it are filtered out by the server.
+
+        Returns:
+            A list (possibly empty) for each requested entity. A cell that does not parse is skipped and logged
+            by decision id: a bad write must not hide an entity's other mitigations.
+        """
+        by_key = {row_key(t, i): (t, i) for t, i in entities}
+        found: dict[Entity, list[dict]] = {entity: [] for entity in by_key.values()}
+        if not by_key:
+            return found
+        row_set = RowSet()
+        for key in by_key:
+            row_set.add_row_key(key)
+        # Start is inclusive and in milliseconds: now + 1 ms serves cells that expire strictly after now.
+        active = row_filters.RowFilterChain(
+            filters=[
+                row_filters.FamilyNameRegexFilter(FAMILY),
+                row_filters.TimestampRangeFilter(row_filters.TimestampRange(start=cell_timestamp(now_ms + 1))),
+                row_filters.CellsColumnLimitFilter(1),
+            ]
+        )
+        for row in self._table.read_rows(row_set=row_set, filter_=active):
+            entity = by_key.get(row.row_key)
+            if entity is None:
+                continue
+            for qualifier, cells in row.cells.get(FAMILY, {}).items():
+                value = _parse_cell(qualifier, cells[0].value, entity)
+                if value is not None:
+                    found[entity].append(value)
+        for values in found.values():
+            values.sort(key=lambda v: (v["expires_at_ms"], v["decision_id"]))
+        return found
+
+    def remove(self, entity_type: str, entity_id: str, decision_id: str) -> None:
+        """Delete one mitigation's column (every version of it). Deleting a missing column is not an error."""
+        row = self._table.direct_row(row_key(entity_type, entity_id))
+        row.delete_cell(FAMILY, decision_id.encode("utf-8"))
+        row.commit()
+
+
+def _parse_cell(qualifier: bytes, raw: bytes, entity: Entity) -> dict | None:
+    decision_id = qualifier.decode("utf-8", errors="replace")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not all(_well_typed(name, value.get(name)) for name in VALUE_FIELDS):
+        _LOGGER.warning("skipped an unreadable mitigation cell", extra={"decision_id": decision_id})
+        return None
+    if (value["entity_type"], value["entity_id"]) != entity or value["decision_id"] != decision_id:
+        # A row holds one entity's columns; anything else is a writer bug, never served as this entity's.
+        _LOGGER.warning("skipped a mitigation cell filed under another entity", extra={"decision_id": decision_id})
+        return None
+    return {name: value[name] for name in VALUE_FIELDS}
+
+
+def _well_typed(name: str, value) -> bool:
+    if name.endswith("_ms") or name == "rule_version":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, str)

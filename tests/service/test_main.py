@@ -1,0 +1,78 @@
+"""``python -m service`` served by uvicorn: real HTTP, a body streamed in chunks, JSON logs without IPs."""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipelines.options import PROJECT_ROOT
+from tests.service.conftest import INSTANCE, READ_TOKEN, auth, mitigation, put_cell
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(settings, backends):
+    port = _free_port()
+    command = [sys.executable, "-m", "service", "--project", settings.project, "--bigtable_instance", INSTANCE]
+    command += ["--tokens", settings.tokens_path, "--allowlist", settings.allowlist_path, "--port", str(port)]
+    command += ["--rule_overrides", settings.rule_overrides_path]
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"the server did not start: {process.communicate()[1][-2000:]}")
+            time.sleep(0.2)
+    yield {"port": port, "process": process}
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _request(port, method, path, body=None, headers=None, encode_chunked=False):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {}, encode_chunked=encode_chunked)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_served_over_http_with_a_streamed_body_limit_and_masked_logs(server, backends):
+    port = server["port"]
+    ip = mitigation("ip", "203.0.113.9", expires_in_sec=600, action="block_ip")
+    put_cell(backends["table"], ip)
+
+    assert _request(port, "GET", "/healthz") == (200, b'{"status":"ok"}')
+    status, body = _request(port, "GET", "/v1/entities/ip/203.0.113.9/mitigations", headers=auth(READ_TOKEN))
+    assert status == 200 and [m["decision_id"] for m in json.loads(body)["mitigations"]] == [ip.decision_id]
+
+    def pieces():  # 80 chunks of 1 KiB with no Content-Length: the limit has to count as they arrive
+        for _ in range(80):
+            yield b" " * 1024
+
+    headers = {**auth(READ_TOKEN), "Content-Type": "application/json"}
+    status, body = _request(port, "POST", "/v1/mitigations:batchLookup", pieces(), headers, encode_chunked=True)
+    assert status == 413 and json.loads(body) == {"error": "request body over 65536 bytes"}
+
+    server["process"].terminate()
+    logs = server["process"].communicate(timeout=30)[1]
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert any(
+        entry["message"].startswith("GET /v1/entities/{entity_type}/{entity_id}/mitigations 200") for entry in lines
+    )
+    assert "203.0.113.9" not in logs and "127.0.0.1" not in logs

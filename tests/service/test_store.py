@@ -1,0 +1,70 @@
+"""MitigationStore against the Bigtable emulator: what is served, what is not, and removal."""
+
+import time
+
+from schemas.mitigation_state import FAMILY, cell_timestamp, row_key
+from service.store import MitigationStore
+from tests.service.conftest import INSTANCE, mitigation, put_cell, unique
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def test_lookup_serves_active_cells_only_and_keeps_entities_apart(backends):
+    table = backends["table"]
+    user, other = unique("u"), unique("u")
+    active = mitigation("user", user, expires_in_sec=3600)
+    later = mitigation("user", user, expires_in_sec=7200, action="suspend")
+    expired = mitigation("user", user, expires_in_sec=-60)
+    theirs = mitigation("user", other, expires_in_sec=3600)
+    for decision in (later, active, expired, theirs):
+        put_cell(table, decision)
+    store = MitigationStore(backends["project"], INSTANCE)
+
+    found = store.lookup([("user", user), ("device", user), ("user", unique("nobody"))], _now_ms())
+
+    assert [m["decision_id"] for m in found[("user", user)]] == [active.decision_id, later.decision_id]
+    assert found[("user", user)][1]["action"] == "suspend"
+    assert found[("device", user)] == []  # same id, other entity type: another row
+    assert len(found) == 3 and all(v == [] for k, v in found.items() if k[0] != "user" or k[1] != user)
+
+
+def test_a_cell_is_served_until_its_expiry_and_not_at_it(backends):
+    table = backends["table"]
+    user = unique("u")
+    decision = mitigation("user", user, expires_in_sec=3600)
+    put_cell(table, decision)
+    store = MitigationStore(backends["project"], INSTANCE)
+
+    assert store.lookup([("user", user)], decision.expires_at_ms - 1)[("user", user)]
+    assert store.lookup([("user", user)], decision.expires_at_ms)[("user", user)] == []
+
+
+def test_remove_deletes_one_column(backends):
+    table = backends["table"]
+    user = unique("u")
+    keep, lift = mitigation("user", user, expires_in_sec=3600), mitigation("user", user, expires_in_sec=3600)
+    put_cell(table, keep)
+    put_cell(table, lift)
+    store = MitigationStore(backends["project"], INSTANCE)
+
+    store.remove("user", user, lift.decision_id)
+    store.remove("user", user, "never-existed")  # not an error
+
+    assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [keep.decision_id]
+
+
+def test_an_unreadable_cell_is_skipped_not_fatal(backends):
+    table = backends["table"]
+    user = unique("u")
+    good = mitigation("user", user, expires_in_sec=3600)
+    put_cell(table, good)
+    row = table.direct_row(row_key("user", user))
+    future = cell_timestamp(good.expires_at_ms)
+    row.set_cell(FAMILY, b"garbage", b"{not json", timestamp=future)
+    row.set_cell(FAMILY, b"wrong-types", b'{"decision_id": "wrong-types", "rule_version": "x"}', timestamp=future)
+    row.commit()
+    store = MitigationStore(backends["project"], INSTANCE)
+
+    assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [good.decision_id]
