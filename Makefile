@@ -11,7 +11,7 @@ PYTHON313 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.
 BQ_VENV := .venv-bq
 BQ_STAMP := $(BQ_VENV)/.installed
 
-.PHONY: demo test eval soak lint format validate-rules clean streaming-local
+.PHONY: demo test eval soak api-demo bench-api lint format validate-rules clean streaming-local
 
 $(STAMP): requirements.txt requirements-dev.txt service/requirements.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ test: $(STAMP) $(BQ_STAMP)
 ## Start both emulators, provision tables, run the streaming job on simulated traffic, print decisions.
 streaming-local: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local
+
+## streaming-local, then the Mitigation API over the same emulators, with curl commands for a mitigated user.
+api-demo: $(STAMP) $(BQ_STAMP)
+	$(BIN)/python -m devtools.streaming_local --serve_api
+
+## Latency of the Mitigation API's single and batch lookups on loopback (writes benchmarks/results/api_latency.json).
+bench-api: $(STAMP)
+	$(BIN)/python -m benchmarks.api_latency
 
 ## Streaming job for 10 minutes against the emulators with faults injected, then reconciled (SOAK_ARGS to change).
 soak: $(STAMP) $(BQ_STAMP)
