@@ -30,13 +30,15 @@ import hashlib
 import sys
 import time
 
-from google.cloud import bigquery, pubsub_v1
+from google.cloud import bigquery, bigtable, pubsub_v1
 
 from pipelines.provision import client_for
 from pipelines.streaming import decision_message
 from schemas import AUDIT_SCHEMA, DECISION_SCHEMA, AuditRow, Decision, to_bigquery_row
 from schemas.avro import datetime_to_millis
+from schemas.mitigation_state import TABLE_ID
 from transforms.rules import RuleHit, to_audit_row
+from transforms.state_store import lift_row
 
 REVERSAL = "reversal"
 
@@ -145,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decisions_table", required=True, help="PROJECT:DATASET.TABLE of decisions.")
     parser.add_argument("--audit_table", required=True, help="PROJECT:DATASET.TABLE of audit rows.")
     parser.add_argument("--decisions_topic", required=True, help="projects/P/topics/T decisions are published to.")
+    parser.add_argument(
+        "--bigtable_instance",
+        default="",
+        help="Bigtable instance of the job's active mitigations (its --bigtable_instance): the reversed one is "
+        "lifted there too. Empty: the state store is not used.",
+    )
+    parser.add_argument("--bigtable_table", default=TABLE_ID, help="Bigtable table of active mitigations.")
     args = parser.parse_args(argv)
     try:
         reversal = reverse(
@@ -161,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"reversed {args.decision_id}: reversal {reversal.decision_id} published and audited")
+    if args.bigtable_instance:
+        table = bigtable.Client(project=args.project).instance(args.bigtable_instance).table(args.bigtable_table)
+        [status] = table.mutate_rows([lift_row(reversal.entity_type, reversal.entity_id, args.decision_id)])
+        if status.code != 0:
+            print(f"error: the mitigation is still active in Bigtable: {status.message}", file=sys.stderr)
+            return 1
+        print(f"lifted {args.decision_id} from {args.bigtable_instance}/{args.bigtable_table}")
     return 0
 
 

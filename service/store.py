@@ -18,6 +18,7 @@ from google.cloud.bigtable import row_filters
 from google.cloud.bigtable.row_set import RowSet
 
 from schemas.mitigation_state import FAMILY, TABLE_ID, VALUE_FIELDS, cell_timestamp, row_key
+from transforms.state_store import lift_row
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ class MitigationStore:
 
     def remove(self, entity_type: str, entity_id: str, decision_id: str) -> None:
         """Delete one mitigation's column (every version of it). Deleting a missing column is not an error."""
-        row = self._table.direct_row(row_key(entity_type, entity_id))
-        row.delete_cell(FAMILY, decision_id.encode("utf-8"))
-        row.commit()
+        [status] = self._table.mutate_rows([lift_row(entity_type, entity_id, decision_id)])
+        if status.code != 0:
+            raise RuntimeError(f"Bigtable refused to lift {decision_id}: {status.message}")
 
 
 def _parse_cell(qualifier: bytes, raw: bytes, entity: Entity) -> dict | None:

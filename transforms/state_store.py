@@ -67,6 +67,13 @@ def to_direct_row(decision: Decision) -> DirectRow:
     return row
 
 
+def lift_row(entity_type: str, entity_id: str, decision_id: str) -> DirectRow:
+    """The mutation that lifts one mitigation (a reversal): delete its column, every version."""
+    row = DirectRow(row_key(entity_type, entity_id))
+    row.delete_cell(FAMILY, decision_id.encode("utf-8"))
+    return row
+
+
 def _counted_row(decision: Decision) -> DirectRow:
     # Fused with the write, so on Dataflow the committed count only includes bundles whose flush succeeded.
     Metrics.counter(METRICS_NAMESPACE, "rows_written").inc()

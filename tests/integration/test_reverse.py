@@ -1,4 +1,4 @@
-"""Reversing a decision against the real emulators: compensating decision out, original kept."""
+"""Reversing a decision against the real emulators: compensating decision out, original kept, state lifted."""
 
 import subprocess
 import sys
@@ -6,15 +6,18 @@ import sys
 import pytest
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
-from google.cloud import bigquery, pubsub_v1
+from google.cloud import bigquery, bigtable, pubsub_v1
 
 from devtools.emulators import create_topic_with_subscription
 from pipelines import provision
 from pipelines.options import PROJECT_ROOT
 from schemas import DECISION_SCHEMA, to_bigquery_row
+from schemas.mitigation_state import TABLE_ID, row_key
 from tests.schemas.test_schemas import _decision
+from transforms.state_store import to_direct_row
 
 DATASET = "mitigation_reverse"
+INSTANCE = "reverse-instance"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,9 @@ def env(gcp_env):
     provision.provision(bq, DATASET)
     original = _decision()._replace(decision_id="orig-1", entity_id="u77")
     assert bq.insert_rows_json(f"{project}.{DATASET}.decisions", [to_bigquery_row(DECISION_SCHEMA, original)]) == []
+    provision.provision_bigtable(project, INSTANCE)
+    table = bigtable.Client(project=project).instance(INSTANCE).table(TABLE_ID)
+    assert [s.code for s in table.mutate_rows([to_direct_row(original)])] == [0]
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     topic, sub = create_topic_with_subscription(publisher, subscriber, project, "decisions-rev")
     args = [
@@ -35,8 +41,14 @@ def env(gcp_env):
         f"--decisions_table={project}:{DATASET}.decisions",
         f"--audit_table={project}:{DATASET}.audit",
         f"--decisions_topic={topic}",
+        f"--bigtable_instance={INSTANCE}",
     ]
-    return {"bq": bq, "project": project, "args": args, "subscriber": subscriber, "sub": sub}
+    return {"bq": bq, "project": project, "args": args, "subscriber": subscriber, "sub": sub, "table": table}
+
+
+def _state_columns(env) -> list[bytes]:
+    row = env["table"].read_row(row_key("user", "u77"))
+    return [] if row is None else [q for cells in row.cells.values() for q in cells]
 
 
 def _reverse(env, decision_id):
@@ -46,6 +58,7 @@ def _reverse(env, decision_id):
 
 
 def test_reversal_is_published_audited_and_the_original_kept(env):
+    assert _state_columns(env) == [b"orig-1"]
     done = _reverse(env, "orig-1")
     assert done.returncode == 0, done.stderr
     response = env["subscriber"].pull(subscription=env["sub"], max_messages=10, timeout=10)
@@ -58,6 +71,7 @@ def test_reversal_is_published_audited_and_the_original_kept(env):
     assert "Appeal 4411 upheld" in audit[0]["reason"]
     ids = sorted(r["decision_id"] for r in env["bq"].query(f"SELECT decision_id FROM `{DATASET}.decisions`").result())
     assert "orig-1" in ids and len(ids) == 2  # the original row stays; the reversal is added
+    assert _state_columns(env) == []  # lifted from the state store
 
 
 def test_reversing_twice_or_an_unknown_decision_is_refused(env):

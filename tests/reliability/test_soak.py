@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from devtools import soak
 
-SHORT = ["--duration_sec=60", "--bq_outage_sec=12", "--pubsub_outage_sec=6", "--drain_sec=180", "--rate=30"]
+SHORT = ["--duration_sec=60", "--bq_outage_sec=12", "--pubsub_outage_sec=6", "--drain_sec=180", "--rate=15"]
 
 
 def test_a_short_soak_with_outages_loses_nothing_and_forges_nothing(gcp_env, tmp_path, reliability):
