@@ -72,6 +72,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.captureWarnings(True)  # Python warnings become JSON log lines too
+    # Python warnings become JSON log lines too. Off then on: captureWarnings(True) is a no-op when it was
+    # already on, even if something (a test harness, a library) has since replaced warnings.showwarning.
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     # Beam's type-hint conversions are noise at INFO.
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)

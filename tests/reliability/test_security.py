@@ -376,9 +376,7 @@ def test_logs_hold_no_raw_ips(reliability):
             raise ValueError(f"cannot reach {v6b} or {v4b}")
         except ValueError:
             log.exception("call failed")  # exception text
-        # Python warnings become log lines too. Called directly: pytest records warnings raised inside a
-        # test (depending on what ran before), so warnings.warn would not always reach logging here.
-        logging.captureWarnings(True)
+        # Python warnings become log lines too. Called directly: pytest records warnings raised inside a test.
         warnings.showwarning(UserWarning(f"slow peer {warned}"), UserWarning, __file__, 1)
     finally:
         logging.captureWarnings(False)
