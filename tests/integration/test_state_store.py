@@ -23,7 +23,8 @@ from pipelines.options import DEFAULT_RULES
 from pipelines.pipeline import build_pipeline
 from pipelines.provision import provision_bigtable
 from schemas.mitigation_state import FAMILY, GC_MAX_AGE, TABLE_ID, VALUE_FIELDS, row_key
-from tests.kit import HOUR_MS, payload
+from tests.kit import HOUR_MS
+from tests.pipelines.test_pipeline import farm_and_fan
 from tests.transforms.test_rulepack import rule
 from transforms.rulepack import parse_rule_pack
 from transforms.rules import decision_id
@@ -40,18 +41,6 @@ def shadow_and_default_pack():
         raw = yaml.safe_load(f)
     raw["rules"].append(SHADOW_RULE)
     return parse_rule_pack(yaml.safe_dump(raw, sort_keys=False), "default+shadow.yaml")
-
-
-def farm_and_fan(t0_ms: int) -> list[bytes]:
-    farm = [
-        payload("stream", t0_ms + i * 75_000, user_id="bot1", device_id="dbot", ms_played=32_000, track_id=f"t{i % 3}")
-        for i in range(45)
-    ]
-    fan = [
-        payload("stream", t0_ms + i * 180_000, user_id="fan1", ms_played=175_000, track_id=f"t{i % 10}")
-        for i in range(20)
-    ]
-    return farm + fan
 
 
 def test_provisioning_is_idempotent_and_sets_the_max_age_gc_rule(gcp_env):

@@ -18,13 +18,13 @@ from transforms.rules import BELOW_MIN_EVENTS, ISSUED, decision_id
 PACK = load_rule_pack(DEFAULT_RULES)
 
 
-def farm_and_fan():
+def farm_and_fan(t0_ms: int = T0_MS):
     farm = [
-        payload("stream", T0_MS + i * 75_000, user_id="bot1", device_id="dbot", ms_played=32_000, track_id=f"t{i % 3}")
+        payload("stream", t0_ms + i * 75_000, user_id="bot1", device_id="dbot", ms_played=32_000, track_id=f"t{i % 3}")
         for i in range(45)
     ]
     fan = [
-        payload("stream", T0_MS + i * 180_000, user_id="fan1", ms_played=175_000, track_id=f"t{i % 10}")
+        payload("stream", t0_ms + i * 180_000, user_id="fan1", ms_played=175_000, track_id=f"t{i % 10}")
         for i in range(20)
     ]
     return farm + fan
