@@ -28,7 +28,7 @@ a short one against the session's emulators.
 
 Run locally::
 
-    python -m devtools.soak --duration_sec 600 --rate 40
+    python -m devtools.soak --duration_sec 600 --rate 10
 """
 
 from __future__ import annotations

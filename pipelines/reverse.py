@@ -47,6 +47,10 @@ class ReversalError(RuntimeError):
     """The decision cannot be reversed (unknown, or already reversed)."""
 
 
+class ReversalRefused(ReversalError):
+    """A refusal, not a failure: the decision is already reversed, or is itself a reversal."""
+
+
 def _table_id(spec: str) -> str:
     """PROJECT:DATASET.TABLE (Beam's form) to PROJECT.DATASET.TABLE (the client's)."""
     return spec.replace(":", ".", 1)
@@ -87,7 +91,7 @@ def find_decision(client: bigquery.Client, table: str, decision_id: str) -> Deci
 
 def reversal_of(original: Decision, reason: str, actor: str, now_ms: int) -> Decision:
     if original.reverses_decision_id:
-        raise ReversalError(f"{original.decision_id} is itself a reversal")
+        raise ReversalRefused(f"{original.decision_id} is itself a reversal")
     return original._replace(
         decision_id=hashlib.sha256(f"reversal\x1f{original.decision_id}".encode()).hexdigest()[:32],
         mode="enforce",
@@ -125,7 +129,7 @@ def reverse(
         query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", reversal.decision_id)]
     )
     if next(iter(client.query(done, job_config=config).result()))["n"]:
-        raise ReversalError(f"{decision_id} is already reversed (reversal {reversal.decision_id})")
+        raise ReversalRefused(f"{decision_id} is already reversed (reversal {reversal.decision_id})")
     message = decision_message(reversal)
     publisher.publish(decisions_topic, message.data, **message.attributes).result(timeout=60)
     for table, rows in (

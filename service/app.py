@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.reverse import ReversalError, _table_id, find_decision, reverse
+from pipelines.reverse import ReversalError, ReversalRefused, _table_id, find_decision, reverse
 from schemas import AUDIT_SCHEMA, ENTITY_TYPES, AuditRow, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID
 from service.auth import OPERATE, READ, Principal, load_tokens
@@ -615,10 +615,7 @@ def reverse_decision(
             audit_table=settings.audit_table,
             decisions_topic=settings.decisions_topic,
         )
-    except ReversalError as err:
-        # reverse() has one error type; these two are the refusals, anything else (a rejected row) is a failure.
-        if "already reversed" not in str(err) and "itself a reversal" not in str(err):
-            raise
+    except ReversalRefused as err:
         if not original.reverses_decision_id:
             service.store.remove(original.entity_type, original.entity_id, original.decision_id)
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
