@@ -19,9 +19,9 @@ bounded by (keys per TTL). Timeline for a signal with a 600 s TTL::
 A TTL of 0 passes everything through unchanged without changing the graph, so
 it can be switched off with a Dataflow ``--update``.
 
-In batch (``streaming=False``) there is no redelivery clock. Duplicates in a
-file are collapsed by a combiner that keeps the earliest copy, so the output
-does not depend on file order.
+In batch (``streaming=False``) there is no redelivery clock. Signals are
+grouped by event id and the earliest copy is kept, so the output does not
+depend on file order.
 """
 
 from __future__ import annotations
@@ -89,9 +89,21 @@ class DropRepeatedHitsFn(_DropRepeatsFn):
         return min(self._max, max(0, (d.expires_at_ms - d.decided_at_ms) / 1000))
 
 
-def _earliest(signals):
-    """Of several copies of one event, keep the earliest (ties broken by content)."""
-    return min(signals, key=lambda s: (s.event_time_ms, repr(s)))
+def _earlier(a: Signal, b: Signal) -> Signal:
+    """Of two copies of one event, the earlier (ties broken by content, so file order never matters)."""
+    if a.event_time_ms != b.event_time_ms:
+        return a if a.event_time_ms < b.event_time_ms else b
+    return a if repr(a) <= repr(b) else b
+
+
+def keep_earliest(element) -> Signal:
+    """(event_id, copies) to the earliest copy."""
+    _, copies = element
+    copies = iter(copies)
+    out = next(copies)
+    for other in copies:
+        out = _earlier(out, other)
+    return out
 
 
 class DeduplicateSignals(beam.PTransform):
@@ -110,8 +122,10 @@ class DeduplicateSignals(beam.PTransform):
             return keyed | "DropRepeats" >> beam.ParDo(DropRepeatedSignalsFn(self._ttl)).with_output_types(Signal)
         return (
             keyed
-            | "KeepEarliest" >> beam.CombinePerKey(_earliest)
-            | "Values" >> beam.Values().with_output_types(Signal)
+            # A plain GroupByKey, not a combiner: almost every event id is unique, so
+            # pre-combining before the shuffle would only add a step per signal.
+            | "GroupByEventId" >> beam.GroupByKey()
+            | "KeepEarliest" >> beam.Map(keep_earliest).with_output_types(Signal)
         )
 
 

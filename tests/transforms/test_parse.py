@@ -1,5 +1,6 @@
 """Signal validation: every contract break is a dead letter with a reason, never a crash."""
 
+import datetime as dt
 import json
 
 import apache_beam as beam
@@ -168,3 +169,40 @@ def test_parse_signals_splits_good_from_bad_keeping_raw_bytes():
             equal_to(["invalid_utf8", "missing_field", "invalid_value"]),
             label="Reasons",
         )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(min_value=dt.datetime(2000, 1, 2), max_value=dt.datetime(2099, 12, 30)),
+    st.integers(-23 * 60 - 59, 23 * 60 + 59),
+    st.integers(0, 9),
+)
+def test_rfc3339_parser_agrees_with_datetime(naive, offset_minutes, frac_digits):
+    """The parser computes epoch milliseconds by hand (cached days, no datetime per signal); datetime is the oracle."""
+    tz = dt.timezone(dt.timedelta(minutes=offset_minutes))
+    stamp = naive.replace(tzinfo=tz)
+    frac = f"{stamp.microsecond:06d}{'7' * 3}"[:frac_digits]
+    sign, minutes = ("+" if offset_minutes >= 0 else "-"), abs(offset_minutes)
+    text = (
+        stamp.strftime("%Y-%m-%dT%H:%M:%S")
+        + (f".{frac}" if frac else "")
+        + f"{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    )
+    exact = stamp.replace(microsecond=int(frac[:6].ljust(6, "0")) if frac else 0)
+    assert parse_rfc3339_ms(text) == (exact - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-02-30T00:00:00Z",
+        "2026-01-01T24:00:00Z",
+        "2026-01-01T00:60:00Z",
+        "2026-01-01T00:00:60Z",
+        "2026-01-01T00:00:00+24:00",
+        "0000-01-01T00:00:00Z",
+    ],
+)
+def test_rfc3339_out_of_range_parts_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_rfc3339_ms(text)
