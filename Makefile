@@ -11,7 +11,7 @@ PYTHON313 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.
 BQ_VENV := .venv-bq
 BQ_STAMP := $(BQ_VENV)/.installed
 
-.PHONY: demo test eval soak api-demo bench-api lint format validate-rules clean streaming-local
+.PHONY: demo test eval soak api-demo bench bench-api lint format validate-rules clean streaming-local
 
 $(STAMP): requirements.txt requirements-dev.txt service/requirements.txt setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ streaming-local: $(STAMP) $(BQ_STAMP)
 ## streaming-local, then the Mitigation API over the same emulators, with curl commands for a mitigated user.
 api-demo: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local --serve_api
+
+## All pipeline benchmarks, figures printed and saved in benchmarks/results/ (about 30 minutes; see benchmarks/README.md).
+bench: $(STAMP) $(BQ_STAMP)
+	$(BIN)/python -m benchmarks.transform_costs
+	$(BIN)/python -m benchmarks.batch_throughput
+	$(BIN)/python -m benchmarks.streaming_latency
+	$(BIN)/python -m benchmarks.memory_keys
 
 ## Latency of the Mitigation API's single and batch lookups on loopback (writes benchmarks/results/api_latency.json).
 bench-api: $(STAMP)

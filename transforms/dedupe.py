@@ -27,6 +27,7 @@ depend on file order.
 from __future__ import annotations
 
 import apache_beam as beam
+import orjson
 from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
@@ -97,13 +98,17 @@ def _earlier(a: Signal, b: Signal) -> Signal:
 
 
 def keep_earliest(element) -> Signal:
-    """(event_id, copies) to the earliest copy."""
+    """(event_id, copies as JSON arrays of the Signal's fields) to the earliest copy."""
     _, copies = element
     copies = iter(copies)
-    out = next(copies)
+    out = _decode(next(copies))
     for other in copies:
-        out = _earlier(out, other)
+        out = _earlier(out, _decode(other))
     return out
+
+
+def _decode(encoded: bytes) -> Signal:
+    return Signal._make(orjson.loads(encoded))
 
 
 class DeduplicateSignals(beam.PTransform):
@@ -117,11 +122,18 @@ class DeduplicateSignals(beam.PTransform):
         self._streaming = streaming
 
     def expand(self, signals):
-        keyed = signals | "KeyByEventId" >> beam.Map(lambda s: (s.event_id, s)).with_output_types(tuple[str, Signal])
         if self._streaming:
+            keyed = signals | "KeyByEventId" >> beam.Map(lambda s: (s.event_id, s)).with_output_types(
+                tuple[str, Signal]
+            )
             return keyed | "DropRepeats" >> beam.ParDo(DropRepeatedSignalsFn(self._ttl)).with_output_types(Signal)
         return (
-            keyed
+            signals
+            # Every signal crosses this shuffle: as JSON of its fields it encodes and decodes in about a
+            # fifth of the time pickling takes (benchmarks/README.md). Batch only, so the streaming job's
+            # coders, and with them Dataflow's --update compatibility, stay as they are.
+            | "KeyByEventId"
+            >> beam.Map(lambda s: (s.event_id, orjson.dumps(tuple(s)))).with_output_types(tuple[str, bytes])
             # A plain GroupByKey, not a combiner: almost every event id is unique, so
             # pre-combining before the shuffle would only add a step per signal.
             | "GroupByEventId" >> beam.GroupByKey()

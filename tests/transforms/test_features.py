@@ -18,6 +18,8 @@ from transforms.features import (
     TRACE_SAMPLE,
     Accumulator,
     ComputeFeatures,
+    MergeAccumulatorsFn,
+    PreAggregateFn,
     WindowConfig,
     add_signal,
     compute_features,
@@ -211,3 +213,29 @@ def test_keyed_windows_give_the_same_features_as_beam_windows():
 
 def test_merging_nothing_gives_an_empty_accumulator():
     assert compute_features(merge([]), 3600) == compute_features(Accumulator(), 3600)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_signals, st.integers(1, 6))
+def test_pre_aggregated_partials_merge_to_the_one_pass_features(signals, max_keys):
+    """However often PreAggregateFn flushes (here every few keys), its partials merge to the one-pass accumulator."""
+    plan = {600: ("user",), 3600: ("user", "device")}
+    fn = PreAggregateFn(plan, max_keys=max_keys)
+    fn.start_bundle()
+    partials = [kv for s in signals for kv in fn.process(s)] + [wv.value for wv in fn.finish_bundle()]
+    combiner = MergeAccumulatorsFn()
+    merged: dict = {}
+    for key, acc in partials:
+        merged[key] = combiner.add_input(merged.get(key, combiner.create_accumulator()), acc)
+    expected: dict = {}
+    for s in signals:
+        for size, types in plan.items():
+            start = s.event_time_ms - s.event_time_ms % (size * 1000)
+            for entity_type in types:
+                entity_id = s.user_id if entity_type == "user" else s.device_id
+                if entity_id is not None:
+                    add_signal(expected.setdefault((size, entity_type, entity_id, start), Accumulator()), s)
+    assert merged.keys() == expected.keys()
+    for key, acc in expected.items():
+        assert compute_features(merged[key], key[0]) == compute_features(acc, key[0])
+        assert merged[key].trace_ids == acc.trace_ids

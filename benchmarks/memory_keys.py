@@ -1,0 +1,218 @@
+"""Memory against the number of keys: peak RSS of the streaming graph with 10k, 100k and 1M distinct users.
+
+State must be released when windows close and timers fire, or a long-running
+job's memory grows with every user it has ever seen. This runs the streaming
+job's graph (``build_pipeline`` with ``streaming=True`` and the job's default
+lateness, early firings and de-duplication horizons) on the local streaming
+runner, with the input made on the fly: a ``TestStream`` of small "tick"
+elements, each expanded into ``--per_tick`` signals by a generator step, so
+the source holds nothing and all memory growth is the pipeline's state.
+
+Each signal names a new user (and that user's device), so distinct users equal
+signals; IPs, tracks and artists come from fixed pools. Traffic advances at a
+constant ``--events_per_hour`` of event time, and after every tick the
+watermark and the processing-time clock (a test clock) advance by the tick's
+span, so hourly and daily windows close, allowed lateness runs out, and
+de-duplication timers fire as they would in a day of real traffic. With a
+constant rate, the keys live at any moment are the same whatever the total,
+so peak RSS should not grow with the number of distinct users.
+
+Every run is a fresh process; peak RSS is sampled by the parent, and RSS at
+each quarter of the run shows whether it climbs or stays flat.
+
+Run::
+
+    python -m benchmarks.memory_keys --users 10000,100000,1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+
+import apache_beam as beam
+
+from benchmarks.common import median, print_table, run_measured, write_results
+
+T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+COUNTRIES = ("SE", "US", "GB", "DE", "BR", "IN", "JP", "FR")
+
+
+def tick_signals(tick: int, per_tick: int, tick_ms: int):
+    """The signals of one tick: user i is the i-th signal overall; event times spread over the tick."""
+    import orjson
+
+    from schemas.avro import millis_to_rfc3339
+
+    base = tick * per_tick
+    for j in range(per_tick):
+        i = base + j
+        event_ms = T0_MS + tick * tick_ms + j * tick_ms // per_tick
+        signal = {
+            "event_id": f"ev{i:09d}",
+            "event_time": millis_to_rfc3339(event_ms),
+            "user_id": f"u{i:09d}",
+            "device_id": f"d{i:09d}",
+            "ip": f"10.{(i >> 16) % 4}.{(i >> 8) & 255}.{i & 255}",
+            "country": COUNTRIES[i % len(COUNTRIES)],
+        }
+        if i % 10 == 9:
+            signal |= {"event_type": "login", "success": i % 7 != 0}
+        else:
+            track = (i * 7919) % 5000
+            signal |= {"event_type": "stream", "track_id": f"t{track:05d}", "artist_id": f"a{track // 10:04d}"}
+            signal["ms_played"] = 30_000 + (i * 104_729) % 200_000
+        yield orjson.dumps(signal)
+
+
+class _Tally(beam.DoFn):
+    """Counts elements per bundle into a file (the local streaming runner's metrics undercount across bundles)."""
+
+    def __init__(self, path: str, name: str):
+        self._path, self._name = path, name
+        self._n = 0
+
+    def start_bundle(self):
+        self._n = 0
+
+    def process(self, element):
+        self._n += 1
+
+    def finish_bundle(self):
+        if self._n:
+            with open(self._path, "a") as handle:
+                handle.write(f"{self._name} {self._n}\n")
+
+
+def run_child(users: int, per_tick: int, events_per_hour: int) -> dict:
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms import window
+
+    from pipelines.pipeline import PipelineConfig, build_pipeline
+    from transforms.rulepack import load_rule_pack
+
+    ticks = -(-users // per_tick)
+    tick_ms = per_tick * 3_600_000 // events_per_hour
+    stream = TestStream()
+    for tick in range(ticks):
+        stream = stream.add_elements([window.TimestampedValue(tick, (T0_MS + tick * tick_ms) / 1000)])
+        stream = stream.advance_watermark_to((T0_MS + (tick + 1) * tick_ms) / 1000)
+        stream = stream.advance_processing_time(tick_ms / 1000)
+    # Let the last windows close and every timer fire before the run ends.
+    stream = stream.advance_watermark_to((T0_MS + ticks * tick_ms + 3 * 86_400_000) / 1000)
+    stream = stream.advance_processing_time(3 * 86_400).advance_watermark_to_infinity()
+
+    # The streaming job's own defaults (pipelines/streaming.py): lateness 1 h, early panes every 10 s,
+    # signal ids remembered 1 h, decision ids up to 2 days.
+    config = PipelineConfig(streaming=True, allowed_lateness_sec=3600, early_firing_sec=10, signal_dedup_ttl_sec=3600)
+    pack = load_rule_pack("rules/default.yaml")
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner", "--streaming"]))
+    payloads = (
+        pipeline | "Ticks" >> stream | "Generate" >> beam.FlatMap(lambda tick: tick_signals(tick, per_tick, tick_ms))
+    )
+    outputs = build_pipeline(payloads, pack, source="bench", config=config)
+
+    tally = tempfile.NamedTemporaryFile(prefix="memory_keys_", suffix=".tally", delete=False).name
+    outputs.signals | "CountSignals" >> beam.ParDo(_Tally(tally, "signals"))
+    outputs.features | "CountFeaturePanes" >> beam.ParDo(_Tally(tally, "feature_panes"))
+    pipeline.run().wait_until_finish()
+    counts = collections.Counter()
+    with open(tally) as handle:
+        for line in handle:
+            name, n = line.split()
+            counts[name] += int(n)
+    os.unlink(tally)
+    return {
+        **counts,
+        "users": ticks * per_tick,
+        "event_hours": round(ticks * tick_ms / 3_600_000, 1),
+        "pipeline_sec": round(time.monotonic() - started, 1),
+    }
+
+
+def measure(user_counts: list[int], runs: int, per_tick: int, events_per_hour: int, timeout_sec: float) -> dict:
+    results = []
+    for users in user_counts:
+        figs = []
+        for run_no in range(runs):
+            argv = ["-m", "benchmarks.memory_keys", "--child", str(users), "--per_tick", str(per_tick)]
+            argv += ["--events_per_hour", str(events_per_hour)]
+            f = run_measured(argv, timeout_sec, timeline=True)
+            figs.append(f)
+            print(
+                f"  {users:>9,} users run {run_no + 1}: peak {f['peak_rss_mib']} MiB, "
+                f"quarters {f['rss_quarters_mib']}, {f['pipeline_sec']} s",
+                flush=True,
+            )
+        results.append(
+            {
+                "users": users,
+                "peak_rss_mib": median(f["peak_rss_mib"] for f in figs),
+                "rss_quarters_mib": figs[len(figs) // 2]["rss_quarters_mib"],
+                "pipeline_sec": median(f["pipeline_sec"] for f in figs),
+                "runs": figs,
+            }
+        )
+    # The issue's check is peak(1M) / peak(100k) <= 1.5: the largest size against the next one down.
+    ordered = sorted(results, key=lambda r: r["users"])
+    ratio = None
+    if len(ordered) >= 2:
+        big, small = ordered[-1], ordered[-2]
+        ratio = {
+            "users": [small["users"], big["users"]],
+            "peak_ratio": round(big["peak_rss_mib"] / small["peak_rss_mib"], 3),
+        }
+    return {
+        "per_tick": per_tick,
+        "events_per_hour": events_per_hour,
+        "runs_per_size": runs,
+        "results": results,
+        "largest_over_next": ratio,
+    }
+
+
+def report(payload: dict) -> None:
+    rows = [
+        [f"{r['users']:,}", r["peak_rss_mib"], " / ".join(str(q) for q in r["rss_quarters_mib"]), r["pipeline_sec"]]
+        for r in payload["results"]
+    ]
+    print(f"\nMemory against distinct users (streaming graph, {payload['events_per_hour']:,} signals per event-hour)")
+    print_table(["distinct users", "peak RSS MiB", "RSS at 25/50/75/100% MiB", "seconds"], rows)
+    ratio = payload["largest_over_next"]
+    if ratio:
+        small, big = ratio["users"]
+        print(f"peak RSS at {big:,} users / at {small:,}: {ratio['peak_ratio']} (keys x{big / small:g})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--users",
+        default="2500,10000,40000",
+        help="Comma-separated distinct-user counts (the local runner takes about 14 ms a signal: 40,000 is ~10 min).",
+    )
+    parser.add_argument("--runs", type=int, default=1, help="Runs per size; figures are medians.")
+    parser.add_argument("--per_tick", type=int, default=1000, help="Signals generated per test-stream tick.")
+    parser.add_argument("--events_per_hour", type=int, default=2000, help="Signals per hour of event time.")
+    parser.add_argument("--timeout_sec", type=float, default=3600)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(run_child(args.child, args.per_tick, args.events_per_hour)))
+        return 0
+    counts = [int(u) for u in args.users.split(",")]
+    payload = measure(counts, args.runs, args.per_tick, args.events_per_hour, args.timeout_sec)
+    report(payload)
+    print(f"wrote {write_results('memory_keys', payload)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

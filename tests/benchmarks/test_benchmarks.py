@@ -1,0 +1,67 @@
+"""The benchmark harness measures what it says: inputs valid, counts complete, bookkeeping consistent.
+
+The figures themselves come from ``make bench`` (machines are noisy, so no
+timing is asserted here); these keep the harness from rotting between runs.
+"""
+
+import orjson
+
+from benchmarks import batch_throughput, memory_keys, streaming_latency, transform_costs
+from transforms.parse import parse_signal
+
+
+def test_bare_pipeline_counts_every_signal(tmp_path):
+    lines = [
+        orjson.dumps(
+            {
+                "event_id": f"e{i}",
+                "event_type": "signup",
+                "user_id": f"u{i % 7}",
+                "event_time": f"2026-11-02T{i % 24:02d}:00:00Z",
+            }
+        )
+        for i in range(500)
+    ]
+    source = tmp_path / "signals.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    figures = batch_throughput.run_bare(str(source), "backtest_local.yaml", str(tmp_path / "out"))
+    assert figures["events"] == 500
+    counts = (tmp_path / "out" / "counts").read_text().splitlines()
+    assert len(counts) == len({(i % 7, i % 24) for i in range(500)})  # one row per (user, hour)
+
+
+def test_memory_benchmark_signals_are_valid_and_each_names_a_new_user():
+    signals = [parse_signal(p).signal for tick in range(3) for p in memory_keys.tick_signals(tick, 200, 360_000)]
+    assert len({s.user_id for s in signals}) == 600
+    assert [s.event_time_ms for s in signals] == sorted(s.event_time_ms for s in signals)
+    assert signals[-1].event_time_ms < memory_keys.T0_MS + 3 * 360_000
+    assert {s.event_type for s in signals} == {"stream", "login"}
+
+
+def test_streaming_traffic_keeps_sequence_numbers_and_caps_bot_plays():
+    traffic = streaming_latency.Traffic(seed=1, bot_every_sec=5, bots_until_sec=10)
+    now = 1_767_225_600.0
+    for step in range(700):  # 70 s at 30 signals a second
+        for body, bot, seq in traffic.batch(now + step / 10, step / 10, 3, 0.1):
+            traffic.sent.append(now)
+            assert len(traffic.sent) == seq and parse_signal(body).signal.event_id == f"bench-{seq}"
+            if bot is not None:
+                traffic.bot_sends.setdefault(bot, []).append((now, seq))
+    assert sorted(traffic.bot_sends) == ["bot0000", "bot0001", "bot0002"]
+    assert all(len(sends) == streaming_latency.BOT_PLAYS for sends in traffic.bot_sends.values())
+
+
+def test_achieved_rate_is_messages_up_to_the_last_canary_over_its_delay():
+    traffic = streaming_latency.Traffic(seed=1, bot_every_sec=1e9, bots_until_sec=0)
+    traffic.canaries = {"canary-0": (100.0, 50), "canary-1": (101.0, 350)}
+    assert streaming_latency._achieved(traffic, {"canary-0": 100.5, "canary-1": 103.5}, first=100.0) == 100.0
+    assert streaming_latency._achieved(traffic, {}, first=100.0) == 0.0
+
+
+def test_transform_costs_cover_every_stage():
+    payload = transform_costs.measure(events=3000, repeats=1)
+    stages = {s["stage"]: s for s in payload["stages"]}
+    assert list(stages) == ["parse", "dedupe", "features/fold", "features/compute", "rules", "safeguards"]
+    assert stages["parse"]["units"] == payload["signals"] == 3000
+    assert all(s["us_per_unit"] > 0 for s in stages.values())
+    assert payload["entity_windows"] > payload["signals"] / 10
