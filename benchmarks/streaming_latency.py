@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print_table(["job", "achieved/s", "p50 s", "p95 s", "p99 s"], rows)
     print(f"full/bare achieved rate: {summary['full_over_bare_rate']}")
-    print(f"wrote {write_results('streaming_latency', payload)}")
+    print(f"wrote {write_results(f'streaming_latency_{args.rate:g}', payload)}")
     return 0
 
 
