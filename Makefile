@@ -48,7 +48,7 @@ streaming-local: $(STAMP) $(BQ_STAMP)
 api-demo: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local --serve_api
 
-## All pipeline benchmarks, figures printed and saved in benchmarks/results/ (about 30 minutes; see benchmarks/README.md).
+## All pipeline benchmarks, figures printed and saved in benchmarks/results/ (about 40 minutes; see benchmarks/README.md).
 bench: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m benchmarks.transform_costs
 	$(BIN)/python -m benchmarks.batch_throughput
