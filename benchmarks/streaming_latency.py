@@ -246,7 +246,7 @@ def _stop(job: subprocess.Popen) -> None:
         job.wait()
 
 
-def _wait_ready(publisher, topic: str, listener: Listener, traffic: Traffic, timeout_sec: float, predicate) -> None:
+def _wait_ready(publisher, topic: str, traffic: Traffic, timeout_sec: float, predicate) -> None:
     """Warm-up: publish a trickle until the job shows it is reading (its start-up is not what we measure)."""
     deadline = time.monotonic() + timeout_sec
     while time.monotonic() < deadline:
@@ -274,7 +274,7 @@ def measure_bare(args, project: str, workdir: pathlib.Path) -> dict:
     job = _start(cmd, workdir / f"bare-{suffix}.log", dict(os.environ))
     traffic = Traffic(args.seed, bot_every_sec=1e9, bots_until_sec=0)
     try:
-        _wait_ready(publisher, topic, listener, traffic, 180, lambda: bool(listener.received))
+        _wait_ready(publisher, topic, traffic, 180, lambda: bool(listener.received))
         listener.received.clear()
         traffic = Traffic(args.seed, bot_every_sec=1e9, bots_until_sec=0)
         first = _pace(publisher, topic, traffic, args.rate, args.duration_sec, malformed_canaries=False)

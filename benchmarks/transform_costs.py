@@ -40,7 +40,7 @@ from benchmarks.batch_throughput import _bare_key, ensure_input
 from benchmarks.common import print_table, write_results
 from pipelines.pipeline import PipelineConfig
 from transforms.dedupe import keep_earliest
-from transforms.features import PreAggregateFn, SizedToEntityFeaturesFn, tune_gc_for_batch
+from transforms.features import PreAggregateFn, SizedToEntityFeaturesFn, merge, tune_gc_for_batch
 from transforms.parse import parse_signal
 from transforms.rulepack import load_rule_pack
 from transforms.rules import ApplyRulesFn
@@ -89,8 +89,6 @@ def measure(events: int, repeats: int) -> dict:
     merged = {}
     for key, acc in partials:
         merged.setdefault(key, []).append(acc)
-    from transforms.features import merge
-
     windows = [(key, merge(accs)) for key, accs in merged.items()]
     to_features = SizedToEntityFeaturesFn()
     compute_sec, features = _timed(lambda: [f for w in windows for f in to_features.process(w)], repeats)
