@@ -30,12 +30,10 @@ Run (``make bench`` runs it with the defaults)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -62,7 +60,7 @@ class Listener(threading.Thread):
     def __init__(self, subscriber, subscription: str):
         super().__init__(daemon=True)
         self.subscriber, self.subscription = subscriber, subscription
-        self.received: list[tuple[int, bytes, float]] = []  # (publish ms, data, seen monotonic)
+        self.received: list[tuple[int, bytes]] = []  # (publish ms, data)
         self._stop = threading.Event()
 
     def run(self):
@@ -77,7 +75,7 @@ class Listener(threading.Thread):
             for m in response.received_messages:
                 published = m.message.publish_time
                 millis = int(published.timestamp() * 1000)
-                self.received.append((millis, m.message.data, time.monotonic()))
+                self.received.append((millis, m.message.data))
             if response.received_messages:
                 self.subscriber.acknowledge(
                     subscription=self.subscription, ack_ids=[m.ack_id for m in response.received_messages]
@@ -117,7 +115,7 @@ class Traffic:
         for b in range(started):
             self._bot_owed.setdefault(f"bot{b:04d}", 0.0)
         for bot in list(self._bot_owed):
-            if len(self.bot_sends.get(bot, ())) + sum(1 for o in out if o[1] == bot) >= BOT_PLAYS:
+            if len(self.bot_sends.get(bot, ())) >= BOT_PLAYS:
                 continue
             self._bot_owed[bot] += BOT_PLAYS_PER_SEC * tick
             while self._bot_owed[bot] >= 1 and len(out) < count:
@@ -142,29 +140,17 @@ class Traffic:
                 )
         while len(out) < count:
             u = self.rng.randrange(50_000)
+            who = {"user_id": f"u{u}", "device_id": f"d{u}", "ip": f"10.{u % 200}.{u % 250}.{u % 199}", "country": "US"}
             if self.rng.random() < 0.1:
-                body = self._signal(
-                    now,
-                    event_type="login",
-                    user_id=f"u{u}",
-                    device_id=f"d{u}",
-                    ip=f"10.{u % 200}.{u % 250}.{u % 199}",
-                    success=True,
-                    country="US",
-                )
+                body = self._signal(now, event_type="login", success=True, **who)
             else:
                 t = self.rng.randrange(20_000)
-                body = self._signal(
-                    now,
-                    event_type="stream",
-                    user_id=f"u{u}",
-                    device_id=f"d{u}",
-                    ip=f"10.{u % 200}.{u % 250}.{u % 199}",
-                    track_id=f"t{t}",
-                    artist_id=f"a{t // 20}",
-                    ms_played=self.rng.randrange(20_000, 240_000),
-                    country="US",
-                )
+                play = {
+                    "track_id": f"t{t}",
+                    "artist_id": f"a{t // 20}",
+                    "ms_played": self.rng.randrange(20_000, 240_000),
+                }
+                body = self._signal(now, event_type="stream", **play, **who)
             out.append((body, None, self.n))
         return out
 
@@ -236,16 +222,6 @@ def _start(command: list[str], log_path: pathlib.Path, env: dict) -> subprocess.
         return subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _stop(job: subprocess.Popen) -> None:
-    if job.poll() is None:
-        job.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            job.wait(timeout=30)
-    if job.poll() is None:
-        job.kill()
-        job.wait()
-
-
 def _wait_ready(publisher, topic: str, traffic: Traffic, timeout_sec: float, predicate) -> None:
     """Warm-up: publish a trickle until the job shows it is reading (its start-up is not what we measure)."""
     deadline = time.monotonic() + timeout_sec
@@ -262,7 +238,7 @@ def _wait_ready(publisher, topic: str, traffic: Traffic, timeout_sec: float, pre
 def measure_bare(args, project: str, workdir: pathlib.Path) -> dict:
     from google.cloud import pubsub_v1
 
-    from devtools.emulators import create_topic_with_subscription
+    from devtools.emulators import create_topic_with_subscription, stop_job
 
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
     suffix = uuid.uuid4().hex[:6]
@@ -280,15 +256,15 @@ def measure_bare(args, project: str, workdir: pathlib.Path) -> dict:
         first = _pace(publisher, topic, traffic, args.rate, args.duration_sec, malformed_canaries=False)
         deadline = time.monotonic() + args.drain_sec
         while time.monotonic() < deadline:
-            seen = {json.loads(d)["user_id"] for _, d, _ in listener.received}
+            seen = {json.loads(d)["user_id"] for _, d in listener.received}
             if all(name in seen for name in traffic.canaries):
                 break
             time.sleep(1)
     finally:
         listener.stop()
-        _stop(job)
+        stop_job(job, timeout_sec=30)
     forwarded = {}
-    for publish_ms, data, _ in listener.received:
+    for publish_ms, data in listener.received:
         name = json.loads(data)["user_id"]
         if name in traffic.canaries:
             forwarded[name] = publish_ms / 1000
@@ -307,7 +283,7 @@ def measure_bare(args, project: str, workdir: pathlib.Path) -> dict:
 def measure_full(args, project: str, bigquery_url: str, workdir: pathlib.Path) -> dict:
     from google.cloud import pubsub_v1
 
-    from devtools.emulators import create_topic_with_subscription, local_streaming_command
+    from devtools.emulators import create_topic_with_subscription, local_streaming_command, stop_job
     from pipelines import provision
 
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
@@ -353,7 +329,7 @@ def measure_full(args, project: str, bigquery_url: str, workdir: pathlib.Path) -
         parsed_at: dict[str, float] = {}
         deadline = time.monotonic() + args.drain_sec
         while time.monotonic() < deadline:
-            got = {json.loads(d)["entity_id"] for _, d, _ in listener.received}
+            got = {json.loads(d)["entity_id"] for _, d in listener.received}
             parsed_at = _canaries_parsed(bq, dataset)
             if expected <= got and len(parsed_at) >= len(traffic.canaries):
                 break
@@ -363,9 +339,9 @@ def measure_full(args, project: str, bigquery_url: str, workdir: pathlib.Path) -
             time.sleep(2)
     finally:
         listener.stop()
-        _stop(job)
+        stop_job(job, timeout_sec=30)
     latencies = []
-    for publish_ms, data, _ in listener.received:
+    for publish_ms, data in listener.received:
         d = json.loads(data)
         if d["rule_id"] != "stream_farm_exclude" or not d["entity_id"].startswith("benchbot-"):
             continue

@@ -240,3 +240,14 @@ def local_streaming_command(
         f"--dead_letter_table={project}:{dataset}.dead_letters",
         *extra,
     ]
+
+
+def stop_job(job: subprocess.Popen, timeout_sec: float = 60) -> None:
+    """Stop a job started as a child process: SIGTERM, up to ``timeout_sec`` to exit, then kill."""
+    if job.poll() is None:
+        job.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            job.wait(timeout=timeout_sec)
+    if job.poll() is None:
+        job.kill()
+        job.wait()

@@ -40,7 +40,6 @@ import json
 import os
 import pathlib
 import random
-import signal
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ import orjson
 from google.api_core.exceptions import GoogleAPICallError
 from google.cloud import pubsub_v1
 
-from devtools.emulators import BigQueryEmulator, PubSubEmulator, create_topic_with_subscription
+from devtools.emulators import BigQueryEmulator, PubSubEmulator, create_topic_with_subscription, stop_job
 from devtools.fake_auth import FakeCredentials
 from devtools.faultproxy import FaultProxy
 from pipelines import provision
@@ -386,12 +385,7 @@ def run_soak(args, pubsub_host: str, bigquery_url: str, project: str, workdir: p
     finally:
         sampler.stop()
         listener.stop()
-        if job.poll() is None:
-            job.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                job.wait(timeout=60)
-        if job.poll() is None:
-            job.kill()
+        stop_job(job)
         bq_proxy.stop()
         ps_proxy.stop()
     checks = reconcile(traffic, client, dataset, list(listener.received))

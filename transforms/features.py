@@ -453,9 +453,9 @@ class PreAggregateFn(beam.DoFn):
     """
 
     def __init__(self, plan: dict[int, tuple[str, ...]], max_keys: int = PRE_AGGREGATE_MAX_KEYS):
-        # (size_ms, ((entity_type, signal field), ...)) per window size.
+        # (size_sec, size_ms, ((entity_type, signal field), ...)) per window size.
         self._plan = tuple(
-            (size * 1000, tuple((t, _ENTITY_FIELD[t]) for t in types)) for size, types in sorted(plan.items())
+            (size, size * 1000, tuple((t, _ENTITY_FIELD[t]) for t in types)) for size, types in sorted(plan.items())
         )
         self._max_keys = max_keys
         self._partials: dict = {}
@@ -469,13 +469,13 @@ class PreAggregateFn(beam.DoFn):
     def process(self, signal: Signal):
         partials = self._partials
         t = signal.event_time_ms
-        for size_ms, fields in self._plan:
+        for size_sec, size_ms, fields in self._plan:
             start = t - t % size_ms
             for entity_type, field in fields:
                 entity_id = getattr(signal, field)
                 if entity_id is None:
                     continue
-                key = (size_ms // 1000, entity_type, entity_id, start)
+                key = (size_sec, entity_type, entity_id, start)
                 acc = partials.get(key)
                 if acc is None:
                     acc = partials[key] = Accumulator()
