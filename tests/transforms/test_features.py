@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from schemas import Signal
 from tests.kit import HOUR_MS, T0_MS, features_of, signal
+from transforms import features as F
 from transforms.features import (
     DISTINCT_CAP,
     FEATURES,
@@ -24,6 +25,7 @@ from transforms.features import (
     add_signal,
     compute_features,
     entity_keys,
+    fold_signal,
     merge,
 )
 
@@ -239,3 +241,123 @@ def test_pre_aggregated_partials_merge_to_the_one_pass_features(signals, max_key
     for key, acc in expected.items():
         assert compute_features(merged[key], key[0]) == compute_features(acc, key[0])
         assert merged[key].trace_ids == acc.trace_ids
+
+
+# --- the optimised fold against a plain one ---------------------------------------------------
+def _reference_fold(acc: Accumulator, s: Signal) -> None:
+    """What ``fold_signal`` must do to one accumulator, written for clarity rather than speed."""
+
+    def distinct(values, value):
+        if value is None:
+            return values
+        values = values if values is not None else set()
+        if len(values) < DISTINCT_CAP:
+            values.add(value)
+        return values
+
+    def top(counts, key):
+        counts = counts if counts is not None else {}
+        if key in counts or len(counts) < F.TOP_CAP:
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    t = s.event_time_ms
+    acc.events += 1
+    acc.first_ms, acc.last_ms = min(acc.first_ms, t), max(acc.last_ms, t)
+    acc.hours |= 1 << ((t // HOUR_MS) % 24)
+    acc.users, acc.devices = distinct(acc.users, s.user_id), distinct(acc.devices, s.device_id)
+    acc.ips, acc.countries = distinct(acc.ips, s.ip), distinct(acc.countries, s.country)
+    if s.trace_id is not None:
+        acc.trace_ids = sorted(set(acc.trace_ids or ()) | {s.trace_id})[:TRACE_SAMPLE]
+    if s.event_type == "stream":
+        acc.streams += 1
+        acc.stream_ms += s.ms_played
+        acc.short_streams += s.ms_played < F.ROYALTY_THRESHOLD_MS
+        acc.near_threshold += F.ROYALTY_THRESHOLD_MS <= s.ms_played < F.NEAR_THRESHOLD_MS
+        acc.tracks, acc.artists = distinct(acc.tracks, s.track_id), distinct(acc.artists, s.artist_id)
+        acc.stream_tracks, acc.stream_artists = top(acc.stream_tracks, s.track_id), top(acc.stream_artists, s.artist_id)
+    elif s.event_type == "login":
+        acc.logins += 1
+        acc.failed_logins += not s.success
+    elif s.event_type == "signup":
+        acc.signups += 1
+    elif s.event_type == "playlist_add":
+        acc.playlist_adds += 1
+        acc.playlists, acc.tracks = distinct(acc.playlists, s.playlist_id), distinct(acc.tracks, s.track_id)
+        if s.artist_id is not None:
+            acc.playlist_artists = top(acc.playlist_artists, s.artist_id)
+    elif s.event_type == "payment":
+        acc.payments += 1
+        acc.failed_payments += not s.success
+        acc.small_payments += s.amount_cents <= F.SMALL_PAYMENT_CENTS
+        acc.cards = distinct(acc.cards, s.card_fingerprint)
+    for extractor in F.EXTRACTORS.values():
+        if s.event_type in extractor.event_types:
+            acc.extra = acc.extra if acc.extra is not None else {}
+            state = acc.extra.get(extractor.name, extractor.create())
+            acc.extra[extractor.name] = extractor.add(state, s)
+
+
+_pool = st.sampled_from
+_rich_signals = st.lists(
+    st.builds(
+        lambda kind, minute, ids, ms, ok, cents, agent: signal(
+            kind,
+            T0_MS + minute * MIN,
+            user_id=ids[0],
+            device_id=ids[1],
+            ip=ids[2],
+            country=ids[3],
+            trace_id=ids[4],
+            user_agent=agent,
+            **{
+                "stream": {"track_id": ids[5], "artist_id": ids[6], "ms_played": ms},
+                "login": {"success": ok},
+                "signup": {},
+                "playlist_add": {"track_id": ids[5], "artist_id": ids[6], "playlist_id": ids[7]},
+                "payment": {"success": ok, "amount_cents": cents, "card_fingerprint": ids[7]},
+            }[kind],
+        ),
+        _pool(["stream", "login", "signup", "playlist_add", "payment"]),
+        st.integers(0, 59 * 24),
+        st.tuples(
+            _pool(["u1", "u2", "u3"]),
+            _pool([None, "d1", "d2"]),
+            _pool([None, "10.0.0.1", "10.0.0.2", "2001:db8::1"]),
+            _pool([None, "SE", "US"]),
+            st.one_of(st.none(), st.integers(0, 30).map(lambda n: f"tr{n:02d}")),
+            _pool(["t1", "t2", "t3"]),
+            _pool(["a1", "a2"]),
+            _pool(["x1", "x2"]),
+        ),
+        st.integers(0, 60_000),
+        st.booleans(),
+        st.integers(0, 500),
+        _pool([None, "Mozilla/5.0", "python-requests/2.31"]),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_rich_signals, st.integers(1, 3))
+def test_fold_signal_matches_a_plain_fold_field_by_field(signals, n_accs):
+    folded = [Accumulator() for _ in range(n_accs)]
+    for s in signals:
+        fold_signal(folded, s)
+    expected = Accumulator()
+    for s in signals:
+        _reference_fold(expected, s)
+    for acc in folded:
+        assert acc.__getstate__() == expected.__getstate__()
+
+
+def test_fold_signal_keeps_its_caps(monkeypatch):
+    """The inline bounded-set and top-counter updates stop at their caps (small caps to see it)."""
+    monkeypatch.setattr(F, "DISTINCT_CAP", 3)
+    monkeypatch.setattr(F, "TOP_CAP", 2)
+    acc = Accumulator()
+    for n in range(6):
+        fold_signal([acc], signal("stream", T0_MS + n, track_id=f"t{n}", artist_id=f"a{n}", ip=f"10.0.0.{n}"))
+    assert (len(acc.tracks), len(acc.artists), len(acc.ips)) == (3, 3, 3)
+    assert acc.stream_tracks == {"t0": 1, "t1": 1} and acc.stream_artists == {"a0": 1, "a1": 1}
