@@ -270,22 +270,8 @@ def tripped_record(hit: RuleHit, scope: str, cap: int, lateness_sec: int) -> Rul
     return RuleHit(record, RULE_TRIPPED, "{}", 0, hit.rule_pack, f"cap {cap} ({scope})")
 
 
-class CapFn(beam.DoFn):
-    """Counts distinct entities enforced per (scope, window); past the cap, hits go to shadow.
-
-    Timeline for a rule with a cap of 2 in the 10:00-11:00 window (lateness 1 h)::
-
-        10:05  user A hit: 1 entity -> enforce
-        10:20  user B hit: 2 entities -> enforce
-        10:30  user A again (a re-fired pane): already counted -> enforce (same decision id)
-        10:40  user C hit: over the cap -> shadow, status capped; one rule_tripped record
-        10:50  user D hit: shadow, status capped (no second rule_tripped)
-        12:00  watermark passes window end + lateness: the timer clears the state
-    """
-
-    ENTITIES = ReadModifyWriteStateSpec("entities", PickleCoder())
-    TRIPPED = ReadModifyWriteStateSpec("tripped", BooleanCoder())
-    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
+class _Cap:
+    """One cap scope's check, shared by the streaming ``CapFn`` and the batch ``cap_batch`` pass."""
 
     def __init__(self, scope: str, global_cap: int, lateness_sec: int, source: PolicySource):
         self._scope, self._global_cap, self._lateness = scope, global_cap, lateness_sec
@@ -304,6 +290,49 @@ class CapFn(beam.DoFn):
                 return rule.max_entities_per_window
         return 0
 
+    def step(self, seen: frozenset, tripped: bool, hit: RuleHit) -> tuple[list[RuleHit], frozenset, bool]:
+        """One hit against the entities already enforced in its (scope, window) and whether the cap tripped.
+
+        Returns the records to emit, and the new entities and tripped flag.
+        """
+        cap = self._cap(hit)
+        d = hit.decision
+        entity = (d.entity_type, d.entity_id)
+        if cap <= 0 or not _enforcing(hit) or entity in seen:
+            return [hit], seen, tripped
+        if len(seen) < cap:
+            return [hit], seen | {entity}, tripped
+        self._capped.inc()
+        out = [_downgrade(hit, CAPPED, f"over the {self._scope} cap of {cap} entities in this window")]
+        if not tripped:
+            self._tripped.inc()
+            record = tripped_record(hit, self._scope, cap, self._lateness)
+            _LOGGER.warning(
+                "circuit breaker tripped: %s",
+                record.decision.reason,
+                extra={"rule_id": d.rule_id, "decision_id": record.decision.decision_id},
+            )
+            out.append(record)
+        return out, seen, True
+
+
+class CapFn(_Cap, beam.DoFn):
+    """Streaming: counts distinct entities enforced per (scope, window); past the cap, hits go to shadow.
+
+    Timeline for a rule with a cap of 2 in the 10:00-11:00 window (lateness 1 h)::
+
+        10:05  user A hit: 1 entity -> enforce
+        10:20  user B hit: 2 entities -> enforce
+        10:30  user A again (a re-fired pane): already counted -> enforce (same decision id)
+        10:40  user C hit: over the cap -> shadow, status capped; one rule_tripped record
+        10:50  user D hit: shadow, status capped (no second rule_tripped)
+        12:00  watermark passes window end + lateness: the timer clears the state
+    """
+
+    ENTITIES = ReadModifyWriteStateSpec("entities", PickleCoder())
+    TRIPPED = ReadModifyWriteStateSpec("tripped", BooleanCoder())
+    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
+
     def process(
         self,
         element,
@@ -312,38 +341,45 @@ class CapFn(beam.DoFn):
         cleanup=beam.DoFn.TimerParam(CLEANUP),
     ):
         _, hit = element
-        cap = self._cap(hit)
-        if cap <= 0 or not _enforcing(hit):
-            yield hit
-            return
-        d = hit.decision
         seen = entities.read() or frozenset()
-        entity = (d.entity_type, d.entity_id)
-        if entity in seen:
-            yield hit
-            return
-        if len(seen) < cap:
-            entities.write(seen | {entity})
+        was_tripped = bool(tripped.read())
+        out, now_seen, now_tripped = self.step(seen, was_tripped, hit)
+        if now_seen is not seen:
+            entities.write(now_seen)
+            d = hit.decision
             cleanup.set(Timestamp(micros=(d.window_end_ms + self._lateness * 1000 + 1000) * 1000))
-            yield hit
-            return
-        self._capped.inc()
-        yield _downgrade(hit, CAPPED, f"over the {self._scope} cap of {cap} entities in this window")
-        if not tripped.read():
+        if now_tripped and not was_tripped:
             tripped.write(True)
-            self._tripped.inc()
-            record = tripped_record(hit, self._scope, cap, self._lateness)
-            _LOGGER.warning(
-                "circuit breaker tripped: %s",
-                record.decision.reason,
-                extra={"rule_id": d.rule_id, "decision_id": record.decision.decision_id},
-            )
-            yield record
+        yield from out
 
     @on_timer(CLEANUP)
     def clear(self, entities=beam.DoFn.StateParam(ENTITIES), tripped=beam.DoFn.StateParam(TRIPPED)):
         entities.clear()
         tripped.clear()
+
+
+def _cap_order(hit: RuleHit):
+    """Batch: the order a window's hits take the cap's places in (all are decided at the window's end)."""
+    d = hit.decision
+    return (d.decided_at_ms, d.entity_type, d.entity_id, d.rule_id, d.decision_id)
+
+
+class CapBatchFn(_Cap, beam.DoFn):
+    """Batch: one (scope, window)'s hits, grouped, through the same check in a fixed order.
+
+    A stateful DoFn would do the same, but the local runner then runs the whole
+    fused stage before it (features and rules for every window) on one worker,
+    and which entities fill a cap would depend on arrival order. Grouping keeps
+    that stage parallel and makes a backtest's capped entities the same
+    whatever the worker count: places go in ``_cap_order``.
+    """
+
+    def process(self, element):
+        _, hits = element
+        seen, tripped = frozenset(), False
+        for hit in sorted(hits, key=_cap_order):
+            out, seen, tripped = self.step(seen, tripped, hit)
+            yield from out
 
 
 def _cap_key(scope: str):
@@ -432,7 +468,7 @@ class SafeguardConfig:
     global_cap_per_window: most distinct entities all rules together may enforce against per window; 0 = off.
     action_memory_max_sec: how long an entity's active actions are remembered for the ladder; 0 = off.
     allowed_lateness_sec: keeps cap state until a window can no longer fire.
-    streaming: state and timers (streaming) or a grouped, time-ordered pass (batch) for the ladder.
+    streaming: state and timers (streaming) or grouped, ordered passes (batch) for the caps and the ladder.
     """
 
     global_cap_per_window: int = 0
@@ -455,13 +491,18 @@ class EnforceSafeguards(beam.PTransform):
         capped = allowed
         for scope in ("rule", "global"):
             label = "RuleCap" if scope == "rule" else "GlobalCap"
-            count = CapFn(scope, cfg.global_cap_per_window, cfg.allowed_lateness_sec, self._source)
-            capped = (
-                capped
-                | f"{label}/Key"
-                >> beam.Map(lambda h, k=_cap_key(scope): (k(h), h)).with_output_types(tuple[str, RuleHit])
-                | f"{label}/Count" >> beam.ParDo(count).with_output_types(RuleHit)
+            args = (scope, cfg.global_cap_per_window, cfg.allowed_lateness_sec, self._source)
+            keyed_hits = capped | f"{label}/Key" >> beam.Map(lambda h, k=_cap_key(scope): (k(h), h)).with_output_types(
+                tuple[str, RuleHit]
             )
+            if cfg.streaming:
+                capped = keyed_hits | f"{label}/Count" >> beam.ParDo(CapFn(*args)).with_output_types(RuleHit)
+            else:
+                capped = (
+                    keyed_hits
+                    | f"{label}/Group" >> beam.GroupByKey()
+                    | f"{label}/Count" >> beam.ParDo(CapBatchFn(*args)).with_output_types(RuleHit)
+                )
         keyed = capped | "Ladder/KeyByEntity" >> beam.Map(
             lambda h: (f"{h.decision.entity_type}:{h.decision.entity_id}", h)
         ).with_output_types(tuple[str, RuleHit])
