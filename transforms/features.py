@@ -570,11 +570,15 @@ class PreAggregateFn(beam.DoFn):
 
     def finish_bundle(self):
         for key, acc in self._flush():
-            yield WindowedValue((key, acc), _window_end(key), (GlobalWindow(),))
+            yield WindowedValue((key, acc), _window_end(key), _GLOBAL_WINDOWS)
 
     def _flush(self):
         partials, self._partials = self._partials, {}
         return partials.items()
+
+
+# Beam's GlobalWindow() recomputes its end from a proto on every construction: build it once.
+_GLOBAL_WINDOWS = (GlobalWindow(),)
 
 
 def _window_end(key) -> Timestamp:
