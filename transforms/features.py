@@ -370,72 +370,93 @@ class Feature:
     compute: Callable[[Accumulator, int], float]  # (accumulator, window seconds) -> value
 
 
+# Built-in features: name -> description, in the order rules, tables and
+# evidence list them. ``builtin_features`` computes them all at once.
+_BUILTIN_DESCRIPTIONS: dict[str, str] = {
+    "events": "All signals in the window.",
+    "streams": "Plays.",
+    "streams_per_hour": "Plays per hour of window.",
+    "stream_minutes": "Minutes played.",
+    "avg_ms_played": "Mean play length in ms.",
+    "near_threshold_streams": "Plays ending in [30 s, 40 s), just past the royalty threshold.",
+    "near_threshold_share": "Share of plays ending in [30 s, 40 s).",
+    "skip_share": "Share of plays shorter than 30 s.",
+    "distinct_tracks": "Distinct tracks played or added to playlists.",
+    "distinct_artists": "Distinct artists played.",
+    "top_artist_share": "Share of plays going to the most-played artist.",
+    "top_track_share": "Share of plays going to the most-played track.",
+    "logins": "Login attempts.",
+    "failed_logins": "Failed login attempts.",
+    "failed_login_ratio": "Failed share of login attempts.",
+    "signups": "Account sign-ups.",
+    "playlist_adds": "Tracks added to playlists.",
+    "distinct_playlists": "Distinct playlists added to.",
+    "playlist_top_artist_share": "Share of playlist adds going to the most-added artist.",
+    "payments": "Payment attempts.",
+    "failed_payments": "Declined payment attempts.",
+    "failed_payment_ratio": "Declined share of payment attempts.",
+    "small_payment_share": "Share of payments of at most 2.00.",
+    "distinct_cards": "Distinct card fingerprints used.",
+    "distinct_users": "Distinct user ids seen.",
+    "distinct_devices": "Distinct device ids seen.",
+    "distinct_ips": "Distinct IP addresses seen.",
+    "distinct_countries": "Distinct countries seen.",
+    "active_hours": "Distinct hours of the day (UTC) with any signal.",
+    "span_minutes": "Minutes from the first to the last signal.",
+}
+
+
+def builtin_features(a: Accumulator, w: int) -> dict[str, float]:
+    """Every built-in feature of accumulator ``a`` over a window of ``w`` seconds.
+
+    One dict literal rather than a function per feature: it runs once per
+    entity window per firing, and one call per feature cost twice as much
+    (benchmarks/README.md). A new feature needs a line here and its
+    description in ``_BUILTIN_DESCRIPTIONS``; import fails if they differ.
+    """
+    streams, logins, payments, adds = a.streams, a.logins, a.payments, a.playlist_adds
+    return {
+        "events": float(a.events),
+        "streams": float(streams),
+        "streams_per_hour": streams * 3600 / w,
+        "stream_minutes": a.stream_ms / 60_000,
+        "avg_ms_played": _ratio(a.stream_ms, streams),
+        "near_threshold_streams": float(a.near_threshold),
+        "near_threshold_share": _ratio(a.near_threshold, streams),
+        "skip_share": _ratio(a.short_streams, streams),
+        "distinct_tracks": float(_size(a.tracks)),
+        "distinct_artists": float(_size(a.artists)),
+        "top_artist_share": _top_share(a.stream_artists, streams),
+        "top_track_share": _top_share(a.stream_tracks, streams),
+        "logins": float(logins),
+        "failed_logins": float(a.failed_logins),
+        "failed_login_ratio": _ratio(a.failed_logins, logins),
+        "signups": float(a.signups),
+        "playlist_adds": float(adds),
+        "distinct_playlists": float(_size(a.playlists)),
+        "playlist_top_artist_share": _top_share(a.playlist_artists, adds),
+        "payments": float(payments),
+        "failed_payments": float(a.failed_payments),
+        "failed_payment_ratio": _ratio(a.failed_payments, payments),
+        "small_payment_share": _ratio(a.small_payments, payments),
+        "distinct_cards": float(_size(a.cards)),
+        "distinct_users": float(_size(a.users)),
+        "distinct_devices": float(_size(a.devices)),
+        "distinct_ips": float(_size(a.ips)),
+        "distinct_countries": float(_size(a.countries)),
+        "active_hours": float(a.hours.bit_count()),
+        "span_minutes": max(0, a.last_ms - a.first_ms) / 60_000,
+    }
+
+
 def _features() -> dict[str, Feature]:
-    specs = [
-        ("events", "All signals in the window.", lambda a, w: a.events),
-        ("streams", "Plays.", lambda a, w: a.streams),
-        ("streams_per_hour", "Plays per hour of window.", lambda a, w: a.streams * 3600 / w),
-        ("stream_minutes", "Minutes played.", lambda a, w: a.stream_ms / 60_000),
-        ("avg_ms_played", "Mean play length in ms.", lambda a, w: _ratio(a.stream_ms, a.streams)),
-        (
-            "near_threshold_streams",
-            "Plays ending in [30 s, 40 s), just past the royalty threshold.",
-            lambda a, w: a.near_threshold,
-        ),
-        (
-            "near_threshold_share",
-            "Share of plays ending in [30 s, 40 s).",
-            lambda a, w: _ratio(a.near_threshold, a.streams),
-        ),
-        ("skip_share", "Share of plays shorter than 30 s.", lambda a, w: _ratio(a.short_streams, a.streams)),
-        ("distinct_tracks", "Distinct tracks played or added to playlists.", lambda a, w: _size(a.tracks)),
-        ("distinct_artists", "Distinct artists played.", lambda a, w: _size(a.artists)),
-        (
-            "top_artist_share",
-            "Share of plays going to the most-played artist.",
-            lambda a, w: _top_share(a.stream_artists, a.streams),
-        ),
-        (
-            "top_track_share",
-            "Share of plays going to the most-played track.",
-            lambda a, w: _top_share(a.stream_tracks, a.streams),
-        ),
-        ("logins", "Login attempts.", lambda a, w: a.logins),
-        ("failed_logins", "Failed login attempts.", lambda a, w: a.failed_logins),
-        ("failed_login_ratio", "Failed share of login attempts.", lambda a, w: _ratio(a.failed_logins, a.logins)),
-        ("signups", "Account sign-ups.", lambda a, w: a.signups),
-        ("playlist_adds", "Tracks added to playlists.", lambda a, w: a.playlist_adds),
-        ("distinct_playlists", "Distinct playlists added to.", lambda a, w: _size(a.playlists)),
-        (
-            "playlist_top_artist_share",
-            "Share of playlist adds going to the most-added artist.",
-            lambda a, w: _top_share(a.playlist_artists, a.playlist_adds),
-        ),
-        ("payments", "Payment attempts.", lambda a, w: a.payments),
-        ("failed_payments", "Declined payment attempts.", lambda a, w: a.failed_payments),
-        (
-            "failed_payment_ratio",
-            "Declined share of payment attempts.",
-            lambda a, w: _ratio(a.failed_payments, a.payments),
-        ),
-        (
-            "small_payment_share",
-            "Share of payments of at most 2.00.",
-            lambda a, w: _ratio(a.small_payments, a.payments),
-        ),
-        ("distinct_cards", "Distinct card fingerprints used.", lambda a, w: _size(a.cards)),
-        ("distinct_users", "Distinct user ids seen.", lambda a, w: _size(a.users)),
-        ("distinct_devices", "Distinct device ids seen.", lambda a, w: _size(a.devices)),
-        ("distinct_ips", "Distinct IP addresses seen.", lambda a, w: _size(a.ips)),
-        ("distinct_countries", "Distinct countries seen.", lambda a, w: _size(a.countries)),
-        ("active_hours", "Distinct hours of the day (UTC) with any signal.", lambda a, w: bin(a.hours).count("1")),
-        (
-            "span_minutes",
-            "Minutes from the first to the last signal.",
-            lambda a, w: max(0, a.last_ms - a.first_ms) / 60_000,
-        ),
-    ]
-    return {name: Feature(name, description, fn) for name, description, fn in specs}
+    computed = list(builtin_features(Accumulator(), 3600))
+    if computed != list(_BUILTIN_DESCRIPTIONS):
+        raise ValueError(f"builtin_features and _BUILTIN_DESCRIPTIONS name different features: {computed}")
+    return {
+        name: Feature(name, description, lambda a, w, name=name: builtin_features(a, w)[name])
+        for name, description in _BUILTIN_DESCRIPTIONS.items()
+    }
 
 
 def _extractor_feature(extractor) -> Feature:
@@ -459,9 +480,15 @@ FEATURES: dict[str, Feature] = _all_features()
 _EXTRACTORS_BY_TYPE = {t: tuple(e for e in EXTRACTORS.values() if t in e.event_types) for t in EVENT_TYPES}
 
 
+_EXTRACTOR_FEATURES = tuple((name, f.compute) for name, f in FEATURES.items() if name not in _BUILTIN_DESCRIPTIONS)
+
+
 def compute_features(acc: Accumulator, window_sec: int) -> dict[str, float]:
-    """Every registered feature's value for one accumulator."""
-    return {name: float(f.compute(acc, window_sec)) for name, f in FEATURES.items()}
+    """Every registered feature's value for one accumulator: built-ins, then extractors."""
+    values = builtin_features(acc, window_sec)
+    for name, compute in _EXTRACTOR_FEATURES:
+        values[name] = float(compute(acc, window_sec))
+    return values
 
 
 class EntityFeaturesFn(beam.CombineFn):
