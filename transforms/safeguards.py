@@ -271,9 +271,10 @@ def tripped_record(hit: RuleHit, scope: str, cap: int, lateness_sec: int) -> Rul
 
 
 class _Cap:
-    """One cap scope's check, shared by the streaming ``CapFn`` and the batch ``cap_batch`` pass."""
+    """One cap scope's check, shared by the streaming ``CapFn`` and the batch ``CapBatchFn``."""
 
     def __init__(self, scope: str, global_cap: int, lateness_sec: int, source: PolicySource):
+        super().__init__()
         self._scope, self._global_cap, self._lateness = scope, global_cap, lateness_sec
         self._source = source
         self._capped = Metrics.counter("safeguards", f"capped_{scope}")
