@@ -153,7 +153,7 @@ def fold_signal(accs, s: Signal) -> None:
     One signal feeds about five accumulators (one per entity window), so what
     depends only on the signal is worked out once, and the bounded-set and
     counter updates are written inline rather than as a call per field: this
-    is the most-run code in the job, and the two together took about 30% off
+    is the most-run code in the job, and the two together took about 28% off
     it (benchmarks/README.md). ``tests/transforms/test_features.py`` checks it
     against a plain reference fold.
     """
