@@ -283,7 +283,10 @@ class _Cap:
     def setup(self):
         self._source.reset()
 
-    def _cap(self, hit: RuleHit) -> int:
+    def cap_for(self, hit: RuleHit) -> int:
+        """The cap this hit counts against; 0 when none applies (cap off, or the hit does not enforce)."""
+        if not _enforcing(hit):
+            return 0
         if self._scope != "rule":
             return self._global_cap
         for rule in self._source.current().pack.rules:  # a handful of rules: a scan is cheapest
@@ -291,15 +294,14 @@ class _Cap:
                 return rule.max_entities_per_window
         return 0
 
-    def step(self, seen: frozenset, tripped: bool, hit: RuleHit) -> tuple[list[RuleHit], frozenset, bool]:
+    def step(self, seen: frozenset, tripped: bool, hit: RuleHit, cap: int) -> tuple[list[RuleHit], frozenset, bool]:
         """One hit against the entities already enforced in its (scope, window) and whether the cap tripped.
 
-        Returns the records to emit, and the new entities and tripped flag.
+        ``cap`` is ``cap_for(hit)``. Returns the records to emit, and the new entities and tripped flag.
         """
-        cap = self._cap(hit)
         d = hit.decision
         entity = (d.entity_type, d.entity_id)
-        if cap <= 0 or not _enforcing(hit) or entity in seen:
+        if cap <= 0 or entity in seen:
             return [hit], seen, tripped
         if len(seen) < cap:
             return [hit], seen | {entity}, tripped
@@ -342,9 +344,13 @@ class CapFn(_Cap, beam.DoFn):
         cleanup=beam.DoFn.TimerParam(CLEANUP),
     ):
         _, hit = element
+        cap = self.cap_for(hit)
+        if cap <= 0:  # most hits: no state read
+            yield hit
+            return
         seen = entities.read() or frozenset()
         was_tripped = bool(tripped.read())
-        out, now_seen, now_tripped = self.step(seen, was_tripped, hit)
+        out, now_seen, now_tripped = self.step(seen, was_tripped, hit, cap)
         if now_seen is not seen:
             entities.write(now_seen)
             d = hit.decision
@@ -379,7 +385,7 @@ class CapBatchFn(_Cap, beam.DoFn):
         _, hits = element
         seen, tripped = frozenset(), False
         for hit in sorted(hits, key=_cap_order):
-            out, seen, tripped = self.step(seen, tripped, hit)
+            out, seen, tripped = self.step(seen, tripped, hit, self.cap_for(hit))
             yield from out
 
 
