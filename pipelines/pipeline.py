@@ -120,7 +120,7 @@ def build_pipeline(
     """
     parsed = payloads | "ParseSignals" >> ParseSignals(source)
     unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(config.signal_dedup_ttl_sec, config.streaming)
-    signals = unique | "AssignEventTime" >> AssignEventTime()
+    signals = unique | "AssignEventTime" >> AssignEventTime() if config.streaming else unique
     features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), config.window_config())
     policy = config.policy_source(pack)
     rule_outputs = features | "ApplyRules" >> ApplyRules(policy, config.decision_clock)

@@ -26,15 +26,19 @@ depend on file order.
 
 from __future__ import annotations
 
+import operator
+
 import apache_beam as beam
 import orjson
 from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import Signal
+from transforms.features import GLOBAL_WINDOWS
 from transforms.rules import RuleHit
 
 
@@ -97,18 +101,78 @@ def _earlier(a: Signal, b: Signal) -> Signal:
     return a if repr(a) <= repr(b) else b
 
 
-def keep_earliest(element) -> Signal:
-    """(event_id, copies as JSON arrays of the Signal's fields) to the earliest copy."""
-    _, copies = element
-    copies = iter(copies)
-    out = _decode(next(copies))
-    for other in copies:
-        out = _earlier(out, _decode(other))
-    return out
+# Batch groups signals by the hour their event time falls in (see KeepEarliestFn).
+BATCH_GROUP_MS = 3_600_000
+# Signals per packed shuffle element (see PackByHourFn).
+PACK_SIZE = 1000
 
 
-def _decode(encoded: bytes) -> Signal:
-    return Signal._make(orjson.loads(encoded))
+class PackByHourFn(beam.DoFn):
+    """Batch: signals to (hour, JSON array of up to PACK_SIZE signals' fields), packed per bundle.
+
+    Every signal crosses the de-duplication shuffle. One shuffle element per
+    signal costs the runner an encode, a buffer append and a decode each;
+    packing a thousand into one JSON array makes those per-pack costs, and
+    orjson encodes and decodes the array in C. Only for the global window
+    (packs flushed at a bundle's end carry the minimum timestamp).
+    """
+
+    def start_bundle(self):
+        self._packs: dict[int, list] = {}
+
+    def process(self, s: Signal):
+        hour = s.event_time_ms // BATCH_GROUP_MS
+        pack = self._packs.get(hour)
+        if pack is None:
+            pack = self._packs[hour] = []
+        pack.append(tuple(s))
+        if len(pack) >= PACK_SIZE:
+            del self._packs[hour]
+            yield hour, orjson.dumps(pack)
+
+    def finish_bundle(self):
+        packs, self._packs = self._packs, {}
+        for hour, pack in packs.items():
+            yield WindowedValue((hour, orjson.dumps(pack)), MIN_TIMESTAMP, GLOBAL_WINDOWS)
+
+
+_time_order = operator.attrgetter("event_time_ms", "event_id")
+
+
+class KeepEarliestFn(beam.DoFn):
+    """Batch: (hour, packs) to one batch of that hour's signals, each event id once, in event-time order.
+
+    Copies of one event id carry the same event time (a redelivery or a
+    producer's retry resends the same payload), so they meet in one hour's
+    group. Copies whose event times differ by enough to straddle an hour are
+    counted twice, like copies the streaming job sees further apart than its
+    TTL.
+    """
+
+    def __init__(self):
+        self._dropped = Metrics.counter("signals", "duplicates_dropped")
+
+    def infer_output_type(self, input_type):
+        return Signal
+
+    def get_output_batch_type(self, input_element_type):
+        return list[Signal]
+
+    @beam.DoFn.yields_batches
+    def process(self, element):
+        _, packs = element
+        earliest: dict[str, Signal] = {}
+        n = 0
+        make = Signal._make
+        for pack in packs:
+            for fields in orjson.loads(pack):
+                n += 1
+                s = make(fields)
+                kept = earliest.get(s.event_id)
+                earliest[s.event_id] = s if kept is None else _earlier(kept, s)
+        if n > len(earliest):
+            self._dropped.inc(n - len(earliest))
+        yield sorted(earliest.values(), key=_time_order)
 
 
 class DeduplicateSignals(beam.PTransform):
@@ -132,12 +196,9 @@ class DeduplicateSignals(beam.PTransform):
             # Every signal crosses this shuffle: as JSON of its fields it encodes and decodes in about a
             # fifth of the time pickling takes (benchmarks/README.md). Batch only, so the streaming job's
             # coders, and with them Dataflow's --update compatibility, stay as they are.
-            | "KeyByEventId"
-            >> beam.Map(lambda s: (s.event_id, orjson.dumps(tuple(s)))).with_output_types(tuple[str, bytes])
-            # A plain GroupByKey, not a combiner: almost every event id is unique, so
-            # pre-combining before the shuffle would only add a step per signal.
-            | "GroupByEventId" >> beam.GroupByKey()
-            | "KeepEarliest" >> beam.Map(keep_earliest).with_output_types(Signal)
+            | "PackByHour" >> beam.ParDo(PackByHourFn()).with_output_types(tuple[int, bytes])
+            | "GroupByHour" >> beam.GroupByKey()
+            | "KeepEarliest" >> beam.ParDo(KeepEarliestFn()).with_output_types(Signal)
         )
 
 

@@ -595,9 +595,19 @@ class PreAggregateFn(beam.DoFn):
         if len(partials) >= self._max_keys:
             yield from self._flush()
 
+    def get_input_batch_type(self, input_element_type):
+        # Lists of whatever the input holds: batch de-duplication hands over an hour's signals as one
+        # list (transforms.dedupe.KeepEarliestFn); any other input arrives one element at a time.
+        return beam.typehints.List[input_element_type]
+
+    @beam.DoFn.yields_elements
+    def process_batch(self, batch):
+        for signal in batch:
+            yield from self.process(signal)
+
     def finish_bundle(self):
         for key, acc in self._flush():
-            yield WindowedValue((key, acc), _window_end(key), _GLOBAL_WINDOWS)
+            yield WindowedValue((key, acc), _window_end(key), GLOBAL_WINDOWS)
 
     def _flush(self):
         partials, self._partials = self._partials, {}
@@ -605,7 +615,7 @@ class PreAggregateFn(beam.DoFn):
 
 
 # Beam's GlobalWindow() recomputes its end from a proto on every construction: build it once.
-_GLOBAL_WINDOWS = (GlobalWindow(),)
+GLOBAL_WINDOWS = (GlobalWindow(),)
 
 
 def _window_end(key) -> Timestamp:
