@@ -5,8 +5,8 @@ benchmark, timed with ``time.perf_counter`` around the whole loop, repeated
 ``--repeats`` times; the figure is the median. Stages and what one unit is:
 
 * parse: ``parse_signal`` on one raw line (per signal);
-* dedupe: encoding, grouping by event id and keeping the earliest copy
-  (per signal; the shuffle itself is the runner's);
+* dedupe: packing signals by event-time hour, then keeping the earliest copy
+  of each event id in time order (per signal; the shuffle itself is the runner's);
 * features/fold: ``PreAggregateFn`` folding one signal into every entity
   window the default pack needs (per signal; about five accumulators each);
 * features/compute: an accumulator to its named features (per entity window);
@@ -34,12 +34,10 @@ import statistics
 import sys
 import time
 
-import orjson
-
 from benchmarks.batch_throughput import _bare_key, ensure_input
 from benchmarks.common import print_table, write_results
 from pipelines.pipeline import PipelineConfig
-from transforms.dedupe import keep_earliest
+from transforms.dedupe import PackByHourFn, earliest_copies
 from transforms.features import PreAggregateFn, SizedToEntityFeaturesFn, merge, tune_gc_for_batch
 from transforms.parse import parse_signal
 from transforms.rulepack import load_rule_pack
@@ -67,11 +65,16 @@ def measure(events: int, repeats: int) -> dict:
 
     parse_sec, signals = _timed(lambda: [parse_signal(line).signal for line in lines], repeats)
 
-    def dedupe():  # what DeduplicateSignals does around its shuffle: encode, group by id, keep the earliest
+    def dedupe():  # what DeduplicateSignals does around its shuffle: pack by hour, keep the earliest copies
+        packer = PackByHourFn()
+        packer.start_bundle()
         groups = collections.defaultdict(list)
         for s in signals:
-            groups[s.event_id].append(orjson.dumps(tuple(s)))
-        return [keep_earliest(item) for item in groups.items()]
+            for hour, pack in packer.process(s):
+                groups[hour].append(pack)
+        for wv in packer.finish_bundle():
+            groups[wv.value[0]].append(wv.value[1])
+        return [s for hour in sorted(groups) for s in earliest_copies(groups[hour])[0]]
 
     dedupe_sec, unique = _timed(dedupe, repeats)
 
@@ -79,8 +82,7 @@ def measure(events: int, repeats: int) -> dict:
         fn = PreAggregateFn(pack.feature_plan())
         fn.start_bundle()
         out = []
-        for s in unique:
-            out.extend(fn.process(s))
+        out.extend(fn.process_batch(unique))
         out.extend(wv.value for wv in fn.finish_bundle())
         return out
 

@@ -27,7 +27,7 @@ from transforms.safeguards import EMPTY_ALLOWLIST, Allowlist, EnforceSafeguards,
 
 
 class PipelineOutputs(typing.NamedTuple):
-    signals: beam.PCollection  # validated Signal records, event-time stamped
+    signals: beam.PCollection  # validated, de-duplicated Signal records (event-time stamped in streaming)
     features: beam.PCollection  # EntityFeatures per entity and window
     hits: beam.PCollection  # RuleHit, every rule match with its status
     decisions: beam.PCollection  # Decision records to publish
@@ -53,6 +53,9 @@ class PipelineConfig:
         fires only at the watermark.
       signal_dedup_ttl_sec: streaming only: how long an event id is remembered
         (processing time); 0 turns de-duplication off without changing the graph.
+      dedupe_shards_per_hour: batch only: split each event-time hour's
+        de-duplication group this many ways by event id, so one group stays
+        small enough for one worker (``transforms.dedupe``).
       decision_dedup_max_ttl_sec: streaming only: upper bound on how long a
         decision id is remembered to drop repeats (each is kept for its own TTL).
       allowlist, global_cap_per_window, action_memory_max_sec: the
@@ -67,6 +70,7 @@ class PipelineConfig:
     allowed_lateness_sec: int = 0
     early_firing_sec: int = 0
     signal_dedup_ttl_sec: int = 600
+    dedupe_shards_per_hour: int = 1
     decision_dedup_max_ttl_sec: int = 2 * 86400
     allowlist: Allowlist = EMPTY_ALLOWLIST
     global_cap_per_window: int = 0
@@ -119,7 +123,11 @@ def build_pipeline(
       config: batch or streaming behaviour (see ``PipelineConfig``).
     """
     parsed = payloads | "ParseSignals" >> ParseSignals(source)
-    unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(config.signal_dedup_ttl_sec, config.streaming)
+    unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(
+        config.signal_dedup_ttl_sec, config.streaming, config.dedupe_shards_per_hour
+    )
+    # Batch windows are keyed by each signal's own event time (WindowConfig.keyed_windows), so it
+    # needs no timestamps, and the de-duplicated signals stay in hour batches (see transforms.dedupe).
     signals = unique | "AssignEventTime" >> AssignEventTime() if config.streaming else unique
     features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), config.window_config())
     policy = config.policy_source(pack)

@@ -20,13 +20,20 @@ A TTL of 0 passes everything through unchanged without changing the graph, so
 it can be switched off with a Dataflow ``--update``.
 
 In batch (``streaming=False``) there is no redelivery clock. Signals are
-grouped by event id and the earliest copy is kept, so the output does not
-depend on file order.
+grouped by the hour of their event time (split ``shards_per_hour`` ways by a
+hash of the event id), the earliest copy of each event id is kept, and each
+hour comes out as one batch of signals in event-time order for the feature
+pre-aggregation (``transforms.features.PreAggregateFn``). The output does not
+depend on file order. Copies of one event carry its event time, so they meet
+in one group; copies whose event times were changed by enough to straddle an
+hour are both kept, as the streaming job keeps copies further apart than its
+TTL.
 """
 
 from __future__ import annotations
 
 import operator
+import zlib
 
 import apache_beam as beam
 import orjson
@@ -101,52 +108,76 @@ def _earlier(a: Signal, b: Signal) -> Signal:
     return a if repr(a) <= repr(b) else b
 
 
-# Batch groups signals by the hour their event time falls in (see KeepEarliestFn).
-BATCH_GROUP_MS = 3_600_000
-# Signals per packed shuffle element (see PackByHourFn).
-PACK_SIZE = 1000
+BATCH_GROUP_MS = 3_600_000  # batch de-duplicates within each hour of event time
+PACK_SIZE = 1000  # signals per shuffled element in batch (PackByHourFn)
+
+
+def group_key(s: Signal, shards_per_hour: int) -> int:
+    """The batch de-duplication group: the event-time hour, split by a hash of the event id."""
+    hour = s.event_time_ms // BATCH_GROUP_MS
+    if shards_per_hour == 1:
+        return hour
+    return hour * shards_per_hour + zlib.crc32(s.event_id.encode()) % shards_per_hour
 
 
 class PackByHourFn(beam.DoFn):
-    """Batch: signals to (hour, JSON array of up to PACK_SIZE signals' fields), packed per bundle.
+    """Batch: signals to (group, JSON array of up to ``pack_size`` signals' fields), packed per bundle.
 
-    Every signal crosses the de-duplication shuffle. One shuffle element per
-    signal costs the runner an encode, a buffer append and a decode each;
-    packing a thousand into one JSON array makes those per-pack costs, and
-    orjson encodes and decodes the array in C. Only for the global window
-    (packs flushed at a bundle's end carry the minimum timestamp).
+    Every signal crosses the de-duplication shuffle. As one element per signal
+    the runner encodes, buffers and decodes each one; packed a thousand to a
+    JSON array, those costs are per pack, and orjson does the array in C.
+    JSON of the fields also keeps Beam's pickling out of it. Only for the
+    global window: packs flushed at a bundle's end carry the minimum timestamp.
     """
 
-    def start_bundle(self):
+    def __init__(self, shards_per_hour: int = 1, pack_size: int = PACK_SIZE):
+        self._shards = shards_per_hour
+        self._pack_size = pack_size
         self._packs: dict[int, list] = {}
 
+    def start_bundle(self):
+        self._packs = {}
+
     def process(self, s: Signal):
-        hour = s.event_time_ms // BATCH_GROUP_MS
-        pack = self._packs.get(hour)
+        key = group_key(s, self._shards)
+        pack = self._packs.get(key)
         if pack is None:
-            pack = self._packs[hour] = []
+            pack = self._packs[key] = []
         pack.append(tuple(s))
-        if len(pack) >= PACK_SIZE:
-            del self._packs[hour]
-            yield hour, orjson.dumps(pack)
+        if len(pack) >= self._pack_size:
+            del self._packs[key]
+            yield key, orjson.dumps(pack)
 
     def finish_bundle(self):
         packs, self._packs = self._packs, {}
-        for hour, pack in packs.items():
-            yield WindowedValue((hour, orjson.dumps(pack)), MIN_TIMESTAMP, GLOBAL_WINDOWS)
+        for key, pack in packs.items():
+            yield WindowedValue((key, orjson.dumps(pack)), MIN_TIMESTAMP, GLOBAL_WINDOWS)
 
 
 _time_order = operator.attrgetter("event_time_ms", "event_id")
 
 
-class KeepEarliestFn(beam.DoFn):
-    """Batch: (hour, packs) to one batch of that hour's signals, each event id once, in event-time order.
+def earliest_copies(packs) -> tuple[list[Signal], int]:
+    """Packs of one group to its signals, each event id once (the earliest copy), in event-time order;
+    and how many copies were dropped."""
+    earliest: dict[str, Signal] = {}
+    n = 0
+    make = Signal._make
+    for pack in packs:
+        for fields in orjson.loads(pack):
+            n += 1
+            s = make(fields)
+            kept = earliest.get(s.event_id)
+            earliest[s.event_id] = s if kept is None else _earlier(kept, s)
+    return sorted(earliest.values(), key=_time_order), n - len(earliest)
 
-    Copies of one event id carry the same event time (a redelivery or a
-    producer's retry resends the same payload), so they meet in one hour's
-    group. Copies whose event times differ by enough to straddle an hour are
-    counted twice, like copies the streaming job sees further apart than its
-    TTL.
+
+class KeepEarliestFn(beam.DoFn):
+    """Batch: (group, packs) to one batch (a list) of the group's signals: ``earliest_copies``.
+
+    Yielding a batch lets ``PreAggregateFn.process_batch`` take an hour's
+    signals in one call, in time order, instead of one runner element each.
+    A consumer that takes elements gets them one by one; Beam unpacks the list.
     """
 
     def __init__(self):
@@ -160,30 +191,25 @@ class KeepEarliestFn(beam.DoFn):
 
     @beam.DoFn.yields_batches
     def process(self, element):
-        _, packs = element
-        earliest: dict[str, Signal] = {}
-        n = 0
-        make = Signal._make
-        for pack in packs:
-            for fields in orjson.loads(pack):
-                n += 1
-                s = make(fields)
-                kept = earliest.get(s.event_id)
-                earliest[s.event_id] = s if kept is None else _earlier(kept, s)
-        if n > len(earliest):
-            self._dropped.inc(n - len(earliest))
-        yield sorted(earliest.values(), key=_time_order)
+        signals, dropped = earliest_copies(element[1])
+        if dropped:
+            self._dropped.inc(dropped)
+        yield signals
 
 
 class DeduplicateSignals(beam.PTransform):
     """Signals with a repeated ``event_id`` are dropped (see module docstring)."""
 
-    def __init__(self, ttl_sec: int, streaming: bool):
+    def __init__(self, ttl_sec: int, streaming: bool, shards_per_hour: int = 1, pack_size: int = PACK_SIZE):
         super().__init__()
         if ttl_sec < 0:
             raise ValueError("ttl_sec must be >= 0")
+        if shards_per_hour < 1 or pack_size < 1:
+            raise ValueError("shards_per_hour and pack_size must be >= 1")
         self._ttl = ttl_sec
         self._streaming = streaming
+        self._shards = shards_per_hour
+        self._pack_size = pack_size
 
     def expand(self, signals):
         if self._streaming:
@@ -193,10 +219,10 @@ class DeduplicateSignals(beam.PTransform):
             return keyed | "DropRepeats" >> beam.ParDo(DropRepeatedSignalsFn(self._ttl)).with_output_types(Signal)
         return (
             signals
-            # Every signal crosses this shuffle: as JSON of its fields it encodes and decodes in about a
-            # fifth of the time pickling takes (benchmarks/README.md). Batch only, so the streaming job's
-            # coders, and with them Dataflow's --update compatibility, stay as they are.
-            | "PackByHour" >> beam.ParDo(PackByHourFn()).with_output_types(tuple[int, bytes])
+            # Batch only, so the streaming job's graph and coders, and with them Dataflow's --update
+            # compatibility, stay as they are.
+            | "PackByHour"
+            >> beam.ParDo(PackByHourFn(self._shards, self._pack_size)).with_output_types(tuple[int, bytes])
             | "GroupByHour" >> beam.GroupByKey()
             | "KeepEarliest" >> beam.ParDo(KeepEarliestFn()).with_output_types(Signal)
         )

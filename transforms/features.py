@@ -556,6 +556,11 @@ class PreAggregateFn(beam.DoFn):
     after the shuffle, so the features are the same as folding every signal
     in one place (``merge`` is the operation the lifted combiner uses too).
 
+    Batch de-duplication hands over each event-time hour as one batch, in
+    time order (``transforms.dedupe.KeepEarliestFn``), and ``process_batch``
+    folds it in one call; other inputs come one element at a time. Time order
+    is what keeps partials few: a window's signals arrive together.
+
     Only for keyed windows in the global window: partials flushed mid-bundle
     carry the current signal's timestamp and those flushed at the bundle's
     end their window's end, which is harmless only because nothing downstream

@@ -3,6 +3,8 @@
 import time
 
 import apache_beam as beam
+import orjson
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -11,7 +13,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from schemas import Signal
 from tests.kit import T0_MS, signal
-from transforms.dedupe import DeduplicateSignals, DropRepeatedHitsFn, DropRepeatedSignalsFn, hit_key
+from transforms.dedupe import DeduplicateSignals, DropRepeatedHitsFn, DropRepeatedSignalsFn, earliest_copies, hit_key
 from transforms.rules import RuleHit
 
 
@@ -93,6 +95,43 @@ def test_in_a_streaming_pipeline_copies_are_dropped_until_the_timer_fires():
     with TestPipeline(options=_stream_options()) as p:
         out = p | stream | DeduplicateSignals(ttl_sec=600, streaming=True)
         assert_that(out | beam.Map(lambda s: s.event_id), equal_to(["e1", "e2", "e1"]))
+
+
+@pytest.mark.parametrize("shards_per_hour, pack_size", [(1, 1000), (1, 2), (3, 1)])
+def test_batch_keeps_the_earliest_copy_across_packs_and_shards(shards_per_hour, pack_size):
+    hour = 3_600_000
+    copies = [
+        signal("signup", T0_MS + 5, event_id="e1"),  # re-timed copy: later, dropped
+        signal("signup", T0_MS, event_id="e1", country="SE"),  # same time, content breaks the tie
+        signal("signup", T0_MS, event_id="e1", country="DE"),  # kept: "DE" sorts before "SE"
+        signal("signup", T0_MS + 1, event_id="e2"),
+        signal("signup", T0_MS + 2 * hour, event_id="e3"),
+        signal("signup", T0_MS + 2 * hour, event_id="e3"),
+    ]
+    with TestPipeline() as p:
+        out = p | beam.Create(copies) | DeduplicateSignals(600, False, shards_per_hour, pack_size)
+        assert_that(
+            out | beam.Map(lambda s: (s.event_id, s.event_time_ms, s.country)),
+            equal_to([("e1", T0_MS, "DE"), ("e2", T0_MS + 1, None), ("e3", T0_MS + 2 * hour, None)]),
+        )
+
+
+def test_a_group_comes_out_once_per_event_id_in_event_time_order():
+    signals = [signal("login", T0_MS + ms, event_id=f"e{ms % 7}") for ms in (40, 3, 7, 3, 12, 5, 40)]
+    packs = [orjson.dumps([tuple(s) for s in signals[:4]]), orjson.dumps([tuple(s) for s in signals[4:]])]
+    kept, dropped = earliest_copies(packs)
+    # e5 has copies at 40, 12, 5 and 40 ms; e3 two identical copies at 3 ms.
+    assert [(s.event_id, s.event_time_ms - T0_MS) for s in kept] == [("e3", 3), ("e5", 5), ("e0", 7)]
+    assert dropped == 4
+
+
+def test_copies_straddling_an_hour_are_both_kept_in_batch():
+    """The documented limit: batch de-duplicates within an event-time hour, as streaming does within its TTL."""
+    before, after = signal("signup", T0_MS - 1, event_id="e1"), signal("signup", T0_MS, event_id="e1")
+    assert T0_MS % 3_600_000 == 0, "T0 must start an hour for this test"
+    with TestPipeline() as p:
+        out = p | beam.Create([before, after]) | DeduplicateSignals(600, streaming=False)
+        assert_that(out | beam.Map(lambda s: s.event_time_ms), equal_to([T0_MS - 1, T0_MS]))
 
 
 def test_batch_keeps_the_earliest_copy():
