@@ -17,7 +17,7 @@ import typing
 
 import apache_beam as beam
 
-from transforms.dedupe import DeduplicateHits, DeduplicateSignals
+from transforms.dedupe import BATCH_GROUP_MS, DeduplicateHits, DeduplicateSignals
 from transforms.features import ComputeFeatures, WindowConfig
 from transforms.parse import AssignEventTime, ParseSignals
 from transforms.policy import Policy, PolicySource
@@ -99,7 +99,9 @@ class PipelineConfig:
 
     def window_config(self) -> WindowConfig:
         if not self.streaming:
-            return WindowConfig(keyed_windows=True)
+            # Unsharded, batch de-duplication hands each event-time hour over as one batch.
+            whole = BATCH_GROUP_MS if self.dedupe_shards_per_hour == 1 else 0
+            return WindowConfig(keyed_windows=True, whole_batch_ms=whole)
         return WindowConfig(allowed_lateness_sec=self.allowed_lateness_sec, early_firing_sec=self.early_firing_sec)
 
     @property

@@ -3,6 +3,7 @@
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
@@ -225,6 +226,10 @@ def test_pre_aggregated_partials_merge_to_the_one_pass_features(signals, max_key
     fn = PreAggregateFn(plan, max_keys=max_keys)
     fn.start_bundle()
     partials = [kv for s in signals for kv in fn.process(s)] + [wv.value for wv in fn.finish_bundle()]
+    _assert_merge_to_one_pass(partials, signals, plan)
+
+
+def _assert_merge_to_one_pass(partials, signals, plan):
     combiner = MergeAccumulatorsFn()
     merged: dict = {}
     for key, acc in partials:
@@ -241,6 +246,43 @@ def test_pre_aggregated_partials_merge_to_the_one_pass_features(signals, max_key
     for key, acc in expected.items():
         assert compute_features(merged[key], key[0]) == compute_features(acc, key[0])
         assert merged[key].trace_ids == acc.trace_ids
+
+
+_three_hours_of_plays = st.lists(
+    st.builds(
+        lambda user, device, minute: signal("stream", T0_MS + minute * MIN, user_id=f"u{user}", device_id=f"d{device}"),
+        st.integers(0, 5),
+        st.integers(0, 3),
+        st.integers(0, 179),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_three_hours_of_plays, st.integers(1, 6))
+def test_hour_batches_send_whole_windows_once_and_the_rest_merges_to_one_pass(signals, max_keys):
+    """Given each hour as one batch, windows that tile the hour go out whole, once; longer ones as partials."""
+    plan = {600: ("user",), 3600: ("user", "device"), 86400: ("user",)}
+    fn = PreAggregateFn(plan, max_keys=max_keys, whole_batch_ms=3_600_000)
+    fn.start_bundle()
+    hours: dict = {}
+    for s in sorted(signals, key=lambda s: s.event_time_ms):
+        hours.setdefault(s.event_time_ms // 3_600_000, []).append(s)
+    whole, partials = [], []
+    for hour in sorted(hours):
+        for out in fn.process_batch(hours[hour]):
+            if isinstance(out, TaggedOutput):
+                assert out.tag == PreAggregateFn.WHOLE
+                whole.append(out.value)
+            else:
+                partials.append(out)
+    partials += [wv.value for wv in fn.finish_bundle()]
+    whole_keys = [key for key, _ in whole]
+    assert len(whole_keys) == len(set(whole_keys)), "a whole window went out twice"
+    assert {key[0] for key in whole_keys} <= {600, 3600}
+    assert {key[0] for key, _ in partials} <= {86400}
+    _assert_merge_to_one_pass(whole + partials, signals, plan)
 
 
 # --- the optimised fold against a plain one ---------------------------------------------------
