@@ -576,17 +576,19 @@ class PreAggregateFn(beam.DoFn):
     def __init__(
         self, plan: dict[int, tuple[str, ...]], max_keys: int = PRE_AGGREGATE_MAX_KEYS, whole_batch_ms: int = 0
     ):
-        # (size_sec, size_ms, ((entity_type, signal field), ...)) per window size.
+        # (size_sec, size_ms, ((entity_type, signal field), ...), tiles) per window size, where tiles
+        # says the size tiles a whole batch, so each batch holds all of its windows' signals.
         self._plan = tuple(
-            (size, size * 1000, tuple((t, _ENTITY_FIELD[t]) for t in types)) for size, types in sorted(plan.items())
+            (
+                size,
+                size * 1000,
+                tuple((t, _ENTITY_FIELD[t]) for t in types),
+                bool(whole_batch_ms) and size * 1000 <= whole_batch_ms and whole_batch_ms % (size * 1000) == 0,
+            )
+            for size, types in sorted(plan.items())
         )
         self._max_keys = max_keys
-        # Window sizes that tile a whole batch: each batch holds all of their windows' signals.
-        self._whole_sizes = frozenset(
-            size
-            for size in plan
-            if whole_batch_ms and size * 1000 <= whole_batch_ms and whole_batch_ms % (size * 1000) == 0
-        )
+        self._any_whole = any(tiles for *_, tiles in self._plan)
         self._partials: dict = {}
 
     def setup(self):
@@ -609,7 +611,7 @@ class PreAggregateFn(beam.DoFn):
     def process_batch(self, batch):
         # With whole_batch_ms, the batch is all the signals of its span (an event-time hour): windows of
         # the sizes that tile it are complete at its end, so they go out whole, past the merging shuffle.
-        whole: dict | None = {} if self._whole_sizes else None
+        whole: dict | None = {} if self._any_whole else None
         for signal in batch:
             self._fold(signal, whole)
             if len(self._partials) >= self._max_keys:
@@ -623,8 +625,8 @@ class PreAggregateFn(beam.DoFn):
         partials = self._partials
         t = signal.event_time_ms
         accs = []
-        for size_sec, size_ms, fields in self._plan:
-            target = whole if whole is not None and size_sec in self._whole_sizes else partials
+        for size_sec, size_ms, fields, tiles in self._plan:
+            target = whole if tiles and whole is not None else partials
             start = t - t % size_ms
             for entity_type, field in fields:
                 entity_id = getattr(signal, field)

@@ -132,10 +132,3 @@ def test_copies_straddling_an_hour_are_both_kept_in_batch():
     with TestPipeline() as p:
         out = p | beam.Create([before, after]) | DeduplicateSignals(600, streaming=False)
         assert_that(out | beam.Map(lambda s: s.event_time_ms), equal_to([T0_MS - 1, T0_MS]))
-
-
-def test_batch_keeps_the_earliest_copy():
-    early, late = signal("signup", T0_MS, event_id="e1"), signal("signup", T0_MS + 5, event_id="e1")
-    with TestPipeline() as p:
-        out = p | beam.Create([late, early, signal("signup", event_id="e2")]) | DeduplicateSignals(600, streaming=False)
-        assert_that(out | beam.Map(lambda s: (s.event_id, s.event_time_ms)), equal_to([("e1", T0_MS), ("e2", T0_MS)]))
