@@ -125,7 +125,8 @@ def run_child(users: int, per_tick: int, events_per_hour: int) -> dict:
 
     tally = tempfile.NamedTemporaryFile(prefix="memory_keys_", suffix=".tally", delete=False).name
     outputs.signals | "CountSignals" >> beam.ParDo(_Tally(tally, "signals"))
-    outputs.features | "CountFeaturePanes" >> beam.ParDo(_Tally(tally, "feature_panes"))
+    (features,) = outputs.features  # streaming: one branch (ComputeFeatures)
+    features | "CountFeaturePanes" >> beam.ParDo(_Tally(tally, "feature_panes"))
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.monotonic() - started

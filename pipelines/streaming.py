@@ -329,7 +329,8 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         outputs.audit | "WriteAuditRows" >> WriteRows(opts.audit_table, AUDIT_SCHEMA, method),
     ]
     if opts.features_table:
-        rows = outputs.features | "ToFeatureRow" >> beam.Map(feature_row).with_output_types(FeatureRow)
+        (features,) = outputs.features  # streaming computes every window in one branch (ComputeFeatures)
+        rows = features | "ToFeatureRow" >> beam.Map(feature_row).with_output_types(FeatureRow)
         rejected.append(rows | "WriteFeatureRows" >> WriteRows(opts.features_table, FEATURE_ROW_SCHEMA, method))
     if opts.bigtable_instance:
         project = pipeline.options.view_as(GoogleCloudOptions).project

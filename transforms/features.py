@@ -738,6 +738,16 @@ class WindowConfig:
 class ComputeFeatures(beam.PTransform):
     """Signals to ``EntityFeatures`` for every (window size, entity type) the rules need.
 
+    Returns a tuple of PCollections of ``EntityFeatures``, the branches the
+    windows come out of: one in streaming (every size, flattened), two in
+    batch (windows merged after the shuffle, and windows a batch held whole).
+    Apply per-window work to each branch (``transforms.rules.ApplyRules``
+    takes the tuple) and flatten only what comes out small: the local runner
+    materialises every input of a ``Flatten``, even one nothing reads. At 1M
+    signals, flattening the branches' features cost 4.0-4.3 GB against
+    2.1-2.4 GB without (benchmarks/README.md). ``beam.Flatten()`` makes one
+    PCollection for callers that need it; Dataflow fuses that at no cost.
+
     Args:
       plan: maps window size in seconds to the entity types rules read at that
         size; one fixed-window branch per size, labelled ``Window{N}s`` so step
@@ -780,13 +790,11 @@ class ComputeFeatures(beam.PTransform):
                 PreAggregateFn(self._plan, whole_batch_ms=self._config.whole_batch_ms)
             ).with_outputs(PreAggregateFn.WHOLE, main="partials")
             merged = pre.partials | "Aggregate" >> beam.CombinePerKey(MergeAccumulatorsFn())
-            # The local runner materialises a Flatten's inputs. Accumulators cross it in less memory
-            # than the EntityFeatures records they become: at 1M signals, two workers peaked at about
-            # 2.7 GB this way against 3.9-4.1 GB with features made first (benchmarks/README.md).
+            # No Flatten here: whole windows stay fused with the fold that made them (see the docstring).
+            to_features = beam.ParDo(SizedToEntityFeaturesFn()).with_output_types(EntityFeatures)
             return (
-                (merged, pre[PreAggregateFn.WHOLE])
-                | "AllWindows" >> beam.Flatten()
-                | "ToFeatures" >> beam.ParDo(SizedToEntityFeaturesFn()).with_output_types(EntityFeatures)
+                merged | "ToFeatures" >> to_features,
+                pre[PreAggregateFn.WHOLE] | "WholeToFeatures" >> to_features,
             )
         branches = []
         for size, entity_types in self._plan.items():
@@ -808,5 +816,5 @@ class ComputeFeatures(beam.PTransform):
                 | f"{label}/Rewindow" >> beam.WindowInto(beam_window.GlobalWindows())
             )
         if len(branches) == 1:
-            return branches[0]
-        return branches | "AllWindows" >> beam.Flatten()
+            return (branches[0],)
+        return (branches | "AllWindows" >> beam.Flatten(),)

@@ -161,6 +161,11 @@ class RuleOutputs(typing.NamedTuple):
 class ApplyRules(beam.PTransform):
     """``EntityFeatures`` to ``RuleHit`` records; failing conditions go to dead letters.
 
+    Takes one PCollection, or a tuple of them such as ``ComputeFeatures``
+    returns: each is evaluated where it is, and only the hits and dead letters
+    are flattened (a ``Flatten`` of every window's features would make the
+    local runner hold them all; see ``ComputeFeatures``).
+
     ``source`` is a ``transforms.policy.PolicySource`` (a fixed pack, or one re-read periodically).
     """
 
@@ -170,10 +175,19 @@ class ApplyRules(beam.PTransform):
         self._clock = decision_clock
 
     def expand(self, features):
-        results = features | "Evaluate" >> beam.ParDo(ApplyRulesFn(self._source, self._clock)).with_outputs(
+        branches = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+        # One branch keeps the step name "Evaluate" that the streaming job's state is matched by.
+        labels = ["Evaluate"] if len(branches) == 1 else [f"Evaluate{i}" for i in range(len(branches))]
+        evaluate = beam.ParDo(ApplyRulesFn(self._source, self._clock)).with_outputs(
             ApplyRulesFn.DEAD_LETTER, main="hits"
         )
-        return RuleOutputs(results.hits, results[ApplyRulesFn.DEAD_LETTER])
+        results = [branch | label >> evaluate for label, branch in zip(labels, branches, strict=True)]
+        if len(results) == 1:
+            return RuleOutputs(results[0].hits, results[0][ApplyRulesFn.DEAD_LETTER])
+        return RuleOutputs(
+            [r.hits for r in results] | "AllHits" >> beam.Flatten(),
+            [r[ApplyRulesFn.DEAD_LETTER] for r in results] | "AllDeadLetters" >> beam.Flatten(),
+        )
 
 
 def count_published(decision: Decision) -> Decision:

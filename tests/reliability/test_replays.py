@@ -82,7 +82,8 @@ def _run(stream, tmp_path, name: str) -> tuple[list[str], list[str]]:
     with TestPipeline(options=streaming_options()) as p:
         out = build_pipeline(p | stream, PACK, config=CONFIG)
         assert_that(out.decisions | "Ids" >> beam.Map(lambda d: d.decision_id), keep("decisions"), label="Decisions")
-        assert_that(out.features | "Settled" >> beam.ParDo(_SettledFeaturesFn()), keep("features"), label="Features")
+        (features,) = out.features  # streaming: one branch
+        assert_that(features | "Settled" >> beam.ParDo(_SettledFeaturesFn()), keep("features"), label="Features")
     return (
         json.loads((tmp_path / f"{name}.decisions.json").read_text()),
         json.loads((tmp_path / f"{name}.features.json").read_text()),

@@ -164,7 +164,7 @@ def test_windows_fire_on_time_then_once_per_late_signal_and_drop_too_late():
         .advance_watermark_to_infinity()
     )
     with TestPipeline(options=_stream_options()) as p:
-        features = p | stream | ComputeFeatures({3600: ("user",)}, WindowConfig(allowed_lateness_sec=lateness_sec))
+        (features,) = p | stream | ComputeFeatures({3600: ("user",)}, WindowConfig(allowed_lateness_sec=lateness_sec))
         assert_that(
             features | beam.Map(lambda f: (f.window_start_ms - T0_MS, f.features["events"])),
             equal_to([(0, 3.0), (0, 4.0), (HOUR_MS, 1.0)]),
@@ -180,7 +180,7 @@ def test_window_sizes_and_entity_types_come_from_the_plan():
             )
             | beam.Map(lambda s: TimestampedValue(s, s.event_time_ms / 1000))
         )
-        features = signals | ComputeFeatures({600: ("ip",), 3600: ("user",)})
+        (features,) = signals | ComputeFeatures({600: ("ip",), 3600: ("user",)})
         assert_that(
             features
             | beam.Map(lambda f: (f.entity_type, f.window_sec, f.window_start_ms - T0_MS, f.features["logins"])),
@@ -197,9 +197,11 @@ def test_keyed_windows_give_the_same_features_as_beam_windows():
 
     def as_rows(features, label):
         """(window key, features) pairs, to join the two strategies window by window."""
-        return features | label >> beam.Map(
-            lambda f: ((f.entity_type, f.entity_id, f.window_sec, f.window_start_ms, f.window_end_ms), dict(f.features))
-        )
+
+        def row(f):
+            return (f.entity_type, f.entity_id, f.window_sec, f.window_start_ms, f.window_end_ms), dict(f.features)
+
+        return features | f"{label}Flatten" >> beam.Flatten() | label >> beam.Map(row)
 
     with TestPipeline() as p:
         stamped = p | beam.Create(signals) | beam.Map(lambda s: TimestampedValue(s, s.event_time_ms / 1000))
