@@ -110,6 +110,7 @@ def _earlier(a: Signal, b: Signal) -> Signal:
 
 BATCH_GROUP_MS = 3_600_000  # batch de-duplicates within each hour of event time
 PACK_SIZE = 1000  # signals per shuffled element in batch (PackByHourFn)
+PACK_ZLIB_LEVEL = 1  # the fastest level: 4.7x smaller packs of simulated traffic at about 1.4 µs a signal
 
 
 def group_key(s: Signal, shards_per_hour: int) -> int:
@@ -120,14 +121,29 @@ def group_key(s: Signal, shards_per_hour: int) -> int:
     return hour * shards_per_hour + zlib.crc32(s.event_id.encode()) % shards_per_hour
 
 
+def encode_pack(signals_fields: list[tuple]) -> bytes:
+    """Signals' field tuples to one shuffle value: a JSON array, compressed (``decode_pack`` reverses it)."""
+    return zlib.compress(orjson.dumps(signals_fields), PACK_ZLIB_LEVEL)
+
+
+def decode_pack(pack: bytes) -> list[list]:
+    return orjson.loads(zlib.decompress(pack))
+
+
 class PackByHourFn(beam.DoFn):
-    """Batch: signals to (group, JSON array of up to ``pack_size`` signals' fields), packed per bundle.
+    """Batch: signals to (group, ``encode_pack`` of up to ``pack_size`` signals' fields), packed per bundle.
 
     Every signal crosses the de-duplication shuffle. As one element per signal
     the runner encodes, buffers and decodes each one; packed a thousand to a
     JSON array, those costs are per pack, and orjson does the array in C.
     JSON of the fields also keeps Beam's pickling out of it. Only for the
     global window: packs flushed at a bundle's end carry the minimum timestamp.
+
+    The shuffle holds every signal at once, in the local runner's memory and
+    then in each worker's input queue, so packs are compressed: about 4.7
+    times smaller for about 2 µs a signal. At 1M signals two workers peaked at
+    1.69-1.78 GB with compression against 2.13-2.32 GB without, and were no
+    slower (benchmarks/README.md).
     """
 
     def __init__(self, shards_per_hour: int = 1, pack_size: int = PACK_SIZE):
@@ -146,12 +162,12 @@ class PackByHourFn(beam.DoFn):
         pack.append(tuple(s))
         if len(pack) >= self._pack_size:
             del self._packs[key]
-            yield key, orjson.dumps(pack)
+            yield key, encode_pack(pack)
 
     def finish_bundle(self):
         packs, self._packs = self._packs, {}
         for key, pack in packs.items():
-            yield WindowedValue((key, orjson.dumps(pack)), MIN_TIMESTAMP, GLOBAL_WINDOWS)
+            yield WindowedValue((key, encode_pack(pack)), MIN_TIMESTAMP, GLOBAL_WINDOWS)
 
 
 _time_order = operator.attrgetter("event_time_ms", "event_id")
@@ -164,7 +180,7 @@ def earliest_copies(packs) -> tuple[list[Signal], int]:
     n = 0
     make = Signal._make
     for pack in packs:
-        for fields in orjson.loads(pack):
+        for fields in decode_pack(pack):
             n += 1
             s = make(fields)
             kept = earliest.get(s.event_id)

@@ -3,7 +3,6 @@
 import time
 
 import apache_beam as beam
-import orjson
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -13,7 +12,14 @@ from apache_beam.transforms.window import TimestampedValue
 
 from schemas import Signal
 from tests.kit import T0_MS, signal
-from transforms.dedupe import DeduplicateSignals, DropRepeatedHitsFn, DropRepeatedSignalsFn, earliest_copies, hit_key
+from transforms.dedupe import (
+    DeduplicateSignals,
+    DropRepeatedHitsFn,
+    DropRepeatedSignalsFn,
+    earliest_copies,
+    encode_pack,
+    hit_key,
+)
 from transforms.rules import RuleHit
 
 
@@ -118,7 +124,7 @@ def test_batch_keeps_the_earliest_copy_across_packs_and_shards(shards_per_hour, 
 
 def test_a_group_comes_out_once_per_event_id_in_event_time_order():
     signals = [signal("login", T0_MS + ms, event_id=f"e{ms % 7}") for ms in (40, 3, 7, 3, 12, 5, 40)]
-    packs = [orjson.dumps([tuple(s) for s in signals[:4]]), orjson.dumps([tuple(s) for s in signals[4:]])]
+    packs = [encode_pack([tuple(s) for s in signals[:4]]), encode_pack([tuple(s) for s in signals[4:]])]
     kept, dropped = earliest_copies(packs)
     # e5 has copies at 40, 12, 5 and 40 ms; e3 two identical copies at 3 ms.
     assert [(s.event_id, s.event_time_ms - T0_MS) for s in kept] == [("e3", 3), ("e5", 5), ("e0", 7)]
