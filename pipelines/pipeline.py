@@ -28,7 +28,7 @@ from transforms.safeguards import EMPTY_ALLOWLIST, Allowlist, EnforceSafeguards,
 
 class PipelineOutputs(typing.NamedTuple):
     signals: beam.PCollection  # validated, de-duplicated Signal records (event-time stamped in streaming)
-    # EntityFeatures per entity and window, as ComputeFeatures' branches (one in streaming): apply
+    # EntityFeatures per entity and window, as ComputeFeatures' branches (one in streaming, two in batch): apply
     # per-window steps to each, and flatten only in streaming or for small inputs (see ComputeFeatures).
     features: tuple[beam.PCollection, ...]
     hits: beam.PCollection  # RuleHit, every rule match with its status
