@@ -45,9 +45,10 @@ class PipelineConfig:
       streaming: True for the unbounded Pub/Sub job. Batch computes windows by
         key (everything is on time), stamps decisions at their window's end so
         a backtest is reproducible, and keeps the earliest copy of each event
-        id within its event-time hour (``transforms.dedupe``). Streaming uses Beam windows with early and late firings,
-        stamps decisions with the wall clock, and drops repeated signals and
-        decisions with state and timers.
+        id within its event-time hour (``transforms.dedupe``). Streaming uses
+        Beam windows with early and late firings, stamps decisions with the
+        wall clock, and drops repeated signals and decisions with state and
+        timers.
       allowed_lateness_sec: streaming only: how long after a window's end late
         signals still update it.
       early_firing_sec: streaming only: fire a speculative pane this often

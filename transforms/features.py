@@ -741,14 +741,14 @@ class ComputeFeatures(beam.PTransform):
     Returns a tuple of PCollections of ``EntityFeatures``, the branches the
     windows come out of: one with Beam windows, as in streaming (every size,
     flattened), two with keyed windows, as in batch (windows merged after the
-    shuffle, and windows a batch held whole).
-    Apply per-window work to each branch (``transforms.rules.ApplyRules``
-    takes the tuple) and flatten only what comes out small: the local runner
-    materialises every input of a ``Flatten``, even one nothing reads. At 1M
-    signals, a Flatten of the branches' features that nothing read peaked at
-    4,016 and 4,340 MiB against 2,159 and 2,285 MiB without it
-    (benchmarks/README.md). ``beam.Flatten()`` makes one
-    PCollection for callers that need it; Dataflow fuses that at no cost.
+    shuffle, and windows a batch held whole). Apply per-window work to each
+    branch (``transforms.rules.ApplyRules`` takes the tuple) and flatten only
+    what comes out small: the local runner materialises every input of a
+    ``Flatten``, even one nothing reads. At 1M signals, a Flatten of the
+    branches' features that nothing read peaked at 4,016 and 4,340 MiB
+    against 2,159 and 2,285 MiB without it (benchmarks/README.md).
+    ``beam.Flatten()`` makes one PCollection for callers that need it;
+    Dataflow fuses that at no cost.
 
     Args:
       plan: maps window size in seconds to the entity types rules read at that
