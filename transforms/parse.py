@@ -78,6 +78,32 @@ _ID_FIELDS = (
     "trace_id",
 )
 KNOWN_FIELDS = frozenset(Signal._fields) | {"event_time"}
+# The ids after event_id, in the order they are checked (so the first bad one is the one reported).
+_OTHER_ID_FIELDS = _ID_FIELDS[1:]
+_REQUIRED_IDS = {t: frozenset({"user_id", *REQUIRED_FOR[t]} & set(_ID_FIELDS)) for t in EVENT_TYPES}
+_id_match = _ID_RE.fullmatch
+_new_signal = Signal._make
+_SIGNAL_ORDER = (
+    "event_id",
+    "event_type",
+    "event_time_ms",
+    "user_id",
+    "device_id",
+    "ip",
+    "country",
+    "user_agent",
+    "trace_id",
+    "track_id",
+    "artist_id",
+    "ms_played",
+    "success",
+    "playlist_id",
+    "amount_cents",
+    "currency",
+    "card_fingerprint",
+)
+if Signal._fields != _SIGNAL_ORDER:  # parse_signal builds a Signal positionally in this order
+    raise ImportError(f"signal_v1.avsc field order changed: update parse_signal ({Signal._fields})")
 
 
 class InvalidSignal(ValueError):
@@ -94,8 +120,27 @@ class ParsedSignal(typing.NamedTuple):
     unknown_fields: int
 
 
+# "YYYY-MM-DDTHH:MM:" -> epoch ms of that minute, for prefixes the full parser has accepted. Producers
+# write one format, and a stream's signals share few minutes: a signal in that format is then checked
+# with a few string operations instead of the regex and seven int() calls. Bounded like _IP_CACHE.
+_MINUTE_CACHE: dict[str, int] = {}
+_MINUTE_CACHE_MAX = 65_536
+
+
 def parse_rfc3339_ms(value: str) -> int:
     """RFC 3339 timestamp (offset or ``Z`` required) to epoch milliseconds, exactly (fractions below 1 ms floor)."""
+    # Fast path, for the common "YYYY-MM-DDTHH:MM:SS.mmmZ" only: the same answer as the full parse below
+    # (tests/transforms/test_parse.py checks both on the same inputs).
+    if len(value) == 24 and value[23] == "Z" and value[19] == ".":
+        minute_ms = _MINUTE_CACHE.get(value[:17])
+        if minute_ms is not None:
+            second_millis = value[17:19] + value[20:23]  # "SSmmm"
+            if second_millis.isascii() and second_millis.isdigit() and second_millis < "60000":
+                return minute_ms + int(second_millis)
+    return _parse_rfc3339_ms(value)
+
+
+def _parse_rfc3339_ms(value: str) -> int:
     match = _RFC3339_RE.fullmatch(value)
     if not match:
         raise ValueError("not an RFC 3339 timestamp with a Z or +hh:mm offset")
@@ -111,6 +156,10 @@ def parse_rfc3339_ms(value: str) -> int:
             raise ValueError("offset out of range")
         offset_ms = (1 if offset[0] == "+" else -1) * (off_hours * 60 + off_minutes) * 60_000
     millis = int(frac[1:4].ljust(3, "0")) if frac else 0
+    if offset_ms == 0 and len(value) == 24 and value[19] == ".":  # the fast path's format: remember its minute
+        if len(_MINUTE_CACHE) >= _MINUTE_CACHE_MAX:
+            _MINUTE_CACHE.clear()
+        _MINUTE_CACHE[value[:17]] = day_ms + (hours * 60 + minutes) * 60_000
     return day_ms + ((hours * 60 + minutes) * 60 + seconds) * 1000 + millis - offset_ms
 
 
@@ -277,38 +326,54 @@ def parse_signal(
                 f"'user_agent' must be at most {MAX_USER_AGENT_CHARS} characters without control characters",
             )
 
-    required = REQUIRED_FOR[event_type]
-    ids = {name: _id(obj, name, required=name == "user_id" or name in required) for name in _ID_FIELDS[1:]}
-    if ids["trace_id"] is None and trace_id_attribute is not None:
-        ids["trace_id"] = _id({"trace_id": trace_id_attribute}, "trace_id", required=False)
+    # Ids: the common case (absent, or a plain valid string) is checked inline, in one loop; anything else
+    # goes through ``_id``, which raises with the field's reason or, for a str subclass, returns the value.
+    get = obj.get
+    required_ids = _REQUIRED_IDS[event_type]
+    ids = []
+    for name in _OTHER_ID_FIELDS:
+        value = get(name)
+        if value is None:
+            if name in required_ids:
+                _id(obj, name, required=True)
+        elif value.__class__ is not str or _id_match(value) is None:
+            value = _id(obj, name, required=name in required_ids)
+        ids.append(value)
+    user_id, device_id, track_id, artist_id, playlist_id, card_fingerprint, trace_id = ids
+    if trace_id is None and trace_id_attribute is not None:
+        trace_id = _id({"trace_id": trace_id_attribute}, "trace_id", required=False)
 
-    currency = obj.get("currency")
+    required = REQUIRED_FOR[event_type]
+    currency = get("currency")
     if currency is not None or "currency" in required:
         if not isinstance(currency, str) or not _CURRENCY_RE.fullmatch(currency):
             if currency is None:
                 raise InvalidSignal("missing_field", f"'currency' is required for event_type '{event_type}'")
             raise InvalidSignal("invalid_value", "'currency' must be an ISO 4217 code such as 'EUR'")
 
-    signal = Signal(
-        event_id=event_id,
-        event_type=event_type,
-        event_time_ms=event_time_ms,
-        user_id=ids["user_id"],
-        device_id=ids["device_id"],
-        ip=ip,
-        country=country,
-        user_agent=user_agent,
-        trace_id=ids["trace_id"],
-        track_id=ids["track_id"],
-        artist_id=ids["artist_id"],
-        ms_played=_optional_int(obj, "ms_played", 0, MAX_MS_PLAYED, event_type),
-        success=_optional_bool(obj, "success", event_type),
-        playlist_id=ids["playlist_id"],
-        amount_cents=_optional_int(obj, "amount_cents", 0, MAX_AMOUNT_CENTS, event_type),
-        currency=currency,
-        card_fingerprint=ids["card_fingerprint"],
+    # Positional, in Signal's field order (_SIGNAL_ORDER, checked at import): keywords cost a dict per signal.
+    signal = _new_signal(
+        (
+            event_id,
+            event_type,
+            event_time_ms,
+            user_id,
+            device_id,
+            ip,
+            country,
+            user_agent,
+            trace_id,
+            track_id,
+            artist_id,
+            _optional_int(obj, "ms_played", 0, MAX_MS_PLAYED, event_type),
+            _optional_bool(obj, "success", event_type),
+            playlist_id,
+            _optional_int(obj, "amount_cents", 0, MAX_AMOUNT_CENTS, event_type),
+            currency,
+            card_fingerprint,
+        )
     )
-    unknown = len(obj.keys() - KNOWN_FIELDS)
+    unknown = 0 if obj.keys() <= KNOWN_FIELDS else len(obj.keys() - KNOWN_FIELDS)
     return ParsedSignal(signal, unknown)
 
 

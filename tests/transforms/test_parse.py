@@ -192,6 +192,39 @@ def test_rfc3339_parser_agrees_with_datetime(naive, offset_minutes, frac_digits)
     assert parse_rfc3339_ms(text) == (exact - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(milliseconds=1)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.datetimes(min_value=dt.datetime(2000, 1, 2), max_value=dt.datetime(2099, 12, 30)),
+    st.integers(0, 59),
+    st.integers(0, 999),
+)
+def test_millisecond_z_times_agree_with_datetime_once_their_minute_is_known(naive, second, millis):
+    """The common "...:SS.mmmZ" format is parsed from a per-minute cache once the full parser has seen its
+    minute: both paths must give datetime's answer."""
+    minute = naive.replace(second=0, microsecond=0, tzinfo=dt.UTC)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    first = minute.strftime("%Y-%m-%dT%H:%M:") + f"{(second + 1) % 60:02d}.{(millis + 1) % 1000:03d}Z"
+    text = minute.strftime("%Y-%m-%dT%H:%M:") + f"{second:02d}.{millis:03d}Z"
+    for stamp in (first, text):  # the first primes the minute (full parse); the second may take the fast path
+        exact = minute.replace(second=int(stamp[17:19]), microsecond=int(stamp[20:23]) * 1000)
+        assert parse_rfc3339_ms(stamp) == (exact - epoch) // dt.timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize(
+    "tail",
+    ["60.000Z", "5a.123Z", "12.1x3Z", "1\u0663.123Z", "\uff11\uff12.123Z", "12.123z", "12,123Z", "12.123+"],
+)
+def test_a_known_minute_does_not_let_a_bad_tail_through(tail):
+    """After its minute is cached, a time with a malformed second or fraction is still judged by the full parser."""
+    assert parse_rfc3339_ms("2026-03-04T05:06:07.890Z") == parse_rfc3339_ms("2026-03-04T05:06:07.890+00:00")
+    text = "2026-03-04T05:06:" + tail
+    if tail == "12.123z":  # lower-case z is valid RFC 3339: the full parser accepts it
+        assert parse_rfc3339_ms(text) == parse_rfc3339_ms("2026-03-04T05:06:12.123Z")
+        return
+    with pytest.raises(ValueError):
+        parse_rfc3339_ms(text)
+
+
 @pytest.mark.parametrize(
     "text",
     [
