@@ -250,21 +250,33 @@ def _assert_merge_to_one_pass(partials, signals, plan):
         assert merged[key].trace_ids == acc.trace_ids
 
 
-_three_hours_of_plays = st.lists(
+_three_hours_of_plays_and_logins = st.lists(
     st.builds(
-        lambda user, device, minute: signal("stream", T0_MS + minute * MIN, user_id=f"u{user}", device_id=f"d{device}"),
+        lambda login, user, device, minute, agent: signal(
+            "login" if login else "stream",
+            T0_MS + minute * MIN,
+            user_id=f"u{user}",
+            device_id=f"d{device}",
+            # the scripted_client_share extractor reads logins' agents: its state is copied and merged too
+            **({"success": True, "user_agent": agent} if login else {}),
+        ),
+        st.booleans(),
         st.integers(0, 5),
         st.integers(0, 3),
         st.integers(0, 179),
+        st.sampled_from(["python-requests/2.31", "Mozilla/5.0"]),
     ),
     max_size=60,
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(_three_hours_of_plays, st.integers(1, 6))
+@given(_three_hours_of_plays_and_logins, st.integers(1, 6))
 def test_hour_batches_send_whole_windows_once_and_the_rest_merges_to_one_pass(signals, max_keys):
-    """Given each hour as one batch, windows that tile the hour go out whole, once; longer ones as partials."""
+    """Given each hour as one batch, windows that tile the hour go out whole, once; longer ones as partials.
+
+    The plan has a user's hour and day, so the day's partial of each hour is a copy of the user's whole
+    hour: merging partials must leave the whole hours it was copied from as they were."""
     plan = {600: ("user",), 3600: ("user", "device"), 86400: ("user",)}
     fn = PreAggregateFn(plan, max_keys=max_keys, whole_batch_ms=3_600_000)
     fn.start_bundle()
