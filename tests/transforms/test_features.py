@@ -220,6 +220,25 @@ def test_merging_nothing_gives_an_empty_accumulator():
     assert compute_features(merge([]), 3600) == compute_features(Accumulator(), 3600)
 
 
+def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable():
+    acc = Accumulator()
+    for s in [
+        signal("stream", ms_played=35_000),
+        signal("login", success=False, user_agent="python-requests/2.31"),
+        signal("playlist_add", playlist_id="p1", track_id="t9", artist_id="a9"),
+        signal("payment", success=True, amount_cents=150, currency="EUR", card_fingerprint="c1"),
+    ]:
+        add_signal(acc, s)
+    copied = F.copy_accumulator(acc)
+    original, state = acc.__getstate__(), copied.__getstate__()  # __getstate__ fails on a slot left unset
+    assert state == original
+    for name, mine, theirs in zip(Accumulator.__slots__, original, state, strict=True):
+        if isinstance(mine, (set, dict, list)):
+            assert mine is not theirs, f"{name} is shared"
+    for name, mine in acc.extra.items():
+        assert mine is not copied.extra[name], f"extractor state {name} is shared"
+
+
 @settings(max_examples=60, deadline=None)
 @given(_signals, st.integers(1, 6))
 def test_pre_aggregated_partials_merge_to_the_one_pass_features(signals, max_keys):
