@@ -51,6 +51,7 @@ api-demo: $(STAMP) $(BQ_STAMP)
 ## All pipeline benchmarks, figures printed and saved in benchmarks/results/ (about 40 minutes; see benchmarks/README.md).
 bench: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m benchmarks.transform_costs
+	$(BIN)/python -m benchmarks.transform_costs --instructions --events 20000
 	$(BIN)/python -m benchmarks.batch_throughput
 	$(BIN)/python -m benchmarks.streaming_latency
 	$(BIN)/python -m benchmarks.memory_keys

@@ -23,21 +23,38 @@ count), for scale: the gap between it and the bare pipeline's rate in
 Run::
 
     python -m benchmarks.transform_costs --events 100000 --repeats 5
+
+With ``--instructions`` the same stages are counted in machine instructions
+instead of timed: the script runs itself under valgrind's callgrind, which
+counts what each stage executes whatever else the machine is doing, so two
+versions of the code compare exactly on a shared, noisy machine (the same
+figure twice for the same code). It needs valgrind, its ``callgrind.h`` and
+gcc; it runs about 50 times slower than native, hence fewer ``--events``.
+Results go to ``transform_instructions.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import ctypes
 import gc
+import json
+import os
+import pathlib
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+
+from apache_beam.pvalue import TaggedOutput
 
 from benchmarks.batch_throughput import _bare_key, ensure_input
 from benchmarks.common import print_table, write_results
 from pipelines.pipeline import PipelineConfig
-from transforms.dedupe import PackByHourFn, earliest_copies
+from transforms.dedupe import BATCH_GROUP_MS, PackByHourFn, earliest_copies
 from transforms.features import PreAggregateFn, SizedToEntityFeaturesFn, merge, tune_gc_for_batch
 from transforms.parse import parse_signal
 from transforms.rulepack import load_rule_pack
@@ -56,14 +73,54 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(seconds), result
 
 
-def measure(events: int, repeats: int) -> dict:
+# Callgrind's client requests, built into a tiny library the instruction-counting child loads with ctypes.
+_CALLGRIND_C = r"""
+#include <valgrind/callgrind.h>
+void cg_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; }
+void cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; CALLGRIND_DUMP_STATS; }
+"""
+
+
+class InstructionCounter:
+    """Instructions ``fn()`` executes, read from the dump callgrind writes when asked (only under valgrind).
+
+    Callgrind writes its n-th requested dump to ``<out_file>.<n>``; its ``totals:`` line is the count of
+    instructions executed between ``cg_start`` and ``cg_stop``.
+    """
+
+    def __init__(self, work_dir: pathlib.Path, out_file: str):
+        library = work_dir / "libcallgrind_requests.so"
+        source = work_dir / "callgrind_requests.c"
+        source.write_text(_CALLGRIND_C)
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+        self._lib = ctypes.CDLL(str(library))
+        self._out_file = out_file
+        self._dumps = 0
+
+    def __call__(self, fn) -> tuple[float, object]:
+        gc.collect()
+        self._lib.cg_start()
+        result = fn()
+        self._lib.cg_stop()
+        self._dumps += 1
+        for line in pathlib.Path(f"{self._out_file}.{self._dumps}").read_text().splitlines():
+            if line.startswith("totals:"):
+                return float(line.split()[1]), result
+        raise RuntimeError(f"no totals in callgrind dump {self._out_file}.{self._dumps}")
+
+
+def measure(events: int, repeats: int, meter=None) -> dict:
+    """Each stage's cost: median µs over ``repeats``, or, given ``meter`` (an ``InstructionCounter``),
+    instructions."""
+    figure, scale = ("instructions", 1) if meter else ("us", 1e6)
+    meter = meter or (lambda fn: _timed(fn, repeats))
     path, _ = ensure_input(events)
     lines = path.read_bytes().splitlines()[:events]
     pack = load_rule_pack("rules/default.yaml")
     # Batch workers run with the GC tuning PreAggregateFn applies; measure what they run.
     tune_gc_for_batch()
 
-    parse_sec, signals = _timed(lambda: [parse_signal(line).signal for line in lines], repeats)
+    parse_sec, signals = meter(lambda: [parse_signal(line).signal for line in lines])
 
     def dedupe():  # what DeduplicateSignals does around its shuffle: pack by hour, keep the earliest copies
         packer = PackByHourFn()
@@ -74,31 +131,33 @@ def measure(events: int, repeats: int) -> dict:
                 groups[hour].append(pack)
         for wv in packer.finish_bundle():
             groups[wv.value[0]].append(wv.value[1])
-        return [s for hour in sorted(groups) for s in earliest_copies(groups[hour])[0]]
+        return [earliest_copies(groups[hour])[0] for hour in sorted(groups)]
 
-    dedupe_sec, unique = _timed(dedupe, repeats)
+    dedupe_sec, hours = meter(dedupe)
+    unique = [s for hour in hours for s in hour]
 
-    def fold():
-        fn = PreAggregateFn(pack.feature_plan())
+    def fold():  # as an unsharded backtest folds: each hour one batch, its whole windows going out whole
+        fn = PreAggregateFn(pack.feature_plan(), whole_batch_ms=BATCH_GROUP_MS)
         fn.start_bundle()
         out = []
-        out.extend(fn.process_batch(unique))
+        for hour in hours:
+            out.extend(item.value if isinstance(item, TaggedOutput) else item for item in fn.process_batch(hour))
         out.extend(wv.value for wv in fn.finish_bundle())
         return out
 
-    fold_sec, partials = _timed(fold, repeats)
+    fold_sec, partials = meter(fold)
     # Windows as the shuffle would deliver them: one accumulator per key (partials of one key merged).
     merged = {}
     for key, acc in partials:
         merged.setdefault(key, []).append(acc)
     windows = [(key, merge(accs)) for key, accs in merged.items()]
     to_features = SizedToEntityFeaturesFn()
-    compute_sec, features = _timed(lambda: [f for w in windows for f in to_features.process(w)], repeats)
+    compute_sec, features = meter(lambda: [f for w in windows for f in to_features.process(w)])
 
     source = PipelineConfig().policy_source(pack)
     rules_fn = ApplyRulesFn(source, "event")
     rules_fn.setup()
-    rules_sec, hits = _timed(lambda: [h for ef in features for h in rules_fn.process(ef)], repeats)
+    rules_sec, hits = meter(lambda: [h for ef in features for h in rules_fn.process(ef)])
     hits = [h for h in hits if not hasattr(h, "tag")]
 
     def safeguards():
@@ -108,7 +167,7 @@ def measure(events: int, repeats: int) -> dict:
             by_entity[(allowed.decision.entity_type, allowed.decision.entity_id)].append(allowed)
         return [out for item in by_entity.items() for out in ladder_batch(item, 31 * 86400)]
 
-    safeguards_sec, _ = _timed(safeguards, repeats)
+    safeguards_sec, _ = meter(safeguards)
 
     def plain_loop():
         counts = collections.Counter()
@@ -117,19 +176,18 @@ def measure(events: int, repeats: int) -> dict:
             counts[key] += n
         return counts
 
-    plain_sec, _ = _timed(plain_loop, repeats)
+    plain_sec, _ = meter(plain_loop)
 
     n = len(lines)
     n_windows, n_hits = len(windows), max(1, len(hits))
 
-    def row(stage, unit, seconds, units):
-        per_unit = seconds / units * 1e6
+    def row(stage, unit, cost, units):
         return {
             "stage": stage,
             "unit": unit,
             "units": units,
-            "us_per_unit": round(per_unit, 2),
-            "us_per_signal": round(seconds / n * 1e6, 2),
+            f"{figure}_per_unit": round(cost / units * scale, 2),
+            f"{figure}_per_signal": round(cost / n * scale, 2),
         }
 
     stages = [
@@ -140,31 +198,82 @@ def measure(events: int, repeats: int) -> dict:
         row("rules", "entity window", rules_sec, n_windows),
         row("safeguards", "rule hit", safeguards_sec, n_hits),
     ]
-    total = round(sum(s["us_per_signal"] for s in stages), 2)
+    total = round(sum(s[f"{figure}_per_signal"] for s in stages), 2)
     return {
         "signals": n,
         "entity_windows": n_windows,
         "rule_hits": len(hits),
-        "repeats": repeats,
+        "repeats": 1 if figure == "instructions" else repeats,
         "stages": stages,
-        "ours_us_per_signal": total,
-        "plain_python_bare_loop_us_per_signal": round(plain_sec / n * 1e6, 2),
+        f"ours_{figure}_per_signal": total,
+        f"plain_python_bare_loop_{figure}_per_signal": round(plain_sec / n * scale, 2),
     }
 
 
 def report(payload: dict) -> None:
-    rows = [[s["stage"], s["unit"], f"{s['units']:,}", s["us_per_unit"], s["us_per_signal"]] for s in payload["stages"]]
-    rows.append(["all of ours", "signal", f"{payload['signals']:,}", "", payload["ours_us_per_signal"]])
-    rows.append(["plain-Python bare loop", "signal", "", "", payload["plain_python_bare_loop_us_per_signal"]])
-    print(f"\nPer-element CPU, in process (median of {payload['repeats']})")
-    print_table(["stage", "unit", "units", "us/unit", "us/signal"], rows)
+    figure = "instructions" if "ours_instructions_per_signal" in payload else "us"
+    rows = [
+        [s["stage"], s["unit"], f"{s['units']:,}", s[f"{figure}_per_unit"], s[f"{figure}_per_signal"]]
+        for s in payload["stages"]
+    ]
+    rows.append(["all of ours", "signal", f"{payload['signals']:,}", "", payload[f"ours_{figure}_per_signal"]])
+    rows.append(["plain-Python bare loop", "signal", "", "", payload[f"plain_python_bare_loop_{figure}_per_signal"]])
+    if figure == "us":
+        print(f"\nPer-element CPU, in process (median of {payload['repeats']})")
+    else:
+        print("\nPer-element instructions, in process, counted by callgrind (exact; one run)")
+    print_table(["stage", "unit", "units", f"{figure}/unit", f"{figure}/signal"], rows)
+
+
+def count_instructions(events: int) -> dict:
+    """Run this module's stages under callgrind in a child process and return its payload."""
+    missing = [tool for tool in ("valgrind", "gcc") if shutil.which(tool) is None]
+    if missing or not pathlib.Path("/usr/include/valgrind/callgrind.h").exists():
+        raise SystemExit(
+            f"--instructions needs valgrind, its callgrind.h and gcc (missing: {missing or ['callgrind.h']}); "
+            "on Debian: apt-get install valgrind gcc"
+        )
+    ensure_input(events)  # generate the input natively, not under valgrind
+    with tempfile.TemporaryDirectory(prefix="callgrind-") as work:
+        out_file = os.path.join(work, "callgrind.out")
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--instr-atstart=no",
+            f"--callgrind-out-file={out_file}",
+            sys.executable,
+            "-m",
+            "benchmarks.transform_costs",
+            "--events",
+            str(events),
+            "--child-instructions",
+            work,
+        ]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(pathlib.Path(work, "payload.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100_000, help="Signals to time (from the 100k input).")
     parser.add_argument("--repeats", type=int, default=5, help="Timed repeats per stage; figures are medians.")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="Count instructions under callgrind instead of timing (exact; use about 20000 --events).",
+    )
+    parser.add_argument("--child-instructions", help=argparse.SUPPRESS)  # the process valgrind runs
     args = parser.parse_args(argv)
+    if args.child_instructions:
+        work = pathlib.Path(args.child_instructions)
+        payload = measure(args.events, 1, InstructionCounter(work, str(work / "callgrind.out")))
+        (work / "payload.json").write_text(json.dumps(payload))
+        return 0
+    if args.instructions:
+        payload = count_instructions(args.events)
+        report(payload)
+        print(f"wrote {write_results('transform_instructions', payload)}")
+        return 0
     payload = measure(args.events, args.repeats)
     report(payload)
     print(f"wrote {write_results('transform_costs', payload)}")
