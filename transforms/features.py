@@ -138,10 +138,6 @@ def _top(counts: dict | None, key) -> dict:
     return counts
 
 
-def _size(values) -> int:
-    return len(values) if values else 0
-
-
 def add_signal(acc: Accumulator, s: Signal) -> Accumulator:
     """Fold one signal into an accumulator."""
     fold_signal((acc,), s)
@@ -381,14 +377,6 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     return c
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den else 0.0
-
-
-def _top_share(counts: dict, total: int) -> float:
-    return _ratio(max(counts.values()), total) if counts else 0.0
-
-
 @dataclasses.dataclass(frozen=True)
 class Feature:
     """A named number derived from an accumulator; rules refer to it by ``name``."""
@@ -439,39 +427,44 @@ def builtin_features(a: Accumulator, w: int) -> dict[str, float]:
 
     One dict literal rather than a function per feature: it runs once per
     entity window per firing, and one call per feature cost twice as much
-    (benchmarks/README.md). A new feature needs a line here and its
+    (benchmarks/README.md); for the same reason sizes and ratios are written
+    inline rather than as calls. A new feature needs a line here and its
     description in ``_BUILTIN_DESCRIPTIONS``; import fails if they differ.
     """
     streams, logins, payments, adds = a.streams, a.logins, a.payments, a.playlist_adds
+    stream_ms, near, failed_logins, failed_payments = a.stream_ms, a.near_threshold, a.failed_logins, a.failed_payments
+    tracks, artists, playlists, cards = a.tracks, a.artists, a.playlists, a.cards
+    users, devices, ips, countries = a.users, a.devices, a.ips, a.countries
+    top_artists, top_tracks, top_added = a.stream_artists, a.stream_tracks, a.playlist_artists
     return {
         "events": float(a.events),
         "streams": float(streams),
         "streams_per_hour": streams * 3600 / w,
-        "stream_minutes": a.stream_ms / 60_000,
-        "avg_ms_played": _ratio(a.stream_ms, streams),
-        "near_threshold_streams": float(a.near_threshold),
-        "near_threshold_share": _ratio(a.near_threshold, streams),
-        "skip_share": _ratio(a.short_streams, streams),
-        "distinct_tracks": float(_size(a.tracks)),
-        "distinct_artists": float(_size(a.artists)),
-        "top_artist_share": _top_share(a.stream_artists, streams),
-        "top_track_share": _top_share(a.stream_tracks, streams),
+        "stream_minutes": stream_ms / 60_000,
+        "avg_ms_played": stream_ms / streams if streams else 0.0,
+        "near_threshold_streams": float(near),
+        "near_threshold_share": near / streams if streams else 0.0,
+        "skip_share": a.short_streams / streams if streams else 0.0,
+        "distinct_tracks": float(len(tracks)) if tracks else 0.0,
+        "distinct_artists": float(len(artists)) if artists else 0.0,
+        "top_artist_share": max(top_artists.values()) / streams if top_artists and streams else 0.0,
+        "top_track_share": max(top_tracks.values()) / streams if top_tracks and streams else 0.0,
         "logins": float(logins),
-        "failed_logins": float(a.failed_logins),
-        "failed_login_ratio": _ratio(a.failed_logins, logins),
+        "failed_logins": float(failed_logins),
+        "failed_login_ratio": failed_logins / logins if logins else 0.0,
         "signups": float(a.signups),
         "playlist_adds": float(adds),
-        "distinct_playlists": float(_size(a.playlists)),
-        "playlist_top_artist_share": _top_share(a.playlist_artists, adds),
+        "distinct_playlists": float(len(playlists)) if playlists else 0.0,
+        "playlist_top_artist_share": max(top_added.values()) / adds if top_added and adds else 0.0,
         "payments": float(payments),
-        "failed_payments": float(a.failed_payments),
-        "failed_payment_ratio": _ratio(a.failed_payments, payments),
-        "small_payment_share": _ratio(a.small_payments, payments),
-        "distinct_cards": float(_size(a.cards)),
-        "distinct_users": float(_size(a.users)),
-        "distinct_devices": float(_size(a.devices)),
-        "distinct_ips": float(_size(a.ips)),
-        "distinct_countries": float(_size(a.countries)),
+        "failed_payments": float(failed_payments),
+        "failed_payment_ratio": failed_payments / payments if payments else 0.0,
+        "small_payment_share": a.small_payments / payments if payments else 0.0,
+        "distinct_cards": float(len(cards)) if cards else 0.0,
+        "distinct_users": float(len(users)) if users else 0.0,
+        "distinct_devices": float(len(devices)) if devices else 0.0,
+        "distinct_ips": float(len(ips)) if ips else 0.0,
+        "distinct_countries": float(len(countries)) if countries else 0.0,
         "active_hours": float(a.hours.bit_count()),
         "span_minutes": max(0, a.last_ms - a.first_ms) / 60_000,
     }
@@ -747,16 +740,33 @@ class SizedToEntityFeaturesFn(beam.DoFn):
 
 
 def _entity_features(entity_type: str, entity_id: str, window_sec: int, start_ms: int, acc) -> EntityFeatures:
-    return EntityFeatures(
-        entity_type=entity_type,
-        entity_id=entity_id,
-        window_sec=window_sec,
-        window_start_ms=start_ms,
-        window_end_ms=start_ms + window_sec * 1000,
-        features=compute_features(acc, window_sec),
-        trace_ids=list(acc.trace_ids or ()),
-        last_event_ms=acc.last_ms,
+    # Positionally, in EntityFeatures' field order: keywords cost a dict per window.
+    return _new_entity_features(
+        (
+            entity_type,
+            entity_id,
+            window_sec,
+            start_ms,
+            start_ms + window_sec * 1000,
+            compute_features(acc, window_sec),
+            list(acc.trace_ids or ()),
+            acc.last_ms,
+        )
     )
+
+
+_new_entity_features = EntityFeatures._make
+if EntityFeatures._fields != (
+    "entity_type",
+    "entity_id",
+    "window_sec",
+    "window_start_ms",
+    "window_end_ms",
+    "features",
+    "trace_ids",
+    "last_event_ms",
+):
+    raise ImportError(f"EntityFeatures' fields changed: update _entity_features ({EntityFeatures._fields})")
 
 
 class ToEntityFeaturesFn(beam.DoFn):
