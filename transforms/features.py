@@ -57,6 +57,12 @@ class Accumulator:
     accumulators at once, and Python's collector rescans all of them as they
     are created, which made eager containers the largest single CPU cost in a
     backtest (benchmarks/README.md).
+
+    A distinct-value field holds ``None`` (no value yet), the value itself
+    (one distinct value: most keys see one user, device, IP and country), or
+    a set (two or more). A one-element set costs 216 bytes and a collector
+    entry; the value costs only the reference (sets refer to their values too).
+    ``distinct_count`` and ``distinct_set`` read either form.
     """
 
     __slots__ = (
@@ -97,7 +103,7 @@ class Accumulator:
         self.first_ms = 1 << 62
         self.last_ms = 0
         self.hours = 0
-        # set | None: distinct values, at most DISTINCT_CAP.
+        # None | a value | a set of 2..DISTINCT_CAP values: distinct values (see the class docstring).
         self.users = self.devices = self.ips = self.tracks = None
         self.artists = self.playlists = self.cards = self.countries = None
         # dict | None: top-share counters, at most TOP_CAP keys.
@@ -117,15 +123,27 @@ _DISTINCT_FIELDS = ("users", "devices", "ips", "tracks", "artists", "playlists",
 _TOP_FIELDS = ("stream_artists", "stream_tracks", "playlist_artists")
 
 
-def _distinct(values: set | None, value) -> set | None:
-    """``values`` with ``value`` added (a new set if there was none), up to DISTINCT_CAP."""
+def _distinct(values, value):
+    """A distinct-value field with ``value`` added, up to DISTINCT_CAP (values are ids: never a set)."""
     if value is None:
         return values
     if values is None:
-        return {value}
-    if len(values) < DISTINCT_CAP:
-        values.add(value)
-    return values
+        return value
+    if values.__class__ is set:
+        if len(values) < DISTINCT_CAP:
+            values.add(value)
+        return values
+    return values if values == value else {values, value}
+
+
+def distinct_count(values) -> int:
+    """How many distinct values a distinct-value field holds."""
+    return len(values) if values.__class__ is set else 0 if values is None else 1
+
+
+def distinct_set(values) -> set:
+    """A distinct-value field's values as a new set."""
+    return set(values) if values.__class__ is set else set() if values is None else {values}
 
 
 def _top(counts: dict | None, key) -> dict:
@@ -169,27 +187,39 @@ def fold_signal(accs, s: Signal) -> None:
         if user is not None:
             v = acc.users
             if v is None:
-                acc.users = {user}
-            elif len(v) < cap:
-                v.add(user)
+                acc.users = user
+            elif v.__class__ is set:
+                if len(v) < cap:
+                    v.add(user)
+            elif v != user:
+                acc.users = {v, user}
         if device is not None:
             v = acc.devices
             if v is None:
-                acc.devices = {device}
-            elif len(v) < cap:
-                v.add(device)
+                acc.devices = device
+            elif v.__class__ is set:
+                if len(v) < cap:
+                    v.add(device)
+            elif v != device:
+                acc.devices = {v, device}
         if ip is not None:
             v = acc.ips
             if v is None:
-                acc.ips = {ip}
-            elif len(v) < cap:
-                v.add(ip)
+                acc.ips = ip
+            elif v.__class__ is set:
+                if len(v) < cap:
+                    v.add(ip)
+            elif v != ip:
+                acc.ips = {v, ip}
         if country is not None:
             v = acc.countries
             if v is None:
-                acc.countries = {country}
-            elif len(v) < cap:
-                v.add(country)
+                acc.countries = country
+            elif v.__class__ is set:
+                if len(v) < cap:
+                    v.add(country)
+            elif v != country:
+                acc.countries = {v, country}
         if trace is not None:
             sample = acc.trace_ids
             # Most signals come after the sample is full and sort above it: nothing to do.
@@ -252,9 +282,12 @@ def _fold_stream(accs, s: Signal) -> None:
         if track is not None:
             v = acc.tracks
             if v is None:
-                acc.tracks = {track}
-            elif len(v) < cap:
-                v.add(track)
+                acc.tracks = track
+            elif v.__class__ is set:
+                if len(v) < cap:
+                    v.add(track)
+            elif v != track:
+                acc.tracks = {v, track}
             c = acc.stream_tracks
             if c is None:
                 acc.stream_tracks = {track: 1}
@@ -265,9 +298,12 @@ def _fold_stream(accs, s: Signal) -> None:
         if artist is not None:
             v = acc.artists
             if v is None:
-                acc.artists = {artist}
-            elif len(v) < cap:
-                v.add(artist)
+                acc.artists = artist
+            elif v.__class__ is set:
+                if len(v) < cap:
+                    v.add(artist)
+            elif v != artist:
+                acc.artists = {v, artist}
             c = acc.stream_artists
             if c is None:
                 acc.stream_artists = {artist: 1}
@@ -316,12 +352,18 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
         out.hours |= a.hours
         for name in _DISTINCT_FIELDS:
             theirs = getattr(a, name)
-            if not theirs:
+            if theirs is None:
                 continue
             mine = getattr(out, name)
+            if theirs.__class__ is not set:  # one value
+                setattr(out, name, _distinct(mine, theirs))
+                continue
             if mine is None:
                 setattr(out, name, set(theirs))
                 continue
+            if mine.__class__ is not set:
+                mine = {mine}
+                setattr(out, name, mine)
             for value in theirs:
                 if len(mine) >= DISTINCT_CAP:
                     break
@@ -361,14 +403,14 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     c.short_streams, c.logins, c.failed_logins, c.signups = a.short_streams, a.logins, a.failed_logins, a.signups
     c.playlist_adds, c.payments, c.failed_payments = a.playlist_adds, a.payments, a.failed_payments
     c.small_payments, c.first_ms, c.last_ms, c.hours = a.small_payments, a.first_ms, a.last_ms, a.hours
-    c.users = None if a.users is None else a.users.copy()
-    c.devices = None if a.devices is None else a.devices.copy()
-    c.ips = None if a.ips is None else a.ips.copy()
-    c.tracks = None if a.tracks is None else a.tracks.copy()
-    c.artists = None if a.artists is None else a.artists.copy()
-    c.playlists = None if a.playlists is None else a.playlists.copy()
-    c.cards = None if a.cards is None else a.cards.copy()
-    c.countries = None if a.countries is None else a.countries.copy()
+    c.users = a.users.copy() if a.users.__class__ is set else a.users
+    c.devices = a.devices.copy() if a.devices.__class__ is set else a.devices
+    c.ips = a.ips.copy() if a.ips.__class__ is set else a.ips
+    c.tracks = a.tracks.copy() if a.tracks.__class__ is set else a.tracks
+    c.artists = a.artists.copy() if a.artists.__class__ is set else a.artists
+    c.playlists = a.playlists.copy() if a.playlists.__class__ is set else a.playlists
+    c.cards = a.cards.copy() if a.cards.__class__ is set else a.cards
+    c.countries = a.countries.copy() if a.countries.__class__ is set else a.countries
     c.stream_artists = None if a.stream_artists is None else a.stream_artists.copy()
     c.stream_tracks = None if a.stream_tracks is None else a.stream_tracks.copy()
     c.playlist_artists = None if a.playlist_artists is None else a.playlist_artists.copy()
@@ -445,8 +487,8 @@ def builtin_features(a: Accumulator, w: int) -> dict[str, float]:
         "near_threshold_streams": float(near),
         "near_threshold_share": near / streams if streams else 0.0,
         "skip_share": a.short_streams / streams if streams else 0.0,
-        "distinct_tracks": float(len(tracks)) if tracks else 0.0,
-        "distinct_artists": float(len(artists)) if artists else 0.0,
+        "distinct_tracks": float(len(tracks) if tracks.__class__ is set else tracks is not None),
+        "distinct_artists": float(len(artists) if artists.__class__ is set else artists is not None),
         "top_artist_share": max(top_artists.values()) / streams if top_artists and streams else 0.0,
         "top_track_share": max(top_tracks.values()) / streams if top_tracks and streams else 0.0,
         "logins": float(logins),
@@ -454,17 +496,17 @@ def builtin_features(a: Accumulator, w: int) -> dict[str, float]:
         "failed_login_ratio": failed_logins / logins if logins else 0.0,
         "signups": float(a.signups),
         "playlist_adds": float(adds),
-        "distinct_playlists": float(len(playlists)) if playlists else 0.0,
+        "distinct_playlists": float(len(playlists) if playlists.__class__ is set else playlists is not None),
         "playlist_top_artist_share": max(top_added.values()) / adds if top_added and adds else 0.0,
         "payments": float(payments),
         "failed_payments": float(failed_payments),
         "failed_payment_ratio": failed_payments / payments if payments else 0.0,
         "small_payment_share": a.small_payments / payments if payments else 0.0,
-        "distinct_cards": float(len(cards)) if cards else 0.0,
-        "distinct_users": float(len(users)) if users else 0.0,
-        "distinct_devices": float(len(devices)) if devices else 0.0,
-        "distinct_ips": float(len(ips)) if ips else 0.0,
-        "distinct_countries": float(len(countries)) if countries else 0.0,
+        "distinct_cards": float(len(cards) if cards.__class__ is set else cards is not None),
+        "distinct_users": float(len(users) if users.__class__ is set else users is not None),
+        "distinct_devices": float(len(devices) if devices.__class__ is set else devices is not None),
+        "distinct_ips": float(len(ips) if ips.__class__ is set else ips is not None),
+        "distinct_countries": float(len(countries) if countries.__class__ is set else countries is not None),
         "active_hours": float(a.hours.bit_count()),
         "span_minutes": max(0, a.last_ms - a.first_ms) / 60_000,
     }
