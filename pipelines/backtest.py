@@ -57,8 +57,8 @@ class BacktestOptions(PipelineOptions):
             type=int,
             default=1,
             help="Split each event-time hour's de-duplication group this many ways by event id. One group "
-            "is held by one worker: about 2.8 KB a signal unsharded, where the hour's 10-minute and 1-hour "
-            "windows are built in memory too, and about 0.9 KB sharded. Raise it when an hour holds more "
+            "is held by one worker: about 2 KB a signal unsharded, where the hour's 10-minute and 1-hour "
+            "windows are built in memory too, and about 1 KB sharded. Raise it when an hour holds more "
             "than a few hundred thousand signals.",
         )
 
