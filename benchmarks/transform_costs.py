@@ -27,9 +27,10 @@ Run::
 With ``--instructions`` the same stages are counted in machine instructions
 instead of timed: the script runs itself under valgrind's callgrind, which
 counts what each stage executes whatever else the machine is doing, so two
-versions of the code compare exactly on a shared, noisy machine (the same
-figure twice for the same code). It needs valgrind, its ``callgrind.h`` and
-gcc; it runs about 50 times slower than native, hence fewer ``--events``.
+versions of the code compare exactly on a shared, noisy machine (with the
+child's hash seed fixed, the same figure twice for the same code). It needs
+valgrind, its ``callgrind.h`` and gcc; it runs about 50 times slower than
+native, hence fewer ``--events``.
 Results go to ``transform_instructions.json``.
 """
 
@@ -249,7 +250,13 @@ def count_instructions(events: int) -> dict:
             "--child-instructions",
             work,
         ]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # A fixed hash seed: set iteration order, and with it the count, is then the same run after run.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(
+            command, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        if done.returncode:
+            raise SystemExit(f"the callgrind run failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return json.loads(pathlib.Path(work, "payload.json").read_text())
 
 

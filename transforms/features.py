@@ -35,7 +35,7 @@ from schemas import ENTITY_TYPES, EVENT_TYPES, Signal
 from schemas.features import EntityFeatures
 from transforms.extractors import EXTRACTORS
 
-DISTINCT_CAP = 4096
+DISTINCT_CAP = 4096  # at least 2: a second distinct value makes a set of two (see Accumulator)
 TOP_CAP = 256
 TRACE_SAMPLE = 10
 # A play counts for royalties from 30 s; farms play just past it to earn the
@@ -46,6 +46,7 @@ SMALL_PAYMENT_CENTS = 200
 
 _ENTITY_FIELD = {"user": "user_id", "device": "device_id", "ip": "ip", "track": "track_id", "artist": "artist_id"}
 assert set(_ENTITY_FIELD) == set(ENTITY_TYPES), "every entity type needs a signal field"
+assert DISTINCT_CAP >= 2, "a distinct-value field becomes a set of two at its second value"
 
 
 class Accumulator:
@@ -617,7 +618,11 @@ class PreAggregateFn(beam.DoFn):
     (a backtest of 70,970 signals went from 15.4 s to 13.3 s, one run each;
     benchmarks/README.md). Partials are merged by ``MergeAccumulatorsFn``
     after the shuffle, so the features are the same as folding every signal
-    in one place (``merge`` is the operation the lifted combiner uses too).
+    in one place (``merge`` is the operation the lifted combiner uses too),
+    up to the caps: a top-share counter that fills in one partial can miss
+    plays another partial would have counted, so a share from merged
+    partials is a lower bound, as the module docstring says. Streaming
+    combines partials the same way.
 
     Batch de-duplication hands over each event-time hour as one batch, in
     time order (``transforms.dedupe.KeepEarliestFn``), and ``process_batch``
@@ -699,23 +704,50 @@ class PreAggregateFn(beam.DoFn):
         if not whole:
             return
         if self._copied:
-            self._copy_to_longer_windows(whole)
+            self._copy_to_longer_windows(whole, batch)
         for item in whole.items():
             yield beam.pvalue.TaggedOutput(self.WHOLE, item)
         if len(self._partials) >= self._max_keys:
             yield from self._flush()
 
-    def _copy_to_longer_windows(self, whole: dict) -> None:
+    def _copy_to_longer_windows(self, whole: dict, batch) -> None:
         """Add each batch-long whole window to the partials of the longer windows it is part of (copies:
-        the whole window goes on to features, and the partial is merged into by the lifted combiner)."""
+        the whole window goes on to features, and the partial is merged into by the lifted combiner).
+
+        Merging a window counts what folding its signals counts, except where a top-share counter has
+        filled (TOP_CAP keys): it may have dropped plays of a key the longer window already holds. Those
+        entities' signals are folded into the longer windows instead, so the result is the same either way.
+        """
         partials, span_sec, copied = self._partials, self._span_sec, self._copied
+        refold: set = set()
         for (size_sec, entity_type, entity_id, start), acc in whole.items():
             if size_sec != span_sec or entity_type not in copied:
+                continue
+            if _has_full_top_counter(acc):
+                refold.add((entity_type, entity_id))
                 continue
             for longer_sec, longer_ms in copied[entity_type]:
                 key = (longer_sec, entity_type, entity_id, start - start % longer_ms)
                 mine = partials.get(key)
                 partials[key] = copy_accumulator(acc) if mine is None else merge([mine, copy_accumulator(acc)])
+        if not refold:
+            return
+        fields = tuple((entity_type, _ENTITY_FIELD[entity_type], sizes) for entity_type, sizes in copied.items())
+        for signal in batch:
+            t = signal.event_time_ms
+            accs = []
+            for entity_type, field, sizes in fields:
+                entity_id = getattr(signal, field)
+                if entity_id is None or (entity_type, entity_id) not in refold:
+                    continue
+                for longer_sec, longer_ms in sizes:
+                    key = (longer_sec, entity_type, entity_id, t - t % longer_ms)
+                    acc = partials.get(key)
+                    if acc is None:
+                        acc = partials[key] = Accumulator()
+                    accs.append(acc)
+            if accs:
+                fold_signal(accs, signal)
 
     def _fold(self, signal: Signal, whole: dict | None, plan) -> None:
         """Fold a signal into the accumulators of its windows in ``plan``: in ``whole`` for sizes that tile
@@ -744,6 +776,13 @@ class PreAggregateFn(beam.DoFn):
     def _flush(self):
         partials, self._partials = self._partials, {}
         return partials.items()
+
+
+def _has_full_top_counter(acc: Accumulator) -> bool:
+    return any(
+        counts is not None and len(counts) >= TOP_CAP
+        for counts in (acc.stream_artists, acc.stream_tracks, acc.playlist_artists)
+    )
 
 
 # Beam's GlobalWindow() recomputes its end from a proto on every construction: build it once.

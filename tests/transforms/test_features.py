@@ -222,21 +222,44 @@ def test_merging_nothing_gives_an_empty_accumulator():
 
 def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable():
     acc = Accumulator()
-    for s in [
-        signal("stream", ms_played=35_000),
-        signal("login", success=False, user_agent="python-requests/2.31"),
-        signal("playlist_add", playlist_id="p1", track_id="t9", artist_id="a9"),
-        signal("payment", success=True, amount_cents=150, currency="EUR", card_fingerprint="c1"),
-    ]:
-        add_signal(acc, s)
+    for n in (1, 2):  # two of everything: every distinct-value field a set, every counter and sample filled
+        for s in [
+            signal("stream", ms_played=35_000, user_id=f"u{n}", device_id=f"d{n}", ip=f"10.0.0.{n}", country="SE"),
+            signal("login", success=False, user_agent="python-requests/2.31", trace_id=f"tr{n}", country="US"),
+            signal("playlist_add", playlist_id=f"p{n}", track_id=f"t{n}", artist_id=f"a{n}"),
+            signal("payment", success=True, amount_cents=150, currency="EUR", card_fingerprint=f"c{n}"),
+        ]:
+            add_signal(acc, s)
     copied = F.copy_accumulator(acc)
     original, state = acc.__getstate__(), copied.__getstate__()  # __getstate__ fails on a slot left unset
     assert state == original
     for name, mine, theirs in zip(Accumulator.__slots__, original, state, strict=True):
+        if name in F._DISTINCT_FIELDS or name in F._TOP_FIELDS or name in ("trace_ids", "extra"):
+            assert mine is not None, f"{name} was not filled: the test would not see it shared"
         if isinstance(mine, (set, dict, list)):
             assert mine is not theirs, f"{name} is shared"
     for name, mine in acc.extra.items():
         assert mine is not copied.extra[name], f"extractor state {name} is shared"
+
+
+def test_a_day_copied_from_whole_hours_counts_what_folding_counts_when_a_top_counter_fills(monkeypatch):
+    """A user's day is built from copies of the user's whole hours. An hour whose top-share counter filled
+    dropped later plays of keys it met too late, which the day may already count: such an hour's signals
+    are folded into the day instead (a cap of 2 to see it)."""
+    monkeypatch.setattr(F, "TOP_CAP", 2)
+    plays = [("t1", 0), ("t2", 60), ("t3", 61)] + [("t1", 62 + n) for n in range(10)]  # minutes; hour 1 from 60
+    signals = [signal("stream", T0_MS + m * MIN, track_id=t, artist_id=f"a{t}", ms_played=31_000) for t, m in plays]
+    fn = PreAggregateFn({3600: ("user",), 86400: ("user",)}, whole_batch_ms=3_600_000)
+    fn.start_bundle()
+    for hour in (signals[:1], signals[1:]):
+        list(fn.process_batch(hour))
+    ((key, day),) = [wv.value for wv in fn.finish_bundle()]
+    assert key[0] == 86400
+    one_pass = Accumulator()
+    for s in signals:
+        add_signal(one_pass, s)
+    assert compute_features(day, 86400) == compute_features(one_pass, 86400)
+    assert compute_features(day, 86400)["top_track_share"] == 11 / 13
 
 
 @settings(max_examples=60, deadline=None)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.kit import T0_MS, payload, payload_dict
+from transforms import parse as parse_module
 from transforms.parse import MAX_PAYLOAD_BYTES, InvalidSignal, ParseSignals, parse_rfc3339_ms, parse_signal
 
 
@@ -205,9 +206,10 @@ def test_millisecond_z_times_agree_with_datetime_once_their_minute_is_known(naiv
     epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     first = minute.strftime("%Y-%m-%dT%H:%M:") + f"{(second + 1) % 60:02d}.{(millis + 1) % 1000:03d}Z"
     text = minute.strftime("%Y-%m-%dT%H:%M:") + f"{second:02d}.{millis:03d}Z"
-    for stamp in (first, text):  # the first primes the minute (full parse); the second may take the fast path
+    for stamp in (first, text):  # the first primes the minute (full parse); the second takes the fast path
         exact = minute.replace(second=int(stamp[17:19]), microsecond=int(stamp[20:23]) * 1000)
         assert parse_rfc3339_ms(stamp) == (exact - epoch) // dt.timedelta(milliseconds=1)
+        assert stamp[:17] in parse_module._MINUTE_CACHE, "the minute was not cached: the fast path went untested"
 
 
 @pytest.mark.parametrize(
@@ -217,6 +219,7 @@ def test_millisecond_z_times_agree_with_datetime_once_their_minute_is_known(naiv
 def test_a_known_minute_does_not_let_a_bad_tail_through(tail):
     """After its minute is cached, a time with a malformed second or fraction is still judged by the full parser."""
     assert parse_rfc3339_ms("2026-03-04T05:06:07.890Z") == parse_rfc3339_ms("2026-03-04T05:06:07.890+00:00")
+    assert "2026-03-04T05:06:" in parse_module._MINUTE_CACHE
     text = "2026-03-04T05:06:" + tail
     if tail == "12.123z":  # lower-case z is valid RFC 3339: the full parser accepts it
         assert parse_rfc3339_ms(text) == parse_rfc3339_ms("2026-03-04T05:06:12.123Z")
