@@ -7,8 +7,10 @@ benchmark, timed with ``time.perf_counter`` around the whole loop, repeated
 * parse: ``parse_signal`` on one raw line (per signal);
 * dedupe: packing signals by event-time hour, then keeping the earliest copy
   of each event id in time order (per signal; the shuffle itself is the runner's);
-* features/fold: ``PreAggregateFn`` folding one signal into every entity
-  window the default pack needs (per signal; about five accumulators each);
+* features/fold: ``PreAggregateFn`` folding each hour's signals as one
+  batch, as an unsharded backtest does, into every entity window the default
+  pack needs (per signal; about five windows each, a user's day being copied
+  from the user's whole hour);
 * features/compute: an accumulator to its named features (per entity window);
 * rules: the default pack's conditions on one entity window (per window);
 * safeguards: allowlist and action ladder on one rule hit (per hit; caps are
