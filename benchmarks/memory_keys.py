@@ -93,17 +93,17 @@ class _Tally(beam.DoFn):
                 handle.write(f"{self._name} {self._n}\n")
 
 
-def run_child(users: int, per_tick: int, events_per_hour: int) -> dict:
-    from apache_beam.options.pipeline_options import PipelineOptions
+def _ticks(users: int, per_tick: int, events_per_hour: int):
+    """The test stream of ticks, with the watermark and a test clock advancing by each tick's span."""
     from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms import window
 
-    from pipelines.pipeline import PipelineConfig, build_pipeline
-    from transforms.rulepack import load_rule_pack
-
     ticks = -(-users // per_tick)
     tick_ms = per_tick * 3_600_000 // events_per_hour
-    stream = TestStream()
+    # The test clock starts at 0, but processing-time timers are set from the wall clock (Timestamp.now(), as
+    # Beam's own DeduplicatePerKey does, and as is right on a real runner), so first bring the clock to now:
+    # otherwise no de-duplication timer would ever fire. Whole seconds: TestStream wants millisecond values.
+    stream = TestStream().advance_processing_time(int(time.time()))
     for tick in range(ticks):
         stream = stream.add_elements([window.TimestampedValue(tick, (T0_MS + tick * tick_ms) / 1000)])
         stream = stream.advance_watermark_to((T0_MS + (tick + 1) * tick_ms) / 1000)
@@ -111,22 +111,101 @@ def run_child(users: int, per_tick: int, events_per_hour: int) -> dict:
     # Let the last windows close and every timer fire before the run ends.
     stream = stream.advance_watermark_to((T0_MS + ticks * tick_ms + 3 * 86_400_000) / 1000)
     stream = stream.advance_processing_time(3 * 86_400).advance_watermark_to_infinity()
+    return stream, ticks, tick_ms
 
+
+def _bare_counts(payloads, config):
+    """The framework's own floor: decode, key by user, and count per user in hourly windows fired as the job's are."""
+    import orjson
+    from apache_beam.transforms import trigger, window
+
+    return (
+        payloads
+        | "Decode" >> beam.Map(lambda payload: (orjson.loads(payload)["user_id"], 1))
+        | "Window"
+        >> beam.WindowInto(
+            window.FixedWindows(3600),
+            trigger=trigger.AfterWatermark(
+                early=trigger.AfterProcessingTime(config.early_firing_sec), late=trigger.AfterCount(1)
+            ),
+            accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+            allowed_lateness=config.allowed_lateness_sec,
+        )
+        | "CountPerUser" >> beam.combiners.Count.PerKey()
+    )
+
+
+def runner_state(result) -> dict | None:
+    """What the local runner still holds per key once the run is over, by kind of state.
+
+    At the end every window has closed and the watermark is at infinity, so any
+    state left is state nobody released. Two kinds, told apart by their tags:
+
+    - ``windowed``: a GroupByKey's per-window state under Beam's Python trigger
+      driver (elements, pane indices, trigger bits). That driver never
+      garbage-collects a window after its allowed lateness (its ``_output`` says
+      ``TODO(robertwb): allowed lateness``); Dataflow runs its own.
+    - ``user``: the state and timers of our stateful DoFns (de-duplication,
+      caps, the action ladder). Timers clear it, so nothing should hold data.
+
+    Per key, the runner also keeps the (possibly empty) state object itself: it
+    never deletes a key once seen (``EvaluationContext._transform_keyed_states``).
+    None where the runner keeps no such table (any runner but the local one).
+    """
+    keyed = getattr(getattr(result, "_evaluation_context", None), "_transform_keyed_states", None)
+    if keyed is None:
+        return None
+    totals = {
+        kind: {"steps": 0, "keys": 0, "keys_holding_data": 0, "cells_holding_data": 0, "elements": 0, "timers": 0}
+        for kind in ("windowed", "user")
+    }
+    for states in keyed.values():
+        per_key = [state for key, state in states.items() if key is not None and hasattr(state, "state")]
+        if not per_key:
+            continue
+        # A step is a trigger driver's GroupByKey if any key has a tag of its own (it never empties a key: a
+        # finished window leaves a tombstone); else it is a stateful DoFn, whose keys timers may have emptied.
+        windowed = any(
+            state.global_state or any(not tag.startswith("user/") for cells in state.state.values() for tag in cells)
+            for state in per_key
+        )
+        t = totals["windowed" if windowed else "user"]
+        t["steps"] += 1
+        for state in per_key:
+            tags = [(tag, values) for cells in state.state.values() for tag, values in cells.items()]
+            held = [values for _, values in tags if values]
+            t["keys"] += 1
+            t["keys_holding_data"] += bool(held)
+            t["cells_holding_data"] += len(held)
+            t["elements"] += sum(len(values) for tag, values in tags if tag == "elements")
+            t["timers"] += sum(len(timers) for timers in state.timers.values())
+    return totals
+
+
+def run_child(users: int, per_tick: int, events_per_hour: int, bare: bool = False) -> dict:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.pipeline import PipelineConfig, build_pipeline
+    from transforms.rulepack import load_rule_pack
+
+    stream, ticks, tick_ms = _ticks(users, per_tick, events_per_hour)
     # The streaming job's own defaults (pipelines/streaming.py): lateness 1 h, early panes every 10 s,
     # signal ids remembered 1 h, decision ids up to 2 days.
     config = PipelineConfig(streaming=True, allowed_lateness_sec=3600, early_firing_sec=10, signal_dedup_ttl_sec=3600)
-    pack = load_rule_pack("rules/default.yaml")
     started = time.monotonic()
     pipeline = beam.Pipeline(options=PipelineOptions(["--runner=BundleBasedDirectRunner", "--streaming"]))
     payloads = (
         pipeline | "Ticks" >> stream | "Generate" >> beam.FlatMap(lambda tick: tick_signals(tick, per_tick, tick_ms))
     )
-    outputs = build_pipeline(payloads, pack, source="bench", config=config)
-
     tally = tempfile.NamedTemporaryFile(prefix="memory_keys_", suffix=".tally", delete=False).name
-    outputs.signals | "CountSignals" >> beam.ParDo(_Tally(tally, "signals"))
-    (features,) = outputs.features  # streaming: one branch (ComputeFeatures)
-    features | "CountFeaturePanes" >> beam.ParDo(_Tally(tally, "feature_panes"))
+    payloads | "CountSignals" >> beam.ParDo(_Tally(tally, "signals"))
+    if bare:
+        panes = _bare_counts(payloads, config)
+    else:
+        outputs = build_pipeline(payloads, load_rule_pack("rules/default.yaml"), source="bench", config=config)
+        outputs.dead_letters | "CountDeadLetters" >> beam.ParDo(_Tally(tally, "dead_letters"))
+        (panes,) = outputs.features  # streaming: one branch (ComputeFeatures)
+    panes | "CountPanes" >> beam.ParDo(_Tally(tally, "panes"))
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.monotonic() - started
@@ -135,6 +214,7 @@ def run_child(users: int, per_tick: int, events_per_hour: int) -> dict:
     gc.collect()
     census = collections.Counter(type(o).__name__ for o in gc.get_objects())
     watched = ("InMemoryUnmergedState", "Accumulator", "Signal", "IntervalWindow")
+    held = runner_state(result)
     del result
     counts = collections.Counter()
     with open(tally) as handle:
@@ -148,61 +228,93 @@ def run_child(users: int, per_tick: int, events_per_hour: int) -> dict:
         "event_hours": round(ticks * tick_ms / 3_600_000, 1),
         "pipeline_sec": round(seconds, 1),
         "alive_after_run": {name: census[name] for name in watched},
+        "runner_state_after_run": held,
+    }
+
+
+GRAPHS = ("bare", "full")
+
+
+def _summary(figs: list[dict]) -> dict:
+    return {
+        "peak_rss_mib": median(f["peak_rss_mib"] for f in figs),
+        "rss_quarters_mib": figs[len(figs) // 2]["rss_quarters_mib"],
+        "pipeline_sec": median(f["pipeline_sec"] for f in figs),
+        "runs": figs,
     }
 
 
 def measure(user_counts: list[int], runs: int, per_tick: int, events_per_hour: int, timeout_sec: float) -> dict:
+    """Each size, each run: the bare graph, then the full one (alternating, so drift hits both alike)."""
     results = []
     for users in user_counts:
-        figs = []
+        figs = {graph: [] for graph in GRAPHS}
         for run_no in range(runs):
-            argv = ["-m", "benchmarks.memory_keys", "--child", str(users), "--per_tick", str(per_tick)]
-            argv += ["--events_per_hour", str(events_per_hour)]
-            f = run_measured(argv, timeout_sec, timeline=True)
-            figs.append(f)
-            print(
-                f"  {users:>9,} users run {run_no + 1}: peak {f['peak_rss_mib']} MiB, "
-                f"quarters {f['rss_quarters_mib']}, {f['pipeline_sec']} s",
-                flush=True,
-            )
-        results.append(
-            {
-                "users": users,
-                "peak_rss_mib": median(f["peak_rss_mib"] for f in figs),
-                "rss_quarters_mib": figs[len(figs) // 2]["rss_quarters_mib"],
-                "pipeline_sec": median(f["pipeline_sec"] for f in figs),
-                "runs": figs,
-            }
-        )
-    # The issue's check is peak(1M) / peak(100k) <= 1.5: the largest size against the next one down.
+            for graph in GRAPHS:
+                argv = ["-m", "benchmarks.memory_keys", "--child", str(users), "--per_tick", str(per_tick)]
+                argv += ["--events_per_hour", str(events_per_hour)] + (["--bare"] if graph == "bare" else [])
+                f = run_measured(argv, timeout_sec, timeline=True)
+                figs[graph].append(f)
+                print(
+                    f"  {users:>9,} users, {graph}, run {run_no + 1}: peak {f['peak_rss_mib']} MiB, "
+                    f"quarters {f['rss_quarters_mib']}, {f['pipeline_sec']} s",
+                    flush=True,
+                )
+        results.append({"users": users, **{graph: _summary(figs[graph]) for graph in GRAPHS}})
     ordered = sorted(results, key=lambda r: r["users"])
-    ratio = None
+    growth = None
     if len(ordered) >= 2:
-        big, small = ordered[-1], ordered[-2]
-        ratio = {
-            "users": [small["users"], big["users"]],
-            "peak_ratio": round(big["peak_rss_mib"] / small["peak_rss_mib"], 3),
+        # The issue's check is peak(1M) / peak(100k) <= 1.5: the largest size against the next one down; and
+        # what each added user costs, from the smallest size to the largest.
+        big, next_down, small = ordered[-1], ordered[-2], ordered[0]
+        growth = {
+            graph: {
+                "users": [next_down["users"], big["users"]],
+                "peak_ratio": round(big[graph]["peak_rss_mib"] / next_down[graph]["peak_rss_mib"], 3),
+                "kib_per_added_user": round(
+                    (big[graph]["peak_rss_mib"] - small[graph]["peak_rss_mib"])
+                    * 1024
+                    / (big["users"] - small["users"]),
+                    1,
+                ),
+            }
+            for graph in GRAPHS
         }
     return {
         "per_tick": per_tick,
         "events_per_hour": events_per_hour,
         "runs_per_size": runs,
         "results": results,
-        "largest_over_next": ratio,
+        "growth": growth,
     }
 
 
 def report(payload: dict) -> None:
     rows = [
-        [f"{r['users']:,}", r["peak_rss_mib"], " / ".join(str(q) for q in r["rss_quarters_mib"]), r["pipeline_sec"]]
+        [
+            f"{r['users']:,}",
+            graph,
+            r[graph]["peak_rss_mib"],
+            " / ".join(str(q) for q in r[graph]["rss_quarters_mib"]),
+            r[graph]["pipeline_sec"],
+        ]
         for r in payload["results"]
+        for graph in GRAPHS
     ]
     print(f"\nMemory against distinct users (streaming graph, {payload['events_per_hour']:,} signals per event-hour)")
-    print_table(["distinct users", "peak RSS MiB", "RSS at 25/50/75/100% MiB", "seconds"], rows)
-    ratio = payload["largest_over_next"]
-    if ratio:
-        small, big = ratio["users"]
-        print(f"peak RSS at {big:,} users / at {small:,}: {ratio['peak_ratio']} (keys x{big / small:g})")
+    print_table(["distinct users", "graph", "peak RSS MiB", "RSS at 25/50/75/100% MiB", "seconds"], rows)
+    for graph, g in (payload["growth"] or {}).items():
+        small, big = g["users"]
+        print(
+            f"{graph}: peak RSS at {big:,} users / at {small:,}: {g['peak_ratio']} (keys x{big / small:g}); "
+            f"{g['kib_per_added_user']} KiB per added user"
+        )
+    largest = max(payload["results"], key=lambda r: r["users"])
+    held = largest["full"]["runs"][-1].get("runner_state_after_run")
+    if held:
+        print(f"state the local runner still held after the full graph's {largest['users']:,}-user run:")
+        for kind, t in held.items():
+            print(f"  {kind}: {t}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout_sec", type=float, default=3600)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.child, args.per_tick, args.events_per_hour)))
+        print(json.dumps(run_child(args.child, args.per_tick, args.events_per_hour, bare=args.bare)))
         return 0
     counts = [int(u) for u in args.users.split(",")]
     payload = measure(counts, args.runs, args.per_tick, args.events_per_hour, args.timeout_sec)

@@ -65,3 +65,20 @@ def test_transform_costs_cover_every_stage():
     assert stages["parse"]["units"] == payload["signals"] == 3000
     assert all(s["us_per_unit"] > 0 for s in stages.values())
     assert payload["entity_windows"] > payload["signals"] / 10
+
+
+def test_memory_benchmark_streaming_graph_leaves_no_user_state_or_timers_behind():
+    # Our stateful steps (de-duplication here: these signals earn no decisions) must be emptied by their timers
+    # by the end of the run, which needs the benchmark's test clock to reach the wall clock that sets them.
+    figures = memory_keys.run_child(300, per_tick=100, events_per_hour=100)
+    assert figures["signals"] == figures["users"] == 300
+    held = figures["runner_state_after_run"]
+    assert held["user"]["keys"] == 300  # one de-duplication key per signal id
+    assert held["user"]["cells_holding_data"] == held["user"]["timers"] == 0
+    assert held["windowed"]["steps"] >= 3  # the 10-minute, hourly and daily windows' groupings are counted apart
+
+
+def test_memory_benchmark_bare_graph_counts_every_user_once():
+    figures = memory_keys.run_child(300, per_tick=100, events_per_hour=100, bare=True)
+    assert figures["signals"] == 300
+    assert figures["panes"] == 300  # one on-time pane per user-hour: each user has one signal
