@@ -8,12 +8,17 @@ runner, with the input made on the fly: a ``TestStream`` of small "tick"
 elements, each expanded into ``--per_tick`` signals by a generator step, so
 the source holds nothing and all memory growth is the pipeline's state.
 
-Each signal names a new user (and that user's device), so distinct users equal
-signals; IPs, tracks and artists come from fixed pools. Traffic advances at a
+Each signal names a new user (and that user's device), except that every tick
+starts with a new stream-farm bot's 45 plays, so its decision goes through the
+safeguards' and the decisions' state too; IPs, tracks and artists come from
+fixed pools. Traffic advances at a
 constant ``--events_per_hour`` of event time, and after every tick the
 watermark and the processing-time clock (a test clock) advance by the tick's
 span, so hourly and daily windows close, allowed lateness runs out, and
-de-duplication timers fire as they would in real traffic. With a constant
+de-duplication, cap and ladder timers fire as they would in real traffic
+(the test clock is first brought to wall time: those timers are set from it).
+At the end, a census of what the runner still holds per key tells state that
+timers released from state nobody did (``runner_state``). With a constant
 rate, the keys live at any moment are the same whatever the total, so peak
 RSS should not grow with the number of distinct users. The default rate (100
 signals an event-hour) keeps a daily window, the longest the default pack
@@ -47,16 +52,40 @@ T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 COUNTRIES = ("SE", "US", "GB", "DE", "BR", "IN", "JP", "FR")
 
 
-def tick_signals(tick: int, per_tick: int, tick_ms: int):
-    """The signals of one tick: user i is the i-th signal overall; event times spread over the tick."""
+BOT_PLAYS = 45  # stream_farm_exclude needs 40 plays in the hour; a few more
+
+
+def tick_signals(tick: int, per_tick: int, tick_ms: int, bot_plays: int = BOT_PLAYS):
+    """The signals of one tick: one stream-farm bot's plays, then ordinary users, each the i-th signal overall.
+
+    The bot (a new one every tick) plays a track a minute from the tick's start, so its decision passes through
+    the safeguards' state (caps, the action ladder) and the decisions' de-duplication, and the end-of-run census
+    shows whether their timers released it too. Ordinary users' event times spread over the tick.
+    """
     import orjson
 
     from schemas.avro import millis_to_rfc3339
 
     base = tick * per_tick
+    tick_start_ms = T0_MS + tick * tick_ms
     for j in range(per_tick):
         i = base + j
-        event_ms = T0_MS + tick * tick_ms + j * tick_ms // per_tick
+        event_ms = tick_start_ms + j * tick_ms // per_tick
+        if j < bot_plays:
+            signal = {
+                "event_id": f"ev{i:09d}",
+                "event_time": millis_to_rfc3339(tick_start_ms + j * 60_000),
+                "event_type": "stream",
+                "user_id": f"bot{tick:06d}",
+                "device_id": f"botdev{tick:06d}",
+                "ip": f"10.250.{(tick >> 8) & 255}.{tick & 255}",
+                "country": "SE",
+                "track_id": f"tfarm{j % 7}",
+                "artist_id": "afarm",
+                "ms_played": 33_000,
+            }
+            yield orjson.dumps(signal)
+            continue
         signal = {
             "event_id": f"ev{i:09d}",
             "event_time": millis_to_rfc3339(event_ms),
@@ -72,6 +101,10 @@ def tick_signals(tick: int, per_tick: int, tick_ms: int):
             signal |= {"event_type": "stream", "track_id": f"t{track:05d}", "artist_id": f"a{track // 10:04d}"}
             signal["ms_played"] = 30_000 + (i * 104_729) % 200_000
         yield orjson.dumps(signal)
+
+
+def distinct_users(ticks: int, per_tick: int, bot_plays: int = BOT_PLAYS) -> int:
+    return ticks * (per_tick - bot_plays + 1)
 
 
 class _Tally(beam.DoFn):
@@ -94,11 +127,11 @@ class _Tally(beam.DoFn):
 
 
 def _ticks(users: int, per_tick: int, events_per_hour: int):
-    """The test stream of ticks, with the watermark and a test clock advancing by each tick's span."""
+    """A test stream of ticks for at least ``users`` distinct users; watermark and test clock advance per tick."""
     from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms import window
 
-    ticks = -(-users // per_tick)
+    ticks = -(-users // (per_tick - BOT_PLAYS + 1))
     tick_ms = per_tick * 3_600_000 // events_per_hour
     # The test clock starts at 0, but processing-time timers are set from the wall clock (Timestamp.now(), as
     # Beam's own DeduplicatePerKey does, and as is right on a real runner), so first bring the clock to now:
@@ -110,7 +143,8 @@ def _ticks(users: int, per_tick: int, events_per_hour: int):
         stream = stream.advance_processing_time(tick_ms / 1000)
     # Let the last windows close and every timer fire before the run ends.
     stream = stream.advance_watermark_to((T0_MS + ticks * tick_ms + 3 * 86_400_000) / 1000)
-    stream = stream.advance_processing_time(3 * 86_400).advance_watermark_to_infinity()
+    # 32 days of processing time: the action ladder remembers an enforced entity for up to 31.
+    stream = stream.advance_processing_time(32 * 86_400).advance_watermark_to_infinity()
     return stream, ticks, tick_ms
 
 
@@ -204,6 +238,7 @@ def run_child(users: int, per_tick: int, events_per_hour: int, bare: bool = Fals
     else:
         outputs = build_pipeline(payloads, load_rule_pack("rules/default.yaml"), source="bench", config=config)
         outputs.dead_letters | "CountDeadLetters" >> beam.ParDo(_Tally(tally, "dead_letters"))
+        outputs.decisions | "CountDecisions" >> beam.ParDo(_Tally(tally, "decisions"))
         (panes,) = outputs.features  # streaming: one branch (ComputeFeatures)
     panes | "CountPanes" >> beam.ParDo(_Tally(tally, "panes"))
     result = pipeline.run()
@@ -224,7 +259,7 @@ def run_child(users: int, per_tick: int, events_per_hour: int, bare: bool = Fals
     os.unlink(tally)
     return {
         **counts,
-        "users": ticks * per_tick,
+        "users": distinct_users(ticks, per_tick),
         "event_hours": round(ticks * tick_ms / 3_600_000, 1),
         "pipeline_sec": round(seconds, 1),
         "alive_after_run": {name: census[name] for name in watched},

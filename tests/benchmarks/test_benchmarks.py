@@ -30,11 +30,21 @@ def test_bare_pipeline_counts_every_signal(tmp_path):
     assert len(counts) == len({(i % 7, i % 24) for i in range(500)})  # one row per (user, hour)
 
 
-def test_memory_benchmark_signals_are_valid_and_each_names_a_new_user():
-    signals = [parse_signal(p).signal for tick in range(3) for p in memory_keys.tick_signals(tick, 200, 360_000)]
-    assert len({s.user_id for s in signals}) == 600
-    assert [s.event_time_ms for s in signals] == sorted(s.event_time_ms for s in signals)
-    assert signals[-1].event_time_ms < memory_keys.T0_MS + 3 * 360_000
+def test_memory_benchmark_signals_are_valid_and_each_names_a_new_user_but_the_bots():
+    per_tick, tick_ms = 200, 360_000
+    signals = [parse_signal(p).signal for tick in range(3) for p in memory_keys.tick_signals(tick, per_tick, tick_ms)]
+    assert len(signals) == 600
+    assert len({s.user_id for s in signals}) == memory_keys.distinct_users(3, per_tick) == 3 * (200 - 45 + 1)
+    for tick in range(3):
+        in_tick = signals[tick * per_tick : (tick + 1) * per_tick]
+        assert all(
+            memory_keys.T0_MS + tick * tick_ms <= s.event_time_ms < memory_keys.T0_MS + (tick + 1) * tick_ms
+            for s in in_tick[memory_keys.BOT_PLAYS :]
+        )
+        bot = in_tick[: memory_keys.BOT_PLAYS]
+        assert len({s.user_id for s in bot}) == 1 and {s.event_type for s in bot} == {"stream"}
+        # the bot's plays fit in one hourly window, which is what stream_farm_exclude counts
+        assert len({s.event_time_ms // 3_600_000 for s in bot}) == 1
     assert {s.event_type for s in signals} == {"stream", "login"}
 
 
@@ -68,17 +78,19 @@ def test_transform_costs_cover_every_stage():
 
 
 def test_memory_benchmark_streaming_graph_leaves_no_user_state_or_timers_behind():
-    # Our stateful steps (de-duplication here: these signals earn no decisions) must be emptied by their timers
-    # by the end of the run, which needs the benchmark's test clock to reach the wall clock that sets them.
+    # Our stateful steps (de-duplication of signals and decisions, caps, the action ladder) must be emptied by
+    # their timers by the end of the run, which needs the benchmark's test clock to reach the wall clock that
+    # sets them and to run past the ladder's memory.
     figures = memory_keys.run_child(300, per_tick=100, events_per_hour=100)
-    assert figures["signals"] == figures["users"] == 300
+    assert figures["signals"] == 600 and figures["users"] == memory_keys.distinct_users(6, 100) >= 300
+    assert figures["decisions"] >= 6  # every tick's bot is caught, so the safeguards hold state for it
     held = figures["runner_state_after_run"]
-    assert held["user"]["keys"] == 300  # one de-duplication key per signal id
+    assert held["user"]["steps"] >= 4 and held["user"]["keys"] > 600  # a key per signal id, and per decision
     assert held["user"]["cells_holding_data"] == held["user"]["timers"] == 0
     assert held["windowed"]["steps"] >= 3  # the 10-minute, hourly and daily windows' groupings are counted apart
 
 
 def test_memory_benchmark_bare_graph_counts_every_user_once():
     figures = memory_keys.run_child(300, per_tick=100, events_per_hour=100, bare=True)
-    assert figures["signals"] == 300
-    assert figures["panes"] == 300  # one on-time pane per user-hour: each user has one signal
+    assert figures["signals"] == 600
+    assert figures["panes"] == figures["users"]  # one on-time pane per user-hour: each user's signals are in one
