@@ -43,6 +43,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 
 import apache_beam as beam
 
@@ -190,9 +191,18 @@ def runner_state(result) -> dict | None:
     if keyed is None:
         return None
     totals = {
-        kind: {"steps": 0, "keys": 0, "keys_holding_data": 0, "cells_holding_data": 0, "elements": 0, "timers": 0}
+        kind: {
+            "steps": 0,
+            "keys": 0,
+            "keys_holding_data": 0,
+            "cells_holding_data": 0,
+            "elements": 0,
+            "timers": 0,
+            "retained_mib": 0.0,
+        }
         for kind in ("windowed", "user")
     }
+    seen: set[int] = set()  # shared, so an object two steps hold is counted once
     for states in keyed.values():
         per_key = [state for key, state in states.items() if key is not None and hasattr(state, "state")]
         if not per_key:
@@ -213,7 +223,40 @@ def runner_state(result) -> dict | None:
             t["cells_holding_data"] += len(held)
             t["elements"] += sum(len(values) for tag, values in tags if tag == "elements")
             t["timers"] += sum(len(timers) for timers in state.timers.values())
+        t["retained_mib"] += _deep_size(states, seen) / 2**20
+    for t in totals.values():
+        t["retained_mib"] = round(t["retained_mib"], 1)
     return totals
+
+
+_NOT_STATE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+
+
+def _deep_size(root, seen: set[int]) -> int:
+    """Bytes of ``root`` and everything it reaches (containers, instance dicts and slots), each object once.
+
+    What Python allocated for the objects, without the allocator's own overhead, so a lower bound on the RSS
+    they take. Classes, modules and functions are shared code, not state, and are not followed.
+    """
+    total, stack = 0, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, _NOT_STATE):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        else:
+            if hasattr(obj, "__dict__"):
+                stack.append(obj.__dict__)
+            for name in getattr(type(obj), "__slots__", ()):
+                if hasattr(obj, name):
+                    stack.append(getattr(obj, name))
+    return total
 
 
 def run_child(users: int, per_tick: int, events_per_hour: int, bare: bool = False) -> dict:
@@ -270,11 +313,18 @@ def run_child(users: int, per_tick: int, events_per_hour: int, bare: bool = Fals
 GRAPHS = ("bare", "full")
 
 
+def _held_mib(figures: dict) -> float | None:
+    """MiB of per-key state the runner still held after the run (``runner_state``), all kinds."""
+    held = figures.get("runner_state_after_run")
+    return round(sum(t["retained_mib"] for t in held.values()), 1) if held else None
+
+
 def _summary(figs: list[dict]) -> dict:
     return {
-        "peak_rss_mib": median(f["peak_rss_mib"] for f in figs),
+        "peak_rss_mib": round(median(f["peak_rss_mib"] for f in figs), 1),
         "rss_quarters_mib": figs[len(figs) // 2]["rss_quarters_mib"],
-        "pipeline_sec": median(f["pipeline_sec"] for f in figs),
+        "held_after_run_mib": round(median(_held_mib(f) for f in figs), 1),
+        "pipeline_sec": round(median(f["pipeline_sec"] for f in figs), 1),
         "runs": figs,
     }
 
@@ -295,7 +345,9 @@ def measure(user_counts: list[int], runs: int, per_tick: int, events_per_hour: i
                     f"quarters {f['rss_quarters_mib']}, {f['pipeline_sec']} s",
                     flush=True,
                 )
-        results.append({"users": users, **{graph: _summary(figs[graph]) for graph in GRAPHS}})
+        # Every tick holds one bot among new users, so the distinct users are a little more than asked for.
+        actual = figs["full"][0]["users"]
+        results.append({"users": actual, "asked": users, **{graph: _summary(figs[graph]) for graph in GRAPHS}})
     ordered = sorted(results, key=lambda r: r["users"])
     growth = None
     if len(ordered) >= 2:
@@ -306,12 +358,8 @@ def measure(user_counts: list[int], runs: int, per_tick: int, events_per_hour: i
             graph: {
                 "users": [next_down["users"], big["users"]],
                 "peak_ratio": round(big[graph]["peak_rss_mib"] / next_down[graph]["peak_rss_mib"], 3),
-                "kib_per_added_user": round(
-                    (big[graph]["peak_rss_mib"] - small[graph]["peak_rss_mib"])
-                    * 1024
-                    / (big["users"] - small["users"]),
-                    1,
-                ),
+                "kib_per_added_user": _per_added_user(small, big, graph, "peak_rss_mib"),
+                "held_kib_per_added_user": _per_added_user(small, big, graph, "held_after_run_mib"),
             }
             for graph in GRAPHS
         }
@@ -324,6 +372,10 @@ def measure(user_counts: list[int], runs: int, per_tick: int, events_per_hour: i
     }
 
 
+def _per_added_user(small: dict, big: dict, graph: str, figure: str) -> float:
+    return round((big[graph][figure] - small[graph][figure]) * 1024 / (big["users"] - small["users"]), 1)
+
+
 def report(payload: dict) -> None:
     rows = [
         [
@@ -331,18 +383,21 @@ def report(payload: dict) -> None:
             graph,
             r[graph]["peak_rss_mib"],
             " / ".join(str(q) for q in r[graph]["rss_quarters_mib"]),
+            r[graph]["held_after_run_mib"],
             r[graph]["pipeline_sec"],
         ]
         for r in payload["results"]
         for graph in GRAPHS
     ]
     print(f"\nMemory against distinct users (streaming graph, {payload['events_per_hour']:,} signals per event-hour)")
-    print_table(["distinct users", "graph", "peak RSS MiB", "RSS at 25/50/75/100% MiB", "seconds"], rows)
+    headers = ["distinct users", "graph", "peak RSS MiB", "RSS at 25/50/75/100% MiB", "held after run MiB", "seconds"]
+    print_table(headers, rows)
     for graph, g in (payload["growth"] or {}).items():
         small, big = g["users"]
         print(
             f"{graph}: peak RSS at {big:,} users / at {small:,}: {g['peak_ratio']} (keys x{big / small:g}); "
-            f"{g['kib_per_added_user']} KiB per added user"
+            f"{g['kib_per_added_user']} KiB of peak RSS per added user, "
+            f"{g['held_kib_per_added_user']} KiB of state the runner still held after the run"
         )
     largest = max(payload["results"], key=lambda r: r["users"])
     held = largest["full"]["runs"][-1].get("runner_state_after_run")
