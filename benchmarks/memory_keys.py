@@ -25,8 +25,11 @@ signals an event-hour) keeps a daily window, the longest the default pack
 uses, to 2,400 users, well under the smallest run: a day's window rightly
 holds all of that day's users, and a faster rate would measure that instead.
 
-Every run is a fresh process; peak RSS is sampled by the parent, and RSS at
-each quarter of the run shows whether it climbs or stays flat.
+Every run is a fresh process (the local runner runs in it). Peak RSS is the
+process's own maximum (``getrusage``) when the run ends, before the census,
+whose bookkeeping would add to it; RSS sampled by the parent at each quarter
+of the run shows whether it climbs or stays flat (the last quarter includes
+the census).
 
 Run::
 
@@ -40,6 +43,7 @@ import collections
 import gc
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -287,6 +291,8 @@ def run_child(users: int, per_tick: int, events_per_hour: int, bare: bool = Fals
     result = pipeline.run()
     result.wait_until_finish()
     seconds = time.monotonic() - started
+    # The run's peak, before the census below allocates its own bookkeeping (the runner is in this process).
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     # What is still alive once every window has closed and the watermark is at infinity, while the runner's
     # result (and with it the runner's state) is still referenced: per-key objects here are state not released.
     gc.collect()
@@ -305,6 +311,7 @@ def run_child(users: int, per_tick: int, events_per_hour: int, bare: bool = Fals
         "users": distinct_users(ticks, per_tick),
         "event_hours": round(ticks * tick_ms / 3_600_000, 1),
         "pipeline_sec": round(seconds, 1),
+        "peak_rss_mib_before_census": round(peak_mib, 1),
         "alive_after_run": {name: census[name] for name in watched},
         "runner_state_after_run": held,
     }
@@ -321,7 +328,7 @@ def _held_mib(figures: dict) -> float | None:
 
 def _summary(figs: list[dict]) -> dict:
     return {
-        "peak_rss_mib": round(median(f["peak_rss_mib"] for f in figs), 1),
+        "peak_rss_mib": round(median(f["peak_rss_mib_before_census"] for f in figs), 1),
         "rss_quarters_mib": figs[len(figs) // 2]["rss_quarters_mib"],
         "held_after_run_mib": round(median(_held_mib(f) for f in figs), 1),
         "pipeline_sec": round(median(f["pipeline_sec"] for f in figs), 1),
@@ -341,7 +348,7 @@ def measure(user_counts: list[int], runs: int, per_tick: int, events_per_hour: i
                 f = run_measured(argv, timeout_sec, timeline=True)
                 figs[graph].append(f)
                 print(
-                    f"  {users:>9,} users, {graph}, run {run_no + 1}: peak {f['peak_rss_mib']} MiB, "
+                    f"  {users:>9,} users, {graph}, run {run_no + 1}: peak {f['peak_rss_mib_before_census']} MiB, "
                     f"quarters {f['rss_quarters_mib']}, {f['pipeline_sec']} s",
                     flush=True,
                 )
