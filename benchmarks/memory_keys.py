@@ -21,16 +21,17 @@ At the end, a census of what the runner still holds per key tells state that
 timers released from state nobody did (``runner_state``). With a constant
 rate, the keys live at any moment are the same whatever the total, so peak
 RSS should not grow with the number of distinct users on a runner that
-collects closed windows (Beam's local runners do not: see ``runner_state``). The default rate (100
-signals an event-hour) keeps a daily window, the longest the default pack
-uses, to 2,400 users, well under the smallest run: a day's window rightly
-holds all of that day's users, and a faster rate would measure that instead.
+collects closed windows (Beam's local runners do not: see ``runner_state``).
+The default rate (100 signals an event-hour) keeps a daily window, the
+longest the default pack uses, to 2,400 users, well under the smallest run:
+a day's window rightly holds all of that day's users, and a faster rate
+would measure that instead.
 
 Every run is a fresh process (the local runner runs in it). Peak RSS is the
 process's own maximum (``getrusage``) when the run ends, before the census,
 whose bookkeeping would add to it; RSS sampled by the parent at each quarter
-of the run shows whether it climbs or stays flat (the last quarter includes
-the census).
+of the run shows whether it climbs or stays flat (the last quarter, and each
+run's sampled ``peak_rss_mib`` in the results, include the census).
 
 Run::
 
@@ -139,6 +140,10 @@ def _ticks(users: int, per_tick: int, events_per_hour: int):
 
     ticks = -(-users // (per_tick - BOT_PLAYS + 1))
     tick_ms = per_tick * 3_600_000 // events_per_hour
+    if tick_ms % 3_600_000:
+        # A tick's bot plays a track a minute from the tick's start; for its decision, all 45 must fall in one
+        # hourly window of that tick.
+        raise ValueError(f"a tick must span whole hours: per_tick / events_per_hour = {tick_ms / 3_600_000:g} h")
     # The test clock starts at 0, but processing-time timers are set from the wall clock (Timestamp.now(), as
     # Beam's own DeduplicatePerKey does, and as is right on a real runner), so first bring the clock to now:
     # otherwise no de-duplication timer would ever fire. Whole seconds: TestStream wants millisecond values.
