@@ -5,9 +5,18 @@ import sys
 import textwrap
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from pipelines.options import DEFAULT_RULES, PROJECT_ROOT
-from transforms.rulepack import CompiledRule, RulePackError, load_rule_pack, parse_rule_pack
+from transforms.rulepack import (
+    CompiledRule,
+    RuleEvaluationError,
+    RulePackError,
+    first_test,
+    load_rule_pack,
+    parse_rule_pack,
+)
 
 GOOD_RULE = {
     "id": "many_plays",
@@ -142,3 +151,89 @@ def test_validate_command_exit_status(tmp_path):
     failed = subprocess.run([*run, str(bad)], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
     assert failed.returncode == 2
     assert f"{bad}: rule 'many_plays': field 'when': unknown feature 'stream_count'" in failed.stderr
+
+
+# --- The first-test shortcut gives simpleeval's answer ---------------------------------------------------------
+_NAMES = ("streams", "logins", "near_threshold_share", "distinct_users")
+_OPS = ("<", "<=", ">", ">=", "==", "!=")
+_numbers = st.one_of(st.integers(-3, 50), st.sampled_from([0.5, 0.6, 1.5, -0.0, 40.0]))
+_tests = st.builds(lambda n, o, v: f"{n} {o} {v!r}", st.sampled_from(_NAMES), st.sampled_from(_OPS), _numbers)
+_terms = st.one_of(
+    st.sampled_from(_NAMES),
+    _numbers.map(repr),
+    st.builds(lambda a, b: f"{a} / {b}", st.sampled_from(_NAMES), st.sampled_from(_NAMES)),  # may divide by zero
+    st.builds(lambda a, b: f"max({a}, {b}) - abs({a})", st.sampled_from(_NAMES), st.sampled_from(_NAMES)),
+)
+_other_tests = st.builds(lambda a, o, b: f"{a} {o} {b}", _terms, st.sampled_from(_OPS), _terms)  # no shortcut
+_leaves = st.one_of(_tests, _other_tests, st.builds(lambda a, b: f"{a} < {b} < 100", _terms, _terms))
+_conditions = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, min_size=2, max_size=3).map(lambda xs: "(" + " and ".join(xs) + ")"),
+        st.lists(inner, min_size=2, max_size=3).map(lambda xs: "(" + " or ".join(xs) + ")"),
+        inner.map(lambda x: f"not ({x})"),
+    ),
+    max_leaves=6,
+)
+_values = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0.0, 1.0, 40.0, 0.6]),
+    st.sampled_from([True, None, "40"]),  # not numbers: the shortcut must step aside
+)
+
+
+def _simpleeval_alone(when: str, features: dict):
+    """The condition's answer from simpleeval alone, or the error it raised: the shortcut's reference."""
+    from simpleeval import SimpleEval
+
+    try:
+        return SimpleEval(functions={"min": min, "max": max, "abs": abs}, names=features).eval(when)
+    except Exception as err:
+        return type(err)
+
+
+@settings(max_examples=400, deadline=None)
+@given(when=_conditions, values=st.lists(_values, min_size=len(_NAMES), max_size=len(_NAMES)))
+@example(when="streams >= 40 and logins > 1", values=["40", 2.0, 0.0, 0.0])  # simpleeval raises TypeError
+@example(when="streams >= 40 and logins > 1", values=[None, 2.0, 0.0, 0.0])
+@example(when="streams >= 40 and logins / distinct_users > 1", values=[41, 2.0, 0.0, 0.0])  # ZeroDivisionError
+@example(when="streams < 40 or logins > 1", values=[50.0, 2.0, 0.0, 0.0])  # a false first value of an 'or'
+def test_the_first_test_shortcut_answers_as_simpleeval_does(when, values):
+    import dataclasses
+
+    base = parse_rule_pack(pack_text(rule()), "p.yaml").rules[0]
+    compiled = CompiledRule(dataclasses.replace(base, when=when))
+    features = dict(zip(_NAMES, values, strict=True))
+    expected = _simpleeval_alone(when, features)
+    try:
+        got = compiled.matches(features)
+    except RuleEvaluationError as err:
+        if err.__cause__ is None:  # simpleeval said true; the hit then failed the finite-number check
+            assert expected is True and "not finite numbers" in str(err), (when, features, expected)
+        else:  # simpleeval raised, and the same error was wrapped
+            assert isinstance(expected, type) and isinstance(err.__cause__, expected), (when, features, expected)
+        return
+    assert got is expected, (when, features, expected)
+
+
+def test_the_first_test_is_found_only_where_it_decides():
+    import ast
+
+    def first(when):
+        found = first_test(ast.parse(when, mode="eval").body)
+        return found and (found[0], found[1].__name__, found[2])
+
+    assert first("streams >= 40 and logins > 2") == ("streams", "ge", 40)
+    assert first("(logins < 3 and streams > 1) and signups == 0") == ("logins", "lt", 3)
+    assert first("streams >= 40") == ("streams", "ge", 40)
+    # An 'or', a 'not', a chain, a constant on the left, arithmetic: the first value decides nothing alone.
+    for when in (
+        "streams >= 40 or logins > 2",
+        "not streams >= 40",
+        "1 < streams < 9",
+        "40 <= streams",
+        "streams + 1 >= 40 and logins > 2",
+        "streams >= -1 and logins > 2",
+    ):
+        assert first(when) is None, when
