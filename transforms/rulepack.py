@@ -514,6 +514,7 @@ def first_test(node: ast.AST) -> tuple[str, typing.Callable, int | float] | None
         and isinstance(node.left, ast.Name)
         and isinstance(node.comparators[0], ast.Constant)
         and type(node.comparators[0].value) in (int, float)
+        and type(node.ops[0]) in _GUARD_OPS  # the loader refuses 'is' and 'in'; a rule built by hand may not
     ):
         return node.left.id, _GUARD_OPS[type(node.ops[0])], node.comparators[0].value
     return None
@@ -543,9 +544,13 @@ class CompiledRule:
     def matches(self, features: Mapping[str, float]) -> bool:
         guard = self._guard
         if guard is not None:
-            value = features.get(guard[0])
-            # Exact types only: a bool, a str or an object would go to simpleeval, which may refuse it.
-            if (value.__class__ is float or value.__class__ is int) and guard[1](value, guard[2]) is False:
+            try:
+                value = features[guard[0]]  # read as simpleeval reads it
+            except Exception:  # absent: simpleeval reports it
+                value = None
+            # Exact types only (type(), which an object cannot fake): a bool, a str or any other object goes to
+            # simpleeval, which may refuse it; a float or an int compares with a number without raising.
+            if (type(value) is float or type(value) is int) and guard[1](value, guard[2]) is False:
                 return False
         return self._evaluate(features)
 

@@ -5,7 +5,7 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipelines.options import DEFAULT_RULES, PROJECT_ROOT
@@ -175,12 +175,31 @@ _conditions = st.recursive(
     ),
     max_leaves=6,
 )
+_MISSING = "<missing>"  # the feature is left out of the window: simpleeval raises NameNotDefined
 _values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(-(2**70), 2**70),
     st.sampled_from([0.0, 1.0, 40.0, 0.6]),
-    st.sampled_from([True, None, "40"]),  # not numbers: the shortcut must step aside
+    st.sampled_from([True, None, "40", _MISSING]),  # not numbers, or absent: the shortcut must step aside
 )
+
+
+@st.composite
+def _cases(draw):
+    """A condition and a window's values; half the conditions start with a shortcut test, its value near the number.
+
+    The shortcut decides a condition only when its first test is false, and a wrong shortcut shows only where
+    simpleeval would say true or raise, so the first test's value is drawn equal to, or just either side of,
+    its number, and the rest of the condition is often absent (the first test is then the whole answer).
+    """
+    values = draw(st.lists(_values, min_size=len(_NAMES), max_size=len(_NAMES)))
+    if draw(st.booleans()):
+        return draw(_conditions), values
+    name, op, number = draw(st.sampled_from(_NAMES)), draw(st.sampled_from(_OPS)), draw(_numbers)
+    rest = draw(st.one_of(st.none(), _conditions))
+    near = st.sampled_from([number, number - 1, number + 1, number - 0.5, number + 0.5, float(number)])
+    values[_NAMES.index(name)] = draw(st.one_of(near, near, near, _values))
+    return f"{name} {op} {number!r}" + (f" and ({rest})" if rest else ""), values
 
 
 def _simpleeval_alone(when: str, features: dict):
@@ -193,18 +212,11 @@ def _simpleeval_alone(when: str, features: dict):
         return type(err)
 
 
-@settings(max_examples=400, deadline=None)
-@given(when=_conditions, values=st.lists(_values, min_size=len(_NAMES), max_size=len(_NAMES)))
-@example(when="streams >= 40 and logins > 1", values=["40", 2.0, 0.0, 0.0])  # simpleeval raises TypeError
-@example(when="streams >= 40 and logins > 1", values=[None, 2.0, 0.0, 0.0])
-@example(when="streams >= 40 and logins / distinct_users > 1", values=[41, 2.0, 0.0, 0.0])  # ZeroDivisionError
-@example(when="streams < 40 or logins > 1", values=[50.0, 2.0, 0.0, 0.0])  # a false first value of an 'or'
-def test_the_first_test_shortcut_answers_as_simpleeval_does(when, values):
+def _check_against_simpleeval(when: str, values: list) -> None:
     import dataclasses
 
-    base = parse_rule_pack(pack_text(rule()), "p.yaml").rules[0]
-    compiled = CompiledRule(dataclasses.replace(base, when=when))
-    features = dict(zip(_NAMES, values, strict=True))
+    compiled = CompiledRule(dataclasses.replace(_BASE_RULE, when=when))
+    features = {name: value for name, value in zip(_NAMES, values, strict=True) if value != _MISSING}
     expected = _simpleeval_alone(when, features)
     try:
         got = compiled.matches(features)
@@ -217,6 +229,36 @@ def test_the_first_test_shortcut_answers_as_simpleeval_does(when, values):
     assert got is expected, (when, features, expected)
 
 
+_BASE_RULE = parse_rule_pack(pack_text(rule()), "p.yaml").rules[0]
+
+
+@settings(max_examples=500, deadline=None)
+@given(case=_cases())
+def test_the_first_test_shortcut_answers_as_simpleeval_does(case):
+    _check_against_simpleeval(*case)
+
+
+# Every operator on both sides of its number, alone and followed by a true test; then the cases the shortcut must
+# leave to simpleeval: a non-number, a missing feature, an error after a true first test, an 'or'.
+_PINNED = [
+    (f"streams {op} 40" + rest, [value, 2.0, 0.0, 1.0])
+    for op in _OPS
+    for value in (39.0, 40.0, 41.0, 40)
+    for rest in ("", " and logins > 1")
+] + [
+    ("streams >= 40 and logins > 1", ["40", 2.0, 0.0, 0.0]),
+    ("streams >= 40 and logins > 1", [None, 2.0, 0.0, 0.0]),
+    ("streams >= 40 and logins > 1", [_MISSING, 2.0, 0.0, 0.0]),
+    ("streams >= 40 and logins / distinct_users > 1", [41, 2.0, 0.0, 0.0]),  # ZeroDivisionError
+    ("streams < 40 or logins > 1", [50.0, 2.0, 0.0, 0.0]),
+]
+
+
+@pytest.mark.parametrize(("when", "values"), _PINNED)
+def test_the_first_test_shortcut_on_pinned_cases(when, values):
+    _check_against_simpleeval(when, values)
+
+
 def test_the_first_test_is_found_only_where_it_decides():
     import ast
 
@@ -227,7 +269,11 @@ def test_the_first_test_is_found_only_where_it_decides():
     assert first("streams >= 40 and logins > 2") == ("streams", "ge", 40)
     assert first("(logins < 3 and streams > 1) and signups == 0") == ("logins", "lt", 3)
     assert first("streams >= 40") == ("streams", "ge", 40)
-    # An 'or', a 'not', a chain, a constant on the left, arithmetic: the first value decides nothing alone.
+    assert [first(f"streams {op} 1.5") for op in _OPS] == [
+        ("streams", name, 1.5) for name in ("lt", "le", "gt", "ge", "eq", "ne")
+    ]
+    # An 'or', a 'not', a chain, a constant on the left, arithmetic, a negative number, an operator conditions
+    # may not use: the first value decides nothing alone, or is not one the shortcut reads.
     for when in (
         "streams >= 40 or logins > 2",
         "not streams >= 40",
@@ -235,5 +281,7 @@ def test_the_first_test_is_found_only_where_it_decides():
         "40 <= streams",
         "streams + 1 >= 40 and logins > 2",
         "streams >= -1 and logins > 2",
+        "streams is 40 and logins > 2",
+        "streams in 40 and logins > 2",
     ):
         assert first(when) is None, when
