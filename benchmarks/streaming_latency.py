@@ -90,6 +90,10 @@ class Traffic:
 
     def __init__(self, seed: int, bot_every_sec: float, bots_until_sec: float):
         self.rng = random.Random(seed)
+        # Event ids unique to this traffic: the full job's warm-up traffic and the measured traffic go to one job,
+        # whose de-duplication would otherwise drop the measured signals that reuse a warm-up id (it dropped the
+        # first four bots' plays, so they never earned a decision, until the ids had this prefix).
+        self.id_prefix = f"bench-{uuid.uuid4().hex[:8]}"
         self.bot_every_sec = bot_every_sec
         self.bots_until_sec = bots_until_sec
         self.n = 0
@@ -104,7 +108,7 @@ class Traffic:
         from schemas.avro import millis_to_rfc3339
 
         self.n += 1
-        body = {"event_id": f"bench-{self.n}", "event_time": millis_to_rfc3339(int(now * 1000)), **fields}
+        body = {"event_id": f"{self.id_prefix}-{self.n}", "event_time": millis_to_rfc3339(int(now * 1000)), **fields}
         return orjson.dumps(body)
 
     def batch(self, now: float, elapsed: float, count: int, tick: float) -> list[tuple[bytes, str | None, int]]:
@@ -337,18 +341,30 @@ def measure_full(args, project: str, bigquery_url: str, workdir: pathlib.Path) -
             now = time.time()
             publisher.publish(topic, warm._signal(now, event_type="signup", user_id="benchtail", device_id="tail"))
             time.sleep(2)
+        latencies, measured = [], set()
+        for publish_ms, data in listener.received:
+            d = json.loads(data)
+            if d["rule_id"] != "stream_farm_exclude" or not d["entity_id"].startswith("benchbot-"):
+                continue
+            sends = traffic.bot_sends.get(f"bot{int(d['entity_id'].split('-')[1]):04d}", [])
+            n = int(float(d["evidence"]["events"]))
+            if 0 < n <= len(sends):
+                latencies.append(publish_ms / 1000 - sends[n - 1][0])
+                measured.add(d["entity_id"])
+        # Bots that earned a decision but have none measured: what the audit table says about them, and when
+        # their plays went out (a bot without a decision would otherwise lower the percentiles unseen).
+        missing = {}
+        for bot in sorted(expected - measured):
+            sends = traffic.bot_sends[f"bot{int(bot.split('-')[1]):04d}"]
+            missing[bot] = {
+                "plays": len(sends),
+                "first_play_utc": time.strftime("%H:%M:%S", time.gmtime(sends[0][0])),
+                "fortieth_play_utc": time.strftime("%H:%M:%S", time.gmtime(sends[39][0])),
+                "audit": _audit_rows(bq, dataset, bot),
+            }
     finally:
         listener.stop()
         stop_job(job, timeout_sec=30)
-    latencies = []
-    for publish_ms, data in listener.received:
-        d = json.loads(data)
-        if d["rule_id"] != "stream_farm_exclude" or not d["entity_id"].startswith("benchbot-"):
-            continue
-        sends = traffic.bot_sends.get(f"bot{int(d['entity_id'].split('-')[1]):04d}", [])
-        n = int(float(d["evidence"]["events"]))
-        if 0 < n <= len(sends):
-            latencies.append(publish_ms / 1000 - sends[n - 1][0])
     lags = [parsed_at[name] - sent for name, (sent, _) in traffic.canaries.items() if name in parsed_at]
     achieved = _achieved(traffic, parsed_at, first)
     return {
@@ -364,7 +380,18 @@ def measure_full(args, project: str, bigquery_url: str, workdir: pathlib.Path) -
         "latency_p95_sec": _round(_percentile(latencies, 0.95)),
         "latency_p99_sec": _round(_percentile(latencies, 0.99)),
         "latency_max_sec": _round(max(latencies) if latencies else None),
+        "bots_without_decision": missing,
     }
+
+
+def _audit_rows(client, dataset: str, entity_id: str) -> list[dict]:
+    """A user's audit rows (every rule hit, whatever became of it), oldest first."""
+    rows = client.query(
+        f"SELECT rule_id, status, mode, safeguard_note, event_count, window_start_ms, decided_at_ms "
+        f"FROM `{dataset}.audit` WHERE entity_id = '{entity_id}' ORDER BY decided_at_ms"
+    )
+    # Times come back as datetimes; as text they go into the results' JSON.
+    return [{k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in row.items()} for row in rows.result()]
 
 
 def _canaries_parsed(client, dataset: str) -> dict[str, float]:

@@ -52,11 +52,22 @@ def test_streaming_traffic_keeps_sequence_numbers_and_caps_bot_plays():
     for step in range(700):  # 70 s at 30 signals a second
         for body, bot, seq in traffic.batch(now + step / 10, step / 10, 3, 0.1):
             traffic.sent.append(now)
-            assert len(traffic.sent) == seq and parse_signal(body).signal.event_id == f"bench-{seq}"
+            assert len(traffic.sent) == seq and parse_signal(body).signal.event_id == f"{traffic.id_prefix}-{seq}"
             if bot is not None:
                 traffic.bot_sends.setdefault(bot, []).append((now, seq))
     assert sorted(traffic.bot_sends) == ["bot0000", "bot0001", "bot0002"]
     assert all(len(sends) == streaming_latency.BOT_PLAYS for sends in traffic.bot_sends.values())
+
+
+def test_warm_up_and_measured_traffic_never_share_an_event_id():
+    # Both go to the full job, whose de-duplication drops a repeated event id: shared ids cost the first bots
+    # their plays (and their decisions) in the streaming benchmark.
+    warm = streaming_latency.Traffic(seed=6, bot_every_sec=1e9, bots_until_sec=0)
+    measured = streaming_latency.Traffic(seed=5, bot_every_sec=1.0, bots_until_sec=10)
+    now = 1_767_225_600.0
+    warm_ids = {parse_signal(warm._signal(now, event_type="signup", user_id="w")).signal.event_id for _ in range(50)}
+    measured_ids = {parse_signal(body).signal.event_id for body, _, _ in measured.batch(now, 0.0, 50, 10.0)}
+    assert len(warm_ids) == 50 and len(measured_ids) == 50 and not warm_ids & measured_ids
 
 
 def test_achieved_rate_is_messages_up_to_the_last_canary_over_its_delay():
