@@ -23,7 +23,6 @@ import datetime as dt
 import hashlib
 import logging
 import math
-import operator
 import re
 import string
 import time
@@ -31,7 +30,7 @@ import typing
 from collections.abc import Mapping
 
 import yaml
-from simpleeval import SimpleEval
+from simpleeval import DEFAULT_OPERATORS, SimpleEval
 
 from schemas import ACTIONS, ENTITY_TYPES, MODES
 from transforms.features import FEATURES
@@ -487,15 +486,9 @@ class RuleEvaluationError(RuntimeError):
     """A condition raised while evaluating (routed to the dead-letter output)."""
 
 
-# A condition's first test, when it is ``feature <op> number``, is checked before simpleeval runs.
-_GUARD_OPS = {
-    ast.Eq: operator.eq,
-    ast.NotEq: operator.ne,
-    ast.Lt: operator.lt,
-    ast.LtE: operator.le,
-    ast.Gt: operator.gt,
-    ast.GtE: operator.ge,
-}
+# A condition's first test, when it is ``feature <op> number``, is checked before simpleeval runs, with
+# simpleeval's own functions for the comparisons.
+_GUARD_OPS = {op: DEFAULT_OPERATORS[op] for op in (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)}
 
 
 def first_test(node: ast.AST) -> tuple[str, typing.Callable, int | float] | None:
