@@ -532,7 +532,8 @@ class CompiledRule:
         self.rule = rule
         self._node = SimpleEval.parse(rule.when)
         self._evaluator = SimpleEval(functions=dict(_SAFE_FUNCTIONS), names={})
-        self._guard = first_test(ast.parse(rule.when.strip(), mode="eval").body)
+        # simpleeval's own tree (an expression statement; it evaluates the expression under it), not a second parse.
+        self._guard = first_test(self._node.value) if isinstance(self._node, ast.Expr) else None
 
     def matches(self, features: Mapping[str, float]) -> bool:
         guard = self._guard

@@ -285,3 +285,10 @@ def test_the_first_test_is_found_only_where_it_decides():
         "streams in 40 and logins > 2",
     ):
         assert first(when) is None, when
+
+
+def test_every_default_rule_gets_the_shortcut():
+    # The answers are the same without it (the tests above), so only this shows the shortcut is wired in.
+    for rule_ in load_rule_pack(DEFAULT_RULES).rules:
+        guard = CompiledRule(rule_)._guard
+        assert guard is not None and guard[0] == rule_.features[0], rule_.id
