@@ -37,6 +37,7 @@ from pipelines.options import OptionsError, RuleOptions, load_policy, runner_con
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, to_json_dict
 from schemas.avro import datetime_to_millis, millis_to_rfc3339
+from transforms.lines import ReadLineBlocks
 from transforms.rulepack import RulePackError
 from transforms.safeguards import AllowlistError
 
@@ -117,7 +118,7 @@ def run(argv: list[str], runner_config: str = "backtest_local.yaml") -> dict:
             | "AvroToPayload" >> beam.Map(avro_record_to_payload)
         )
     else:
-        lines = pipeline | "ReadSignals" >> beam.io.ReadFromText(bt.input, coder=beam.coders.BytesCoder())
+        lines = pipeline | "ReadSignals" >> ReadLineBlocks(bt.input)
     config = PipelineConfig(
         streaming=False,
         dedupe_shards_per_hour=bt.dedupe_shards_per_hour,

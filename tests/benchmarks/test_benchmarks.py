@@ -5,12 +5,14 @@ timing is asserted here); these keep the harness from rotting between runs.
 """
 
 import orjson
+import pytest
 
 from benchmarks import batch_throughput, memory_keys, streaming_latency, transform_costs
 from transforms.parse import parse_signal
 
 
-def test_bare_pipeline_counts_every_signal(tmp_path):
+@pytest.mark.parametrize("reader", ["text", "blocks"])
+def test_bare_pipeline_counts_every_signal(tmp_path, reader):
     lines = [
         orjson.dumps(
             {
@@ -24,7 +26,7 @@ def test_bare_pipeline_counts_every_signal(tmp_path):
     ]
     source = tmp_path / "signals.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
-    figures = batch_throughput.run_bare(str(source), "backtest_local.yaml", str(tmp_path / "out"))
+    figures = batch_throughput.run_bare(str(source), "backtest_local.yaml", str(tmp_path / "out"), reader)
     assert figures["events"] == 500
     counts = (tmp_path / "out" / "counts").read_text().splitlines()
     assert len(counts) == len({(i % 7, i % 24) for i in range(500)})  # one row per (user, hour)
