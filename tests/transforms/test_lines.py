@@ -20,10 +20,10 @@ def lines_of(data: bytes) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in ended] + ([last] if last else [])
 
 
-def read_in_blocks(data: bytes, block_bytes: int, lines_per_batch: int) -> list[list[bytes]]:
+def read_in_blocks(data: bytes, block_bytes: int, lines_per_batch: int, read_bytes: int = 3) -> list[list[bytes]]:
     batches = []
     for _, start, end in split_ranges("signals.jsonl", len(data), block_bytes):
-        batches += read_range(io.BytesIO(data), start, end, lines_per_batch)
+        batches += read_range(io.BytesIO(data), start, end, lines_per_batch, read_bytes)
     return batches
 
 
@@ -32,9 +32,9 @@ _CONTENT = st.lists(st.sampled_from([b"\n", b"\r", b"\r\n", b"a", b"{}"]), max_s
 
 
 @settings(max_examples=500, deadline=None)
-@given(_CONTENT, st.integers(1, 50), st.integers(1, 4))
-def test_every_line_is_read_once_in_order_whatever_the_block_size(data, block_bytes, lines_per_batch):
-    batches = read_in_blocks(data, block_bytes, lines_per_batch)
+@given(_CONTENT, st.integers(1, 50), st.integers(1, 4), st.integers(1, 12))
+def test_every_line_is_read_once_in_order_whatever_the_block_size(data, block_bytes, lines_per_batch, read_bytes):
+    batches = read_in_blocks(data, block_bytes, lines_per_batch, read_bytes)
     assert [line for batch in batches for line in batch] == lines_of(data)
     assert all(0 < len(batch) <= lines_per_batch for batch in batches)
 
@@ -55,7 +55,40 @@ def test_every_line_is_read_once_in_order_whatever_the_block_size(data, block_by
 def test_the_tricky_endings(data, expected):
     assert lines_of(data) == expected  # the reference itself, on cases written out by hand
     for block_bytes in range(1, len(data) + 2):
-        assert [line for batch in read_in_blocks(data, block_bytes, 2) for line in batch] == expected
+        for read_bytes in (1, 2, 1 << 20):
+            batches = read_in_blocks(data, block_bytes, 2, read_bytes)
+            assert [line for batch in batches for line in batch] == expected
+
+
+class _ObjectReader:
+    """A reader with only ``read`` and ``seek``, counting reads: what a Cloud Storage handle offers cheaply (its
+    ``readline`` falls back to a ``read(1)`` per byte), so reading must not depend on ``readline``."""
+
+    def __init__(self, data: bytes):
+        self._data, self._at, self.reads = data, 0, 0
+
+    def seek(self, offset: int) -> None:
+        self._at = offset
+
+    def read(self, n: int) -> bytes:
+        self.reads += 1
+        chunk = self._data[self._at : self._at + n]
+        self._at += len(chunk)
+        return chunk
+
+
+def test_a_range_takes_a_few_large_reads_not_one_per_byte():
+    data = b"".join(b'{"event_id": "e%d", "pad": "%s"}\n' % (i, b"x" * (i % 40)) for i in range(2000))
+    handle = _ObjectReader(data)
+    start, end = 1000, len(data) // 2
+    lines = [line for batch in read_range(handle, start, end, 100, read_bytes=4096) for line in batch]
+    # The lines starting in [start, end): the ones after the line holding byte start - 1, up to end.
+    offsets = [0]
+    for line in data.split(b"\n")[:-1]:
+        offsets.append(offsets[-1] + len(line) + 1)
+    expected = [data[a : b - 1] for a, b in zip(offsets, offsets[1:], strict=False) if start <= a < end]
+    assert lines == expected
+    assert handle.reads <= (end - start) // 4096 + 3
 
 
 def test_a_compressed_file_is_one_range_read_whole():
@@ -63,6 +96,7 @@ def test_a_compressed_file_is_one_range_read_whole():
     data = b'{"a": 1}\r\n\n{"b": 2}'
     batches = list(read_range(io.BytesIO(data), 0, None, 1000))
     assert batches == [lines_of(data)]
+    assert split_ranges("signals.JSONL.GZ", 10_000, 100) == [("signals.JSONL.GZ", 0, None)]  # as ReadFromText reads it
 
 
 _FILES = {
