@@ -127,7 +127,8 @@ def build_pipeline(
       source: names the input in dead-letter rows.
       config: batch or streaming behaviour (see ``PipelineConfig``).
     """
-    parsed = payloads | "ParseSignals" >> ParseSignals(source)
+    # Batch validates Beam batches of lines in one call each where the source yields them (ReadLineBlocks).
+    parsed = payloads | "ParseSignals" >> ParseSignals(source, batched=not config.streaming)
     unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(
         config.signal_dedup_ttl_sec, config.streaming, config.dedupe_shards_per_hour
     )

@@ -164,6 +164,15 @@ class PackByHourFn(beam.DoFn):
             del self._packs[key]
             yield key, encode_pack(pack)
 
+    def get_input_batch_type(self, input_element_type):
+        # Lists of signals, as a backtest's parse step hands them over (transforms.parse.ParseSignalBatchFn).
+        return beam.typehints.List[input_element_type]
+
+    @beam.DoFn.yields_elements
+    def process_batch(self, batch):
+        for s in batch:
+            yield from self.process(s)
+
     def finish_bundle(self):
         packs, self._packs = self._packs, {}
         for key, pack in packs.items():

@@ -6,9 +6,9 @@ loop in Python, with a range-tracker claim and a timestamp per line: about
 third of a bare pipeline's (benchmarks/README.md, change 18).
 ``ReadLineBlocks`` splits each file into byte ranges, reads a range in
 1 MiB chunks that ``bytes.split`` cuts into lines, and yields the lines as
-Beam batches (lists). A consumer that takes elements, such as the backtest's
-``ParseSignalFn``, still gets them one at a time (Beam unpacks the lists);
-what is saved is the reading.
+Beam batches (lists). A consumer that takes elements gets them one at a
+time (Beam unpacks the lists); the backtest's parse step takes the lists
+whole (``transforms.parse.ParseSignalBatchFn``, change 19).
 
 The lines are the ones ``ReadFromText(coder=BytesCoder())`` yields: split at
 ``\\n``, one ``\\r`` before it dropped, a last line without a newline kept,

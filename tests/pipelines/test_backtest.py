@@ -113,6 +113,21 @@ def test_a_glob_of_plain_gzip_and_crlf_files_reads_as_the_one_file(traffic, back
         assert again and again == first, name
 
 
+def test_avro_records_give_the_decisions_their_json_lines_give(traffic, backtest_run, tmp_path):
+    # Avro arrives one record at a time (no batches), through the same validation as the JSON lines.
+    folder, line_count = traffic
+    lines = (folder / "signals.jsonl").read_bytes().splitlines()
+    written = simulate.write_avro(str(tmp_path / "signals.avro"), lines)
+    assert written == line_count - 10  # the malformed lines cannot be typed
+    out = tmp_path / "out"
+    summary = backtest.run(["--input", str(tmp_path / "signals.avro"), "--output_dir", str(out)])
+    assert summary["signals_valid"] == written and summary["dead_lettered"] == 0
+    for name in ("decisions.jsonl", "audit.jsonl"):
+        again = sorted((out / name).read_bytes().splitlines())
+        first = sorted((backtest_run / name).read_bytes().splitlines())
+        assert again and again == first, name
+
+
 def _without_failed_at(rows: list[bytes]) -> list[bytes]:
     """Dead letters carry when they failed and which input they came from; the rest must match byte for byte."""
     out = []

@@ -16,6 +16,7 @@ from transforms.dedupe import (
     DeduplicateSignals,
     DropRepeatedHitsFn,
     DropRepeatedSignalsFn,
+    PackByHourFn,
     earliest_copies,
     encode_pack,
     hit_key,
@@ -138,3 +139,14 @@ def test_copies_straddling_an_hour_are_both_kept_in_batch():
     with TestPipeline() as p:
         out = p | beam.Create([before, after]) | DeduplicateSignals(600, streaming=False)
         assert_that(out | beam.Map(lambda s: s.event_time_ms), equal_to([T0_MS - 1, T0_MS]))
+
+
+def test_packing_a_batch_packs_as_its_signals_one_by_one():
+    signals = [signal("stream", t_ms=T0_MS + i * 600_000, event_id=f"e{i}") for i in range(25)]
+    one_by_one, batched = PackByHourFn(pack_size=4), PackByHourFn(pack_size=4)
+    one_by_one.start_bundle()
+    batched.start_bundle()
+    expected = [out for s in signals for out in one_by_one.process(s)]
+    assert expected and list(batched.process_batch(signals)) == expected  # full packs, as they fill
+    rest = [wv.value for wv in batched.finish_bundle()]
+    assert rest and rest == [wv.value for wv in one_by_one.finish_bundle()]  # partly filled hours

@@ -11,9 +11,19 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from schemas import DeadLetter
 from tests.kit import T0_MS, payload, payload_dict
 from transforms import parse as parse_module
-from transforms.parse import MAX_PAYLOAD_BYTES, InvalidSignal, ParseSignals, parse_rfc3339_ms, parse_signal
+from transforms.lines import ReadLineBlocks
+from transforms.parse import (
+    MAX_PAYLOAD_BYTES,
+    InvalidSignal,
+    ParseSignalBatchFn,
+    ParseSignalFn,
+    ParseSignals,
+    parse_rfc3339_ms,
+    parse_signal,
+)
 
 
 # --- valid signals ---------------------------------------------------------------
@@ -169,6 +179,38 @@ def test_parse_signals_splits_good_from_bad_keeping_raw_bytes():
             out.dead_letters | "Reasons" >> beam.Map(lambda d: d.reason),
             equal_to(["invalid_utf8", "missing_field", "invalid_value"]),
             label="Reasons",
+        )
+
+
+def _without_clock(records):
+    return [r._replace(failed_at_ms=0) if isinstance(r, DeadLetter) else r for r in records]
+
+
+def test_a_batch_is_validated_as_its_elements_one_by_one():
+    batch = [payload("signup", event_id="a"), b"\xff", payload("stream", event_id="b"), b"{}", "not json"]
+    fn = ParseSignalBatchFn("test")
+    one_by_one = [out for element in batch for out in fn.process(element)]
+    signals = [out for out in one_by_one if not isinstance(out, beam.pvalue.TaggedOutput)]
+    dead = [out.value for out in one_by_one if isinstance(out, beam.pvalue.TaggedOutput)]
+    outputs = list(fn.process_batch(batch))
+    assert outputs[0] == signals and [s.event_id for s in signals] == ["a", "b"]
+    assert outputs[1].tag == ParseSignalFn.DEAD_LETTER
+    assert _without_clock(outputs[1].value) == _without_clock(dead) and len(dead) == 3
+    assert list(fn.process_batch([b"{}"]))[0].tag == ParseSignalFn.DEAD_LETTER  # no empty list of signals
+
+
+def test_the_batched_composite_gives_what_the_element_one_gives(tmp_path):
+    lines = [payload("signup", event_id=f"e{i}") for i in range(7)] + [b"\xff", b"{}"]
+    (tmp_path / "signals.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with TestPipeline() as p:
+        batches = p | ReadLineBlocks(str(tmp_path / "*.jsonl"), block_bytes=50, lines_per_batch=2)
+        out = batches | ParseSignals(source="test", batched=True)
+        ids = [f"e{i}" for i in range(7)]
+        assert_that(out.signals | "Ids" >> beam.Map(lambda s: s.event_id), equal_to(ids), label="Signals")
+        assert_that(
+            out.dead_letters | "Raw" >> beam.Map(lambda d: (d.raw_payload, d.reason)),
+            equal_to([(b"\xff", "invalid_utf8"), (b"{}", "missing_field")]),
+            label="DeadLetters",
         )
 
 
