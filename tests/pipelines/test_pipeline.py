@@ -3,6 +3,7 @@ inputs swapped for Create/TestStream, outputs asserted; no I/O, no mocks)."""
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pipeline import PipelineVisitor
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
@@ -13,6 +14,7 @@ from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas.features import EntityFeatures
 from tests.kit import HOUR_MS, T0_MS, payload
 from tests.transforms.test_rulepack import pack_text, rule
+from transforms.lines import ReadLineBlocks
 from transforms.rulepack import load_rule_pack, parse_rule_pack
 from transforms.rules import BELOW_MIN_EVENTS, ISSUED, decision_id
 
@@ -177,3 +179,27 @@ def test_no_batch_flatten_takes_every_windows_features():
     assert {flatten for flatten, _, _ in inputs} >= {"ApplyRules/AllHits", "AllDeadLetters"}, "visitor missed them"
     # Neither the windows' accumulators nor their features: nothing ComputeFeatures makes.
     assert [i for i in inputs if i[1].startswith("ComputeFeatures/") or i[2] is EntityFeatures] == []
+
+
+def test_a_backtest_hands_batches_from_the_file_to_the_fold_without_unpacking_them(tmp_path):
+    # Beam passes a batch on only where the producer's and consumer's batch converters are equal; otherwise it
+    # quietly unpacks it and calls process() per element, which gives the same output, so only this sees it.
+    (tmp_path / "signals.jsonl").write_bytes(payload("signup") + b"\n")
+    pipeline = beam.Pipeline()
+    lines = pipeline | "ReadSignals" >> ReadLineBlocks(str(tmp_path / "signals.jsonl"))
+    build_pipeline(lines, PACK, config=PipelineConfig())
+    fns = {}
+
+    class FindParDos(PipelineVisitor):
+        def visit_transform(self, node):
+            if isinstance(node.transform, beam.ParDo):
+                fns[node.full_label] = node.transform.fn
+
+    pipeline.visit(FindParDos())
+    chain = ["ReadSignals/ReadRanges", "ParseSignals/Validate/ParDo(ParseSignalBatchFn)"]
+    chain.append("DeduplicateSignals/PackByHour")
+    for producer, consumer in zip(chain, chain[1:], strict=False):
+        assert fns[producer].output_batch_converter is not None, producer
+        assert fns[producer].output_batch_converter == fns[consumer].input_batch_converter, (producer, consumer)
+    hour = fns["DeduplicateSignals/KeepEarliest"].output_batch_converter
+    assert hour is not None and hour == fns["ComputeFeatures/PreAggregate/ParDo(PreAggregateFn)"].input_batch_converter

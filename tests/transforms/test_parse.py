@@ -199,19 +199,28 @@ def test_a_batch_is_validated_as_its_elements_one_by_one():
     assert list(fn.process_batch([b"{}"]))[0].tag == ParseSignalFn.DEAD_LETTER  # no empty list of signals
 
 
-def test_the_batched_composite_gives_what_the_element_one_gives(tmp_path):
-    lines = [payload("signup", event_id=f"e{i}") for i in range(7)] + [b"\xff", b"{}"]
+def test_the_batched_composite_gives_the_signals_dead_letters_and_counts(tmp_path):
+    lines = [payload("signup", event_id=f"e{i}") for i in range(6)] + [b"\xff", b"{}"]
+    lines.append(payload("stream", event_id="e6", new_field=1, other_new_field="x"))
     (tmp_path / "signals.jsonl").write_bytes(b"\n".join(lines) + b"\n")
-    with TestPipeline() as p:
-        batches = p | ReadLineBlocks(str(tmp_path / "*.jsonl"), block_bytes=50, lines_per_batch=2)
-        out = batches | ParseSignals(source="test", batched=True)
-        ids = [f"e{i}" for i in range(7)]
-        assert_that(out.signals | "Ids" >> beam.Map(lambda s: s.event_id), equal_to(ids), label="Signals")
-        assert_that(
-            out.dead_letters | "Raw" >> beam.Map(lambda d: (d.raw_payload, d.reason)),
-            equal_to([(b"\xff", "invalid_utf8"), (b"{}", "missing_field")]),
-            label="DeadLetters",
-        )
+    p = TestPipeline()
+    batches = p | ReadLineBlocks(str(tmp_path / "*.jsonl"), block_bytes=1000, lines_per_batch=3)
+    out = batches | ParseSignals(source="test", batched=True)
+    ids = [f"e{i}" for i in range(7)]
+    assert_that(out.signals | "Ids" >> beam.Map(lambda s: s.event_id), equal_to(ids), label="Signals")
+    assert_that(
+        out.dead_letters | "Raw" >> beam.Map(lambda d: (d.raw_payload, d.reason)),
+        equal_to([(b"\xff", "invalid_utf8"), (b"{}", "missing_field")]),
+        label="DeadLetters",
+    )
+    result = p.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
+    assert counters["read_signup"] == 6 and counters["read_stream"] == 1
+    assert counters["unknown_fields"] == 2 and counters["dead_lettered"] == 2
+    assert counters["invalid_utf8"] == 1 and counters["missing_field"] == 1
+    lag = next(d for d in result.metrics().query()["distributions"] if d.key.metric.name == "event_lag_ms")
+    assert lag.committed.count == 7
 
 
 @settings(max_examples=300, deadline=None)
