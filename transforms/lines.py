@@ -62,7 +62,9 @@ def _lines(handle, position: int, read_bytes: int):
         yield position, carry, False
 
 
-def read_range(handle, start: int, end: int | None, lines_per_batch: int = LINES_PER_BATCH, read_bytes=READ_BYTES):
+def read_range(
+    handle, start: int, end: int | None, lines_per_batch: int = LINES_PER_BATCH, read_bytes: int = READ_BYTES
+):
     """Yield lists of the lines whose first byte lies in [start, end) of an open binary file (end None: to EOF).
 
     The line that holds byte ``start - 1`` belongs to the range before, so it
