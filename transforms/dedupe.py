@@ -154,15 +154,22 @@ class PackByHourFn(beam.DoFn):
     def start_bundle(self):
         self._packs = {}
 
-    def process(self, s: Signal):
+    def _add(self, s: Signal) -> tuple[int, bytes] | None:
+        """Add a signal to its group's pack; the (group, pack) if that filled it."""
         key = group_key(s, self._shards)
         pack = self._packs.get(key)
         if pack is None:
             pack = self._packs[key] = []
         pack.append(tuple(s))
-        if len(pack) >= self._pack_size:
-            del self._packs[key]
-            yield key, encode_pack(pack)
+        if len(pack) < self._pack_size:
+            return None
+        del self._packs[key]
+        return key, encode_pack(pack)
+
+    def process(self, s: Signal):
+        full = self._add(s)
+        if full is not None:
+            yield full
 
     def get_input_batch_type(self, input_element_type):
         # Lists of signals, as a backtest's parse step hands them over (transforms.parse.ParseSignalBatchFn).
@@ -170,8 +177,11 @@ class PackByHourFn(beam.DoFn):
 
     @beam.DoFn.yields_elements
     def process_batch(self, batch):
+        add = self._add
         for s in batch:
-            yield from self.process(s)
+            full = add(s)
+            if full is not None:
+                yield full
 
     def finish_bundle(self):
         packs, self._packs = self._packs, {}

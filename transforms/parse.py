@@ -414,12 +414,17 @@ class ParseSignalFn(beam.DoFn):
             failed_at_ms=int(time.time() * 1000),
         )
 
-    def process(self, element):
+    def _validate(self, element) -> ParsedSignal | DeadLetter:
         raw, trace_attr, publish_ms = _payload_of(element)
         try:
-            parsed = parse_signal(raw, trace_id_attribute=trace_attr, publish_time_ms=publish_ms)
+            return parse_signal(raw, trace_id_attribute=trace_attr, publish_time_ms=publish_ms)
         except InvalidSignal as err:
-            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, self._dead_letter(raw, err))
+            return self._dead_letter(raw, err)
+
+    def process(self, element):
+        parsed = self._validate(element)
+        if parsed.__class__ is DeadLetter:
+            yield beam.pvalue.TaggedOutput(self.DEAD_LETTER, parsed)
             return
         self._read[parsed.signal.event_type].inc()
         self._lag.update(max(0, int(time.time() * 1000) - parsed.signal.event_time_ms))
@@ -468,11 +473,9 @@ class ParseSignalBatchFn(ParseSignalFn):
         read = dict.fromkeys(EVENT_TYPES, 0)
         unknown = 0
         for element in batch:
-            raw, trace_attr, publish_ms = _payload_of(element)
-            try:
-                parsed = parse_signal(raw, trace_id_attribute=trace_attr, publish_time_ms=publish_ms)
-            except InvalidSignal as err:
-                dead.append(self._dead_letter(raw, err))
+            parsed = self._validate(element)
+            if parsed.__class__ is DeadLetter:
+                dead.append(parsed)
                 continue
             signal = parsed.signal
             signals.append(signal)
