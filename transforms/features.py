@@ -22,7 +22,7 @@ import copy
 import dataclasses
 import gc
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import apache_beam as beam
 from apache_beam.transforms import trigger as beam_trigger
@@ -429,104 +429,105 @@ class Feature:
     compute: Callable[[Accumulator, int], float]  # (accumulator, window seconds) -> value
 
 
-# Built-in features: name -> description, in the order rules, tables and
-# evidence list them. ``builtin_features`` computes them all at once.
-_BUILTIN_DESCRIPTIONS: dict[str, str] = {
-    "events": "All signals in the window.",
-    "streams": "Plays.",
-    "streams_per_hour": "Plays per hour of window.",
-    "stream_minutes": "Minutes played.",
-    "avg_ms_played": "Mean play length in ms.",
-    "near_threshold_streams": "Plays ending in [30 s, 40 s), just past the royalty threshold.",
-    "near_threshold_share": "Share of plays ending in [30 s, 40 s).",
-    "skip_share": "Share of plays shorter than 30 s.",
-    "distinct_tracks": "Distinct tracks played or added to playlists.",
-    "distinct_artists": "Distinct artists played.",
-    "top_artist_share": "Share of plays going to the most-played artist.",
-    "top_track_share": "Share of plays going to the most-played track.",
-    "logins": "Login attempts.",
-    "failed_logins": "Failed login attempts.",
-    "failed_login_ratio": "Failed share of login attempts.",
-    "signups": "Account sign-ups.",
-    "playlist_adds": "Tracks added to playlists.",
-    "distinct_playlists": "Distinct playlists added to.",
-    "playlist_top_artist_share": "Share of playlist adds going to the most-added artist.",
-    "payments": "Payment attempts.",
-    "failed_payments": "Declined payment attempts.",
-    "failed_payment_ratio": "Declined share of payment attempts.",
-    "small_payment_share": "Share of payments of at most 2.00.",
-    "distinct_cards": "Distinct card fingerprints used.",
-    "distinct_users": "Distinct user ids seen.",
-    "distinct_devices": "Distinct device ids seen.",
-    "distinct_ips": "Distinct IP addresses seen.",
-    "distinct_countries": "Distinct countries seen.",
-    "active_hours": "Distinct hours of the day (UTC) with any signal.",
-    "span_minutes": "Minutes from the first to the last signal.",
+# Built-in features: name -> (description, function of the accumulator ``a`` and the window's length in seconds
+# ``w``), in the order rules, tables and evidence list them. A new built-in feature is one line here. One
+# function per feature, so a rule reading two features computes two (``WindowFeatures``); sizes and ratios
+# are written inline rather than through a helper, which would be a second call per feature.
+_BUILTINS: dict[str, tuple[str, Callable[[Accumulator, int], float]]] = {
+    "events": ("All signals in the window.", lambda a, w: float(a.events)),
+    "streams": ("Plays.", lambda a, w: float(a.streams)),
+    "streams_per_hour": ("Plays per hour of window.", lambda a, w: a.streams * 3600 / w),
+    "stream_minutes": ("Minutes played.", lambda a, w: a.stream_ms / 60_000),
+    "avg_ms_played": ("Mean play length in ms.", lambda a, w: a.stream_ms / a.streams if a.streams else 0.0),
+    "near_threshold_streams": (
+        "Plays ending in [30 s, 40 s), just past the royalty threshold.",
+        lambda a, w: float(a.near_threshold),
+    ),
+    "near_threshold_share": (
+        "Share of plays ending in [30 s, 40 s).",
+        lambda a, w: a.near_threshold / a.streams if a.streams else 0.0,
+    ),
+    "skip_share": ("Share of plays shorter than 30 s.", lambda a, w: a.short_streams / a.streams if a.streams else 0.0),
+    "distinct_tracks": (
+        "Distinct tracks played or added to playlists.",
+        lambda a, w: float(len(a.tracks) if a.tracks.__class__ is set else a.tracks is not None),
+    ),
+    "distinct_artists": (
+        "Distinct artists played.",
+        lambda a, w: float(len(a.artists) if a.artists.__class__ is set else a.artists is not None),
+    ),
+    "top_artist_share": (
+        "Share of plays going to the most-played artist.",
+        lambda a, w: max(a.stream_artists.values()) / a.streams if a.stream_artists and a.streams else 0.0,
+    ),
+    "top_track_share": (
+        "Share of plays going to the most-played track.",
+        lambda a, w: max(a.stream_tracks.values()) / a.streams if a.stream_tracks and a.streams else 0.0,
+    ),
+    "logins": ("Login attempts.", lambda a, w: float(a.logins)),
+    "failed_logins": ("Failed login attempts.", lambda a, w: float(a.failed_logins)),
+    "failed_login_ratio": (
+        "Failed share of login attempts.",
+        lambda a, w: a.failed_logins / a.logins if a.logins else 0.0,
+    ),
+    "signups": ("Account sign-ups.", lambda a, w: float(a.signups)),
+    "playlist_adds": ("Tracks added to playlists.", lambda a, w: float(a.playlist_adds)),
+    "distinct_playlists": (
+        "Distinct playlists added to.",
+        lambda a, w: float(len(a.playlists) if a.playlists.__class__ is set else a.playlists is not None),
+    ),
+    "playlist_top_artist_share": (
+        "Share of playlist adds going to the most-added artist.",
+        lambda a, w: (
+            max(a.playlist_artists.values()) / a.playlist_adds if a.playlist_artists and a.playlist_adds else 0.0
+        ),
+    ),
+    "payments": ("Payment attempts.", lambda a, w: float(a.payments)),
+    "failed_payments": ("Declined payment attempts.", lambda a, w: float(a.failed_payments)),
+    "failed_payment_ratio": (
+        "Declined share of payment attempts.",
+        lambda a, w: a.failed_payments / a.payments if a.payments else 0.0,
+    ),
+    "small_payment_share": (
+        "Share of payments of at most 2.00.",
+        lambda a, w: a.small_payments / a.payments if a.payments else 0.0,
+    ),
+    "distinct_cards": (
+        "Distinct card fingerprints used.",
+        lambda a, w: float(len(a.cards) if a.cards.__class__ is set else a.cards is not None),
+    ),
+    "distinct_users": (
+        "Distinct user ids seen.",
+        lambda a, w: float(len(a.users) if a.users.__class__ is set else a.users is not None),
+    ),
+    "distinct_devices": (
+        "Distinct device ids seen.",
+        lambda a, w: float(len(a.devices) if a.devices.__class__ is set else a.devices is not None),
+    ),
+    "distinct_ips": (
+        "Distinct IP addresses seen.",
+        lambda a, w: float(len(a.ips) if a.ips.__class__ is set else a.ips is not None),
+    ),
+    "distinct_countries": (
+        "Distinct countries seen.",
+        lambda a, w: float(len(a.countries) if a.countries.__class__ is set else a.countries is not None),
+    ),
+    "active_hours": ("Distinct hours of the day (UTC) with any signal.", lambda a, w: float(a.hours.bit_count())),
+    "span_minutes": (
+        "Minutes from the first to the last signal.",
+        lambda a, w: max(0, a.last_ms - a.first_ms) / 60_000,
+    ),
 }
 
 
-def builtin_features(a: Accumulator, w: int) -> dict[str, float]:
-    """Every built-in feature of accumulator ``a`` over a window of ``w`` seconds.
-
-    One dict literal rather than a function per feature: it runs once per
-    entity window per firing, and one call per feature cost twice as much
-    (benchmarks/README.md); for the same reason sizes and ratios are written
-    inline rather than as calls. A new feature needs a line here and its
-    description in ``_BUILTIN_DESCRIPTIONS``; import fails if they differ.
-    """
-    streams, logins, payments, adds = a.streams, a.logins, a.payments, a.playlist_adds
-    stream_ms, near, failed_logins, failed_payments = a.stream_ms, a.near_threshold, a.failed_logins, a.failed_payments
-    tracks, artists, playlists, cards = a.tracks, a.artists, a.playlists, a.cards
-    users, devices, ips, countries = a.users, a.devices, a.ips, a.countries
-    top_artists, top_tracks, top_added = a.stream_artists, a.stream_tracks, a.playlist_artists
-    return {
-        "events": float(a.events),
-        "streams": float(streams),
-        "streams_per_hour": streams * 3600 / w,
-        "stream_minutes": stream_ms / 60_000,
-        "avg_ms_played": stream_ms / streams if streams else 0.0,
-        "near_threshold_streams": float(near),
-        "near_threshold_share": near / streams if streams else 0.0,
-        "skip_share": a.short_streams / streams if streams else 0.0,
-        "distinct_tracks": float(len(tracks) if tracks.__class__ is set else tracks is not None),
-        "distinct_artists": float(len(artists) if artists.__class__ is set else artists is not None),
-        "top_artist_share": max(top_artists.values()) / streams if top_artists and streams else 0.0,
-        "top_track_share": max(top_tracks.values()) / streams if top_tracks and streams else 0.0,
-        "logins": float(logins),
-        "failed_logins": float(failed_logins),
-        "failed_login_ratio": failed_logins / logins if logins else 0.0,
-        "signups": float(a.signups),
-        "playlist_adds": float(adds),
-        "distinct_playlists": float(len(playlists) if playlists.__class__ is set else playlists is not None),
-        "playlist_top_artist_share": max(top_added.values()) / adds if top_added and adds else 0.0,
-        "payments": float(payments),
-        "failed_payments": float(failed_payments),
-        "failed_payment_ratio": failed_payments / payments if payments else 0.0,
-        "small_payment_share": a.small_payments / payments if payments else 0.0,
-        "distinct_cards": float(len(cards) if cards.__class__ is set else cards is not None),
-        "distinct_users": float(len(users) if users.__class__ is set else users is not None),
-        "distinct_devices": float(len(devices) if devices.__class__ is set else devices is not None),
-        "distinct_ips": float(len(ips) if ips.__class__ is set else ips is not None),
-        "distinct_countries": float(len(countries) if countries.__class__ is set else countries is not None),
-        "active_hours": float(a.hours.bit_count()),
-        "span_minutes": max(0, a.last_ms - a.first_ms) / 60_000,
-    }
-
-
 def _features() -> dict[str, Feature]:
-    computed = list(builtin_features(Accumulator(), 3600))
-    if computed != list(_BUILTIN_DESCRIPTIONS):
-        raise ValueError(f"builtin_features and _BUILTIN_DESCRIPTIONS name different features: {computed}")
-    return {
-        name: Feature(name, description, lambda a, w, name=name: builtin_features(a, w)[name])
-        for name, description in _BUILTIN_DESCRIPTIONS.items()
-    }
+    return {name: Feature(name, description, compute) for name, (description, compute) in _BUILTINS.items()}
 
 
 def _extractor_feature(extractor) -> Feature:
     def compute(acc: Accumulator, window_sec: int) -> float:
         state = acc.extra.get(extractor.name) if acc.extra else None
-        return extractor.value(extractor.create() if state is None else state, window_sec)
+        return float(extractor.value(extractor.create() if state is None else state, window_sec))
 
     return Feature(extractor.name, extractor.description, compute)
 
@@ -544,15 +545,62 @@ FEATURES: dict[str, Feature] = _all_features()
 _EXTRACTORS_BY_TYPE = {t: tuple(e for e in EXTRACTORS.values() if t in e.event_types) for t in EVENT_TYPES}
 
 
-_EXTRACTOR_FEATURES = tuple((name, f.compute) for name, f in FEATURES.items() if name not in _BUILTIN_DESCRIPTIONS)
+_COMPUTE = {name: f.compute for name, f in FEATURES.items()}
+_COMPUTE_ITEMS = tuple(_COMPUTE.items())
 
 
 def compute_features(acc: Accumulator, window_sec: int) -> dict[str, float]:
     """Every registered feature's value for one accumulator: built-ins, then extractors."""
-    values = builtin_features(acc, window_sec)
-    for name, compute in _EXTRACTOR_FEATURES:
-        values[name] = float(compute(acc, window_sec))
-    return values
+    return {name: compute(acc, window_sec) for name, compute in _COMPUTE_ITEMS}
+
+
+class WindowFeatures(Mapping):
+    """An entity window's features, each computed when it is first read (batch windows).
+
+    A backtest's rules read a handful of the 31 built-in features, and most
+    windows fail their first test on one of them; computing all of them
+    for every window was a fifth of our code's instructions a signal
+    (benchmarks/README.md, change 20). This mapping holds the accumulator and
+    computes a feature when a rule reads it, and all of them at once
+    (``compute_features``) when anything lists them: a hit's evidence,
+    features as JSON, ``dict()``, a coder. It equals, and pickles as, the
+    dict ``compute_features`` returns. The accumulator must not change after
+    it is wrapped; batch windows are complete when they are.
+    """
+
+    __slots__ = ("_acc", "_window_sec", "_values")
+
+    def __init__(self, acc: Accumulator, window_sec: int):
+        self._acc = acc
+        self._window_sec = window_sec
+        self._values: dict[str, float] = {}
+
+    def __getitem__(self, name: str) -> float:
+        value = self._values.get(name)
+        if value is None:
+            # KeyError for a name that is not a feature, as a dict raises it (simpleeval relies on that).
+            value = self._values[name] = _COMPUTE[name](self._acc, self._window_sec)
+        return value
+
+    def _all(self) -> dict[str, float]:
+        if len(self._values) < len(_COMPUTE):
+            self._values = compute_features(self._acc, self._window_sec)
+        return self._values
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(_COMPUTE)
+
+    def __contains__(self, name) -> bool:
+        return name in _COMPUTE
+
+    def __repr__(self) -> str:
+        return f"WindowFeatures({self._all()!r})"
+
+    def __reduce__(self):
+        return dict, (self._all(),)
 
 
 class EntityFeaturesFn(beam.CombineFn):
@@ -814,14 +862,21 @@ class MergeAccumulatorsFn(beam.CombineFn):
 
 
 class SizedToEntityFeaturesFn(beam.DoFn):
-    """``((window_sec, entity_type, entity_id, start_ms), acc)`` to ``EntityFeatures``."""
+    """``((window_sec, entity_type, entity_id, start_ms), acc)`` to ``EntityFeatures`` (batch).
+
+    Features are ``WindowFeatures``, computed as the rules read them: a batch
+    window is complete when it gets here, and the backtest writes no feature
+    rows, so most windows need only the one feature their rules test first.
+    """
 
     def process(self, element):
         (window_sec, entity_type, entity_id, start_ms), acc = element
-        yield _entity_features(entity_type, entity_id, window_sec, start_ms, acc)
+        yield _entity_features(entity_type, entity_id, window_sec, start_ms, acc, WindowFeatures(acc, window_sec))
 
 
-def _entity_features(entity_type: str, entity_id: str, window_sec: int, start_ms: int, acc) -> EntityFeatures:
+def _entity_features(
+    entity_type: str, entity_id: str, window_sec: int, start_ms: int, acc, features: Mapping[str, float]
+) -> EntityFeatures:
     # Positionally, in EntityFeatures' field order: keywords cost a dict per window.
     return _new_entity_features(
         (
@@ -830,7 +885,7 @@ def _entity_features(entity_type: str, entity_id: str, window_sec: int, start_ms
             window_sec,
             start_ms,
             start_ms + window_sec * 1000,
-            compute_features(acc, window_sec),
+            features,
             list(acc.trace_ids or ()),
             acc.last_ms,
         )
@@ -860,7 +915,9 @@ class ToEntityFeaturesFn(beam.DoFn):
     def process(self, element, window=beam.DoFn.WindowParam):
         (entity_type, entity_id), acc = element
         start_ms = int(window.start.micros // 1000)
-        yield _entity_features(entity_type, entity_id, self._window_sec, start_ms, acc)
+        # Every feature now: the streaming job writes each window's features as a row (pipelines.streaming).
+        features = compute_features(acc, self._window_sec)
+        yield _entity_features(entity_type, entity_id, self._window_sec, start_ms, acc, features)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -140,7 +140,8 @@ class ApplyRulesFn(beam.DoFn):
                     stage="rules",
                     reason="rule_evaluation_error",
                     detail=str(err),
-                    raw_payload=orjson.dumps(ef._asdict()),
+                    # dict(): batch windows' features are a WindowFeatures mapping, which orjson does not know.
+                    raw_payload=orjson.dumps({**ef._asdict(), "features": dict(ef.features)}),
                     source=pack.source,
                     failed_at_ms=int(time.time() * 1000),
                 ),

@@ -1,5 +1,7 @@
 """Per-entity window features: the accumulator, its bounds, and event-time behaviour."""
 
+import pickle
+
 import apache_beam as beam
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -12,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas import Signal
+from schemas.features import EntityFeatures
 from tests.kit import HOUR_MS, T0_MS, features_of, signal
 from transforms import features as F
 from transforms.features import (
@@ -29,6 +32,8 @@ from transforms.features import (
     fold_signal,
     merge,
 )
+from transforms.rulepack import CompiledRule, load_rule_pack
+from transforms.rules import evaluate
 
 MIN = 60_000
 
@@ -481,3 +486,72 @@ def test_fold_signal_keeps_its_caps(monkeypatch):
         fold_signal([acc], signal("stream", T0_MS + n, track_id=f"t{n}", artist_id=f"a{n}", ip=f"10.0.0.{n}"))
     assert (len(acc.tracks), len(acc.artists), len(acc.ips)) == (3, 3, 3)
     assert acc.stream_tracks == {"t0": 1, "t1": 1} and acc.stream_artists == {"a0": 1, "a1": 1}
+
+
+# --- batch windows compute features as rules read them (WindowFeatures) ---------------------------------------
+def _folded(signals) -> Accumulator:
+    acc = Accumulator()
+    for s in signals:
+        add_signal(acc, s)
+    return acc
+
+
+@settings(max_examples=150, deadline=None)
+@given(_rich_signals, st.sampled_from([600, 3600, 86400]), st.lists(st.sampled_from(sorted(FEATURES)), max_size=8))
+def test_window_features_read_in_any_order_equal_computing_them_all(signals, window_sec, first_reads):
+    acc = _folded(signals)
+    expected = compute_features(acc, window_sec)
+    lazy = F.WindowFeatures(acc, window_sec)
+    for name in first_reads:  # some features first, as a rule reads them, then the whole mapping
+        assert lazy[name] == expected[name]
+        assert type(lazy[name]) is float
+    assert list(lazy) == list(expected) == list(FEATURES)
+    assert dict(lazy) == expected
+    assert lazy == expected and expected == lazy
+    assert len(lazy) == len(expected)
+
+
+def test_window_features_behave_as_a_read_only_dict():
+    lazy = F.WindowFeatures(_folded([signal("stream", ms_played=31_000)]), 3600)
+    with pytest.raises(KeyError):
+        lazy["no_such_feature"]  # simpleeval relies on KeyError to report an unknown name
+    assert "streams" in lazy and "no_such_feature" not in lazy
+    assert lazy.get("no_such_feature", -1.0) == -1.0
+    restored = pickle.loads(pickle.dumps(lazy))
+    assert type(restored) is dict and restored == compute_features(lazy._acc, 3600)
+    assert repr(lazy).startswith("WindowFeatures({'events': 1.0")
+
+
+def test_a_batch_window_computes_only_the_features_read():
+    acc = _folded([signal("stream", ms_played=31_000)])
+    acc.hours = "not a bitmask"  # active_hours would fail: reading anything else must not compute it
+    (ef,) = F.SizedToEntityFeaturesFn().process(((3600, "user", "u1", T0_MS), acc))
+    assert isinstance(ef.features, F.WindowFeatures)
+    assert (ef.features["streams"], ef.features["near_threshold_share"]) == (1.0, 1.0)
+    with pytest.raises(AttributeError):
+        ef.features["active_hours"]
+    with pytest.raises(AttributeError):
+        dict(ef.features)  # listing them computes them all
+
+
+def test_entity_features_with_window_features_survive_the_record_coder():
+    # Fused steps pass records as objects; a runner that encodes them between steps gets every feature back.
+    acc = _folded([signal("stream", ms_played=31_000), signal("login", success=False)])
+    (lazy,) = F.SizedToEntityFeaturesFn().process(((3600, "user", "u1", T0_MS), acc))
+    eager = lazy._replace(features=compute_features(acc, 3600))
+    coder = beam.coders.registry.get_coder(EntityFeatures)
+    decoded = coder.decode(coder.encode(lazy))
+    assert decoded == eager and type(decoded.features) is dict
+
+
+@settings(max_examples=100, deadline=None)
+@given(_rich_signals, st.sampled_from([600, 3600, 86400]))
+def test_the_default_pack_hits_the_same_on_window_features_as_on_a_dict(signals, window_sec):
+    pack = load_rule_pack("rules/default.yaml")
+    acc = _folded(signals)
+    for entity_type in ("user", "device", "ip", "track", "artist"):
+        compiled = [CompiledRule(r) for r in pack.rules if (r.entity, r.window_sec) == (entity_type, window_sec)]
+        (lazy,) = F.SizedToEntityFeaturesFn().process(((window_sec, entity_type, "e1", T0_MS), acc))
+        eager = lazy._replace(features=compute_features(acc, window_sec))
+        got = list(evaluate(compiled, lazy, "p", T0_MS))
+        assert got == list(evaluate(compiled, eager, "p", T0_MS))
