@@ -547,6 +547,7 @@ _EXTRACTORS_BY_TYPE = {t: tuple(e for e in EXTRACTORS.values() if t in e.event_t
 
 _COMPUTE = {name: f.compute for name, f in FEATURES.items()}
 _COMPUTE_ITEMS = tuple(_COMPUTE.items())
+_EXTRACTOR_ITEMS = tuple((name, compute) for name, compute in _COMPUTE_ITEMS if name in EXTRACTORS)
 
 
 def compute_features(acc: Accumulator, window_sec: int) -> dict[str, float]:
@@ -557,23 +558,28 @@ def compute_features(acc: Accumulator, window_sec: int) -> dict[str, float]:
 class WindowFeatures(Mapping):
     """An entity window's features, each computed when it is first read (batch windows).
 
-    A backtest's rules read a handful of the 31 built-in features, and most
+    A backtest's rules read a handful of the 30 built-in features, and most
     windows fail their first test on one of them; computing all of them
     for every window was a fifth of our code's instructions a signal
     (benchmarks/README.md, change 20). This mapping holds the accumulator and
-    computes a feature when a rule reads it, and all of them at once
-    (``compute_features``) when anything lists them: a hit's evidence,
-    features as JSON, ``dict()``, a coder. It equals, and pickles as, the
-    dict ``compute_features`` returns. The accumulator must not change after
-    it is wrapped; batch windows are complete when they are.
+    computes a built-in feature when a rule reads it, and all features at
+    once (``compute_features``, in ``FEATURES`` order) when anything lists
+    them: a hit's features JSON, ``dict()``, a coder. It equals, and pickles
+    as, the dict ``compute_features`` returns. Extractor features are
+    computed at once, for every window, as the streaming job computes them:
+    an extractor is code from outside this module, and a backtest should
+    fail on one that raises whether or not a rule reads it. The accumulator
+    must not change after it is wrapped; batch windows are complete when
+    they are.
     """
 
-    __slots__ = ("_acc", "_window_sec", "_values")
+    __slots__ = ("_acc", "_window_sec", "_values", "_complete")
 
     def __init__(self, acc: Accumulator, window_sec: int):
         self._acc = acc
         self._window_sec = window_sec
-        self._values: dict[str, float] = {}
+        self._values: dict[str, float] = {name: compute(acc, window_sec) for name, compute in _EXTRACTOR_ITEMS}
+        self._complete = False  # True once _values holds every feature, in FEATURES order
 
     def __getitem__(self, name: str) -> float:
         value = self._values.get(name)
@@ -583,8 +589,10 @@ class WindowFeatures(Mapping):
         return value
 
     def _all(self) -> dict[str, float]:
-        if len(self._values) < len(_COMPUTE):
+        # Not "every feature read": listing follows FEATURES' order, whatever order rules read them in.
+        if not self._complete:
             self._values = compute_features(self._acc, self._window_sec)
+            self._complete = True
         return self._values
 
     def __iter__(self):
