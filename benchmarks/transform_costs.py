@@ -5,7 +5,7 @@ benchmark, timed with ``time.perf_counter`` around the whole loop, repeated
 ``--repeats`` times; the figure is the median. Stages and what one unit is:
 
 * parse: ``parse_signal`` on one raw line (per signal); each pass starts with
-  parsing's caches (IPs, minutes) empty, as a worker new to the input would;
+  parsing's caches (ids, IPs, minutes) empty, as a worker new to the input would;
 * dedupe: packing signals by event-time hour, then keeping the earliest copy
   of each event id in time order (per signal; the shuffle itself is the runner's);
 * features/fold: ``PreAggregateFn`` folding each hour's signals as one
@@ -127,6 +127,7 @@ class InstructionCounter:
 
 
 def _clear_parse_caches() -> None:
+    parse._ACCEPTED_IDS.clear()
     parse._IP_CACHE.clear()
     parse._MINUTE_CACHE.clear()
     parse._day_ms.cache_clear()
@@ -144,7 +145,7 @@ def measure(events: int, repeats: int, meter=None) -> dict:
     tune_gc_for_batch()
 
     # Each pass starts with parsing's caches empty, as a worker starting on this input would: a pass after
-    # the first would otherwise find every IP and minute already parsed.
+    # the first would otherwise find every id, IP and minute already accepted.
     parse_sec, signals = meter(lambda: [parse_signal(line).signal for line in lines], setup=_clear_parse_caches)
 
     def dedupe():  # what DeduplicateSignals does around its shuffle: pack by hour, keep the earliest copies

@@ -565,12 +565,13 @@ class WindowFeatures(Mapping):
     computes a built-in feature when a rule reads it, and all features at
     once (``compute_features``, in ``FEATURES`` order) when anything lists
     them: a hit's features JSON, ``dict()``, a coder. It equals, and pickles
-    as, the dict ``compute_features`` returns. Extractor features are
-    computed at once, for every window, as the streaming job computes them:
-    an extractor is code from outside this module, and a backtest should
-    fail on one that raises whether or not a rule reads it. The accumulator
-    must not change after it is wrapped; batch windows are complete when
-    they are.
+    as, the dict ``compute_features`` returns. An extractor's feature is
+    computed at once for every window that holds its state (a window that
+    saw the signal types it reads), as the streaming job computes it: an
+    extractor is code from outside this module, and a backtest should fail
+    on one that raises on some state whether or not a rule reads it. The
+    accumulator must not change after it is wrapped; batch windows are
+    complete when they are.
     """
 
     __slots__ = ("_acc", "_window_sec", "_values", "_complete")
@@ -578,7 +579,12 @@ class WindowFeatures(Mapping):
     def __init__(self, acc: Accumulator, window_sec: int):
         self._acc = acc
         self._window_sec = window_sec
-        self._values: dict[str, float] = {name: compute(acc, window_sec) for name, compute in _EXTRACTOR_ITEMS}
+        extra = acc.extra
+        self._values: dict[str, float] = (
+            {}
+            if extra is None
+            else {name: compute(acc, window_sec) for name, compute in _EXTRACTOR_ITEMS if name in extra}
+        )
         self._complete = False  # True once _values holds every feature, in FEATURES order
 
     def __getitem__(self, name: str) -> float:

@@ -78,8 +78,11 @@ _ID_FIELDS = (
     "trace_id",
 )
 KNOWN_FIELDS = frozenset(Signal._fields) | {"event_time"}
-# The ids after event_id, in the order they are checked (so the first bad one is the one reported).
-_OTHER_ID_FIELDS = _ID_FIELDS[1:]
+# The ids after event_id, in the order they are checked (so the first bad one is the one reported): those
+# whose values repeat from signal to signal (users, devices, tracks...), then the trace id.
+_REPEATED_ID_FIELDS = _ID_FIELDS[1:-1]
+if _ID_FIELDS[-1] != "trace_id":
+    raise ImportError(f"parse_signal checks the trace id last: update _REPEATED_ID_FIELDS ({_ID_FIELDS})")
 _REQUIRED_IDS = {t: frozenset({"user_id", *REQUIRED_FOR[t]} & set(_ID_FIELDS)) for t in EVENT_TYPES}
 _id_match = _ID_RE.fullmatch
 _new_signal = Signal._make
@@ -118,6 +121,16 @@ class InvalidSignal(ValueError):
 class ParsedSignal(typing.NamedTuple):
     signal: Signal
     unknown_fields: int
+
+
+_new_parsed = ParsedSignal._make
+
+# Ids that matched _ID_RE, for the fields whose values repeat (a user's, device's, track's ids recur in
+# every signal they are in): a set lookup costs a fraction of the pattern. Exact str only, and only ever
+# added to after the pattern accepts, so a lookup that hits gives the pattern's answer. Bounded like
+# _IP_CACHE: cleared when full, so ids that never repeat cost only the pattern and an insert.
+_ACCEPTED_IDS: set[str] = set()
+_ACCEPTED_IDS_MAX = 65_536
 
 
 # "YYYY-MM-DDTHH:MM:" -> epoch ms of that minute, for prefixes the full parser has accepted. Producers
@@ -213,6 +226,16 @@ def _id(obj: Mapping, name: str, required: bool) -> str | None:
     return value
 
 
+def _accept_id(obj: Mapping, name: str, value, required: bool):
+    """An id ``_ACCEPTED_IDS`` does not hold: the pattern's answer, remembered when it accepts; else ``_id``'s."""
+    if value.__class__ is str and _id_match(value) is not None:
+        if len(_ACCEPTED_IDS) >= _ACCEPTED_IDS_MAX:
+            _ACCEPTED_IDS.clear()
+        _ACCEPTED_IDS.add(value)
+        return value
+    return _id(obj, name, required)
+
+
 def _int(obj: Mapping, name: str, low: int, high: int) -> int:
     value = obj.get(name)
     if value is None:
@@ -278,8 +301,11 @@ def parse_signal(
     if not isinstance(obj, dict):
         raise InvalidSignal("not_an_object", f"payload must be a JSON object, got {type(obj).__name__}")
 
-    event_id = _id(obj, "event_id", required=True)
-    event_type = obj.get("event_type")
+    get = obj.get
+    event_id = get("event_id")
+    if event_id.__class__ is not str or _id_match(event_id) is None:  # the common case inline; else _id decides
+        event_id = _id(obj, "event_id", required=True)
+    event_type = get("event_type")
     if event_type is None:
         raise InvalidSignal("missing_field", "'event_type' is required")
     if event_type not in EVENT_TYPES:
@@ -326,20 +352,27 @@ def parse_signal(
                 f"'user_agent' must be at most {MAX_USER_AGENT_CHARS} characters without control characters",
             )
 
-    # Ids: the common case (absent, or a plain valid string) is checked inline, in one loop; anything else
-    # goes through ``_id``, which raises with the field's reason or, for a str subclass, returns the value.
-    get = obj.get
+    # Ids: the common case (absent, or a plain string already accepted) is checked inline, in one loop;
+    # anything else goes through ``_accept_id``: the pattern, then ``_id``, which raises with the field's
+    # reason or, for a str subclass, returns the value. The trace id is new in every signal: pattern only.
     required_ids = _REQUIRED_IDS[event_type]
+    accepted = _ACCEPTED_IDS
     ids = []
-    for name in _OTHER_ID_FIELDS:
+    for name in _REPEATED_ID_FIELDS:
         value = get(name)
         if value is None:
             if name in required_ids:
                 _id(obj, name, required=True)
-        elif value.__class__ is not str or _id_match(value) is None:
-            value = _id(obj, name, required=name in required_ids)
+        elif value.__class__ is not str or value not in accepted:
+            value = _accept_id(obj, name, value, name in required_ids)
         ids.append(value)
-    user_id, device_id, track_id, artist_id, playlist_id, card_fingerprint, trace_id = ids
+    user_id, device_id, track_id, artist_id, playlist_id, card_fingerprint = ids
+    trace_id = get("trace_id")
+    if trace_id is None:
+        if "trace_id" in required_ids:
+            _id(obj, "trace_id", required=True)
+    elif trace_id.__class__ is not str or _id_match(trace_id) is None:
+        trace_id = _id(obj, "trace_id", required="trace_id" in required_ids)
     if trace_id is None and trace_id_attribute is not None:
         trace_id = _id({"trace_id": trace_id_attribute}, "trace_id", required=False)
 
@@ -350,6 +383,18 @@ def parse_signal(
             if currency is None:
                 raise InvalidSignal("missing_field", f"'currency' is required for event_type '{event_type}'")
             raise InvalidSignal("invalid_value", "'currency' must be an ISO 4217 code such as 'EUR'")
+
+    # Numbers and flags: an exact int in range, or a bool, inline (bool is not int here: exact classes);
+    # anything else, absent included, through _optional_int and _optional_bool, which decide.
+    ms_played = get("ms_played")
+    if ms_played.__class__ is not int or not 0 <= ms_played <= MAX_MS_PLAYED:
+        ms_played = _optional_int(obj, "ms_played", 0, MAX_MS_PLAYED, event_type)
+    success = get("success")
+    if success.__class__ is not bool:
+        success = _optional_bool(obj, "success", event_type)
+    amount_cents = get("amount_cents")
+    if amount_cents.__class__ is not int or not 0 <= amount_cents <= MAX_AMOUNT_CENTS:
+        amount_cents = _optional_int(obj, "amount_cents", 0, MAX_AMOUNT_CENTS, event_type)
 
     # Positional, in Signal's field order (_SIGNAL_ORDER, checked at import): keywords cost a dict per signal.
     signal = _new_signal(
@@ -365,16 +410,16 @@ def parse_signal(
             trace_id,
             track_id,
             artist_id,
-            _optional_int(obj, "ms_played", 0, MAX_MS_PLAYED, event_type),
-            _optional_bool(obj, "success", event_type),
+            ms_played,
+            success,
             playlist_id,
-            _optional_int(obj, "amount_cents", 0, MAX_AMOUNT_CENTS, event_type),
+            amount_cents,
             currency,
             card_fingerprint,
         )
     )
-    unknown = 0 if obj.keys() <= KNOWN_FIELDS else len(obj.keys() - KNOWN_FIELDS)
-    return ParsedSignal(signal, unknown)
+    unknown = 0 if KNOWN_FIELDS.issuperset(obj) else len(obj.keys() - KNOWN_FIELDS)
+    return _new_parsed((signal, unknown))
 
 
 def _payload_of(element) -> tuple[bytes, str | None, int | None]:

@@ -163,6 +163,43 @@ def test_mutating_any_field_gives_a_signal_or_a_dead_letter(event_type, field, v
         assert parsed.signal.event_id == d["event_id"]
 
 
+def _outcome(raw: bytes):
+    try:
+        parsed = parse_signal(raw)
+    except InvalidSignal as err:
+        return ("dead letter", err.reason, err.detail)
+    return ("signal", tuple(parsed.signal), parsed.unknown_fields)
+
+
+_id_fields = st.sampled_from(["event_id", "user_id", "device_id", "track_id", "artist_id", "playlist_id", "trace_id"])
+_id_values = st.one_of(st.text(max_size=130), st.sampled_from(["u1", "u1 ", "-u1", "u" * 128, "u" * 129, "u\n"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["stream", "playlist_add", "payment"]), st.lists(st.tuples(_id_fields, _id_values), max_size=4))
+def test_an_id_gets_the_same_answer_the_first_time_and_once_remembered(event_type, ids):
+    # Ids the pattern accepted are remembered (parse._ACCEPTED_IDS); a remembered id must get the answer the
+    # pattern gives, and an id the pattern refused must never be remembered.
+    parse_module._ACCEPTED_IDS.clear()
+    d = payload_dict(event_type)
+    d.update(ids)
+    raw = orjson.dumps(d)
+    first = _outcome(raw)
+    assert _outcome(raw) == first
+    parse_module._ACCEPTED_IDS.clear()
+    assert _outcome(raw) == first
+    assert all(parse_module._ID_RE.fullmatch(value) for value in parse_module._ACCEPTED_IDS)
+
+
+def test_remembered_ids_are_bounded(monkeypatch):
+    monkeypatch.setattr(parse_module, "_ACCEPTED_IDS_MAX", 3)
+    parse_module._ACCEPTED_IDS.clear()
+    for i in range(20):
+        assert parse_signal(payload("stream", user_id=f"user{i}", device_id=f"dev{i}")).signal.user_id == f"user{i}"
+        assert len(parse_module._ACCEPTED_IDS) <= 3
+    assert _outcome(payload("stream", user_id="user 1"))[:2] == ("dead letter", "invalid_value")
+
+
 # --- the composite -------------------------------------------------------------------
 def test_parse_signals_splits_good_from_bad_keeping_raw_bytes():
     good = payload("signup", event_id="good1")
