@@ -117,6 +117,7 @@ INVALID = [
     (payload("signup", event_id="x" * 129), "invalid_value", "event_id"),
     (payload("signup", user_id="u1'; DROP TABLE users;--"), "invalid_value", "user_id"),
     (payload("signup", device_id="d\x00"), "invalid_value", "device_id"),
+    (payload("signup", user_id=["u1"]), "wrong_type", "user_id"),  # unhashable: must not reach the id cache
     (payload("signup", user_agent="ok\nforged log line"), "invalid_value", "user_agent"),
     (payload("signup", event_time="2026-11-02 00:00:00"), "invalid_value", "event_time"),
     (payload("signup", event_time="2026-11-02T00:00:00"), "invalid_value", "event_time"),
@@ -171,7 +172,9 @@ def _outcome(raw: bytes):
     return ("signal", tuple(parsed.signal), parsed.unknown_fields)
 
 
-_id_fields = st.sampled_from(["event_id", "user_id", "device_id", "track_id", "artist_id", "playlist_id", "trace_id"])
+_id_fields = st.sampled_from(
+    ["event_id", "user_id", "device_id", "track_id", "artist_id", "playlist_id", "card_fingerprint", "trace_id"]
+)
 _id_values = st.one_of(st.text(max_size=130), st.sampled_from(["u1", "u1 ", "-u1", "u" * 128, "u" * 129, "u\n"]))
 
 
@@ -189,6 +192,28 @@ def test_an_id_gets_the_same_answer_the_first_time_and_once_remembered(event_typ
     parse_module._ACCEPTED_IDS.clear()
     assert _outcome(raw) == first
     assert all(parse_module._ID_RE.fullmatch(value) for value in parse_module._ACCEPTED_IDS)
+
+
+@pytest.mark.parametrize(
+    "event_type, bad, reported",
+    [
+        ("stream", {"user_id": "u 1", "track_id": "t 1", "trace_id": "x y"}, "user_id"),
+        ("stream", {"track_id": "t 1", "trace_id": "x y"}, "track_id"),
+        ("payment", {"card_fingerprint": "c 1", "trace_id": "x y", "currency": "euro"}, "card_fingerprint"),
+        ("payment", {"trace_id": "x y", "currency": "euro", "success": "yes"}, "trace_id"),
+        ("stream", {"ms_played": -1, "success": "yes", "amount_cents": -1}, "ms_played"),
+        ("payment", {"success": "yes", "amount_cents": -1}, "success"),
+        ("payment", {"event_id": "e 1", "user_id": "u 1"}, "event_id"),
+    ],
+)
+def test_the_first_bad_field_in_check_order_is_the_one_reported(event_type, bad, reported):
+    # Ids in the signal's order (event, user, device, track, artist, playlist, card, trace), then currency,
+    # ms_played, success and amount_cents: a producer fixing its payloads sees one stable reason at a time.
+    d = payload_dict(event_type)
+    d.update(bad)
+    with pytest.raises(InvalidSignal) as info:
+        parse_signal(orjson.dumps(d))
+    assert f"'{reported}'" in info.value.detail
 
 
 def test_remembered_ids_are_bounded(monkeypatch):
