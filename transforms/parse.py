@@ -128,7 +128,9 @@ _new_parsed = ParsedSignal._make
 # Ids that matched _ID_RE, for the fields whose values repeat (a user's, device's, track's ids recur in
 # every signal they are in): a set lookup costs a fraction of the pattern. Exact str only, and only ever
 # added to after the pattern accepts, so a lookup that hits gives the pattern's answer. Bounded like
-# _IP_CACHE: cleared when full, so ids that never repeat cost only the pattern and an insert.
+# _IP_CACHE: cleared when full, so ids that never repeat cost only the pattern and an insert. One per
+# process, shared by its threads: every entry is a valid id, so a race (a clear between a check and an add,
+# a size briefly past the bound) costs only speed. At most about 13 MiB (65,536 ids of 128 characters).
 _ACCEPTED_IDS: set[str] = set()
 _ACCEPTED_IDS_MAX = 65_536
 
