@@ -187,10 +187,11 @@ def measure(events: int, repeats: int, meter=None) -> dict:
     # Fresh records for each pass: a batch window computes the features its rules read when they read
     # them (WindowFeatures), and keeps them, so a second pass over the same records would skip that work.
     fresh: list = []
-    rules_sec, hits = meter(
-        lambda: [h for ef in fresh for h in rules_fn.process(ef)],
-        setup=lambda: fresh.__setitem__(slice(None), [f for w in windows for f in to_features.process(w)]),
-    )
+
+    def fresh_records():
+        fresh[:] = [f for w in windows for f in to_features.process(w)]
+
+    rules_sec, hits = meter(lambda: [h for ef in fresh for h in rules_fn.process(ef)], setup=fresh_records)
     hits = [h for h in hits if not hasattr(h, "tag")]
 
     def safeguards():
