@@ -389,7 +389,9 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
                 out.extra = {}
             for name, state in a.extra.items():
                 mine = out.extra.get(name)
-                out.extra[name] = state if mine is None else EXTRACTORS[name].merge(mine, state)
+                # A copy, not ``a``'s own state: extractors' ``add`` updates a state in place (the example's
+                # does), so a shared state would count a signal folded into either accumulator in both.
+                out.extra[name] = copy.deepcopy(state) if mine is None else EXTRACTORS[name].merge(mine, state)
     return out
 
 

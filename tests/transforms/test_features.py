@@ -246,6 +246,26 @@ def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable():
         assert mine is not copied.extra[name], f"extractor state {name} is shared"
 
 
+def test_a_merged_accumulator_shares_nothing_mutable_with_what_was_merged_into_it():
+    """Merging adopts the other's sets, counters, sample and extractor states as copies: folding a signal
+    into either one afterwards must not change the other (extractors' ``add`` updates a state in place)."""
+    theirs = Accumulator()
+    for n in (1, 2):
+        for s in [
+            signal("stream", ms_played=35_000, user_id=f"u{n}", track_id=f"t{n}", artist_id=f"a{n}", trace_id=f"s{n}"),
+            signal("login", success=False, user_agent="python-requests/2.31", ip=f"10.0.0.{n}"),
+        ]:
+            add_signal(theirs, s)
+    merged = merge([Accumulator(), theirs])
+    before = pickle.dumps(merged)
+    later = signal("login", success=True, user_agent="python-requests/2.31", user_id="u9", ip="10.0.0.9")
+    add_signal(theirs, signal("stream", ms_played=31_000, track_id="t9", artist_id="a9", trace_id="s0"))
+    add_signal(theirs, later)
+    assert pickle.dumps(merged) == before, "folding into the merged-in accumulator changed the merge"
+    add_signal(merged, later)
+    assert theirs.extra["scripted_client_share"] == merged.extra["scripted_client_share"] == [3, 3]  # each its own
+
+
 def test_a_day_copied_from_whole_hours_counts_what_folding_counts_when_a_top_counter_fills(monkeypatch):
     """A user's day is built from copies of the user's whole hours. An hour whose top-share counter filled
     dropped later plays of keys it met too late, which the day may already count: such an hour's signals
