@@ -7,6 +7,8 @@ returned PCollections.
 
 from __future__ import annotations
 
+import pickle
+
 import apache_beam as beam
 import orjson
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -70,8 +72,16 @@ def assert_mergeable(extractor, signals, cut: int) -> None:
         return state
 
     whole = extractor.value(fold(signals), 3600)
-    merged = extractor.value(extractor.merge(fold(signals[:cut]), fold(signals[cut:])), 3600)
+    right = fold(signals[cut:])
+    state = extractor.merge(fold(signals[:cut]), right)
+    merged = extractor.value(state, 3600)
     assert merged == whole, f"{extractor.name}: merge gives {merged}, one pass gives {whole}"
+    # The merged state must not change when the right half goes on folding (add may update in place).
+    before = pickle.dumps(state)  # states are pickled between workers anyway
+    for s in signals:
+        if s.event_type in extractor.event_types:
+            right = extractor.add(right, s)
+    assert pickle.dumps(state) == before, f"{extractor.name}: merge kept its second state, which add then changed"
 
 
 def streaming_options() -> PipelineOptions:

@@ -14,6 +14,10 @@ An extractor must:
 * be mergeable: ``merge(a, b)`` must give what one pass over both halves
   gives, because Beam combines partial states (``tests/kit.py`` has
   ``assert_mergeable`` to check this);
+* own its states: ``add`` may update a state in place (the example's does),
+  so ``merge`` may update and return ``a`` but must not return ``b`` or
+  keep a part of it that ``add`` would change: an accumulator merged into
+  another goes on being its own (``assert_mergeable`` checks this too);
 * be pure: no I/O or clocks, so a backtest and the streaming job agree.
 
 The README tutorial ("Adding a feature extractor") walks through
@@ -40,7 +44,7 @@ class FeatureExtractor:
       event_types: the signal types it reads (others never reach ``add``).
       create: a fresh state.
       add: fold one signal into a state, returning the state.
-      merge: combine two states (order must not matter).
+      merge: combine two states (order must not matter); may update and return the first, never the second.
       value: the feature value of a state, given the window length in seconds.
     """
 

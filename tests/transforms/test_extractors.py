@@ -1,5 +1,7 @@
 """The feature-extractor extension point, with its example ``scripted_client_share``."""
 
+import dataclasses
+
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -52,6 +54,14 @@ def test_which_clients_count_as_scripted(agent, scripted):
 @pytest.mark.parametrize("cut", [0, 3, 7, 12])
 def test_the_extractor_merges_like_one_pass(cut):
     assert_mergeable(SCRIPTED, logins(12, 5), cut)
+
+
+def test_the_kit_refuses_a_merge_that_returns_its_second_state():
+    """A merge that hands back ``b`` when ``a`` is empty shares the state of the accumulator ``b`` came from."""
+    lazy = dataclasses.replace(SCRIPTED, merge=lambda a, b: b if a == [0, 0] else SCRIPTED.merge(a, b))
+    assert_mergeable(lazy, logins(12, 5), 3)  # a non-empty first half: a new list, as it should be
+    with pytest.raises(AssertionError, match="kept its second state"):
+        assert_mergeable(lazy, logins(12, 5), 0)
 
 
 def test_registering_a_clash_or_a_bad_name_fails_at_import():
