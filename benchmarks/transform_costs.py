@@ -126,13 +126,6 @@ class InstructionCounter:
         raise RuntimeError(f"no totals in callgrind dump {self._out_file}.{self._dumps}")
 
 
-def _clear_parse_caches() -> None:
-    parse._ACCEPTED_IDS.clear()
-    parse._IP_CACHE.clear()
-    parse._MINUTE_CACHE.clear()
-    parse._day_ms.cache_clear()
-
-
 def measure(events: int, repeats: int, meter=None) -> dict:
     """Each stage's cost: median µs over ``repeats``, or, given ``meter`` (an ``InstructionCounter``),
     instructions."""
@@ -146,7 +139,7 @@ def measure(events: int, repeats: int, meter=None) -> dict:
 
     # Each pass starts with parsing's caches empty, as a worker starting on this input would: a pass after
     # the first would otherwise find every id, IP and minute already accepted.
-    parse_sec, signals = meter(lambda: [parse_signal(line).signal for line in lines], setup=_clear_parse_caches)
+    parse_sec, signals = meter(lambda: [parse_signal(line).signal for line in lines], setup=parse.clear_caches)
 
     def dedupe():  # what DeduplicateSignals does around its shuffle: pack by hour, keep the earliest copies
         packer = PackByHourFn()
