@@ -96,8 +96,10 @@ class ApplyRulesFn(beam.DoFn):
     """Evaluates the rules that apply to each (entity type, window size).
 
     The pack travels as plain data and is compiled once per DoFn instance (and
-    again only when a reloaded pack differs), so conditions are parsed once per
-    worker, not per element.
+    again only when the source hands back a different pack), so conditions are
+    parsed once per worker, not per element. A pack is compared by identity,
+    not by its file's digest: pausing a rule (the overrides file) changes the
+    pack's rules but not its rules file.
     """
 
     DEAD_LETTER = "dead_letter"
@@ -107,21 +109,21 @@ class ApplyRulesFn(beam.DoFn):
             raise ValueError(f"decision_clock must be one of {DECISION_CLOCKS}, got {decision_clock!r}")
         self._source = source
         self._clock = decision_clock
-        self._digest = None
+        self._pack: RulePack | None = None
         self._by_key: dict[tuple[str, int], list[CompiledRule]] = {}
         self._latency = Metrics.distribution("latency", "decision_latency_ms")
 
     def setup(self):
         self._source.reset()
-        self._digest = None
+        self._pack = None
 
     def _compiled(self) -> tuple[RulePack, dict]:
         pack = self._source.current().pack
-        if pack.digest != self._digest:
+        if pack is not self._pack:  # the source returns the same object until it loads a change
             self._by_key = {}
             for rule in pack.rules:
                 self._by_key.setdefault((rule.entity, rule.window_sec), []).append(CompiledRule(rule))
-            self._digest = pack.digest
+            self._pack = pack
         return pack, self._by_key
 
     def process(self, ef: EntityFeatures):

@@ -6,11 +6,13 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines.pipeline import build_pipeline
+from schemas.features import EntityFeatures
 from tests.kit import T0_MS, payload
 from tests.transforms.test_rulepack import pack_text, rule
+from transforms.features import Accumulator, compute_features
 from transforms.policy import Policy, PolicySource
 from transforms.rulepack import RulePackError, parse_rule_overrides, parse_rule_pack, paused_rules
-from transforms.rules import ISSUED, RULE_PAUSED
+from transforms.rules import ISSUED, RULE_PAUSED, ApplyRulesFn
 
 PACK = parse_rule_pack(pack_text(rule(when="streams >= 3"), rule(id="other_rule", when="streams >= 3")), "p.yaml")
 PAUSE = """
@@ -72,3 +74,28 @@ def test_a_pause_written_while_the_job_runs_is_picked_up_and_a_resume_lifts_it(t
     overrides.write_text("paused: []\n")
     source._next_check = 0
     assert not any(r.paused for r in source.current().pack.rules)
+
+
+def test_a_running_rules_step_applies_a_pause_and_a_resume_without_a_restart(tmp_path):
+    # The pause changes the overrides file only, so the rules file (and its digest) stay the same: the step
+    # must still recompile. A Dataflow worker keeps one DoFn instance for hours; a pause must not wait for a new one.
+    rules, overrides = tmp_path / "rules.yaml", tmp_path / "overrides.yaml"
+    rules.write_text(pack_text(rule(when="streams >= 3")))
+    overrides.write_text("paused: []\n")
+    initial = parse_rule_pack(rules.read_text(), str(rules))
+    source = PolicySource(Policy(initial), rules_path=str(rules), reload_sec=0.001, overrides_path=str(overrides))
+    fn = ApplyRulesFn(source, "event")
+    fn.setup()
+    acc = Accumulator()
+    acc.events = acc.streams = 4
+    window = EntityFeatures("user", "u1", 3600, T0_MS, T0_MS + 3_600_000, compute_features(acc, 3600), [], T0_MS)
+
+    def outcome():
+        source._next_check = 0
+        return [(h.status, h.decision.mode) for h in fn.process(window)]
+
+    assert outcome() == [(ISSUED, "enforce")]
+    overrides.write_text(PAUSE)
+    assert outcome() == [(RULE_PAUSED, "shadow")]
+    overrides.write_text("paused: []\n")
+    assert outcome() == [(ISSUED, "enforce")]
