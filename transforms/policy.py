@@ -143,6 +143,9 @@ class PolicySource:
         except (RulePackError, AllowlistError, UnicodeDecodeError) as err:
             self._reject(str(err), digest)
             return self._policy
+        except Exception as err:  # a loader bug must not take the running job down: keep the last good policy
+            self._reject(f"{type(err).__name__} while loading: {err}", digest)
+            return self._policy
         self._policy = Policy(pack, allowlist)
         with self._lock:
             self._accepted[self._key] = (digest, self._policy)

@@ -61,6 +61,9 @@ _SAFE_FUNCTIONS = {"min": min, "max": max, "abs": abs}
 # failing with a RulePackError.
 MAX_CONDITION_CHARS = 1000
 MAX_CONDITION_DEPTH = 32
+# A decision's reason is one human sentence; a format spec such as {streams:>50000000} must not make every
+# decision a 50 MB message. Checked at load on an all-zero window, and cut at run time as a backstop.
+MAX_REASON_CHARS = 500
 _CONTEXT_NAMES = ("entity_type", "entity_id", "window")
 _RULE_ID_RE = re.compile(r"[a-z][a-z0-9_]{2,63}")
 _DURATION_RE = re.compile(r"(\d+)\s*([smhd])")
@@ -109,6 +112,39 @@ _ALLOWED_NODES = (
     ast.Constant,
     ast.Call,
 )
+
+
+def load_yaml(text: str):
+    """Policy files' YAML (rule packs, rule overrides, allowlists): ``yaml.SafeLoader``, refusing a key given
+    twice in one mapping. YAML's last-one-wins would silently drop a rule's first ``when``, or a whole first
+    ``rules:`` list."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        seen_nodes, stack = set(), [root]
+        while stack:  # aliases may share nodes, or make a cycle
+            node = stack.pop()
+            if id(node) in seen_nodes:
+                continue
+            seen_nodes.add(id(node))
+            if isinstance(node, yaml.MappingNode):
+                keys = set()
+                for key_node, value_node in node.value:
+                    # Other keys are refused by the constructor below; a merge key (<<) is YAML's own override.
+                    if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                        key = loader.construct_object(key_node)
+                        if key in keys:
+                            problem = f"duplicate key {key!r} (YAML would keep only the last)"
+                            raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+                        keys.add(key)
+                    stack.append(value_node)
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+        return loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 class RulePackError(ValueError):
@@ -188,8 +224,14 @@ def format_duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
-def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
-    """Parse and vet a condition; return the feature names it reads."""
+def _check_condition(expr, source: str, rule_id: str) -> tuple[str, tuple[str, ...]]:
+    """Parse and vet a condition; return it as the checked tree prints it, and the feature names it reads.
+
+    What runs is printed from the tree checked here (``ast.unparse``), not the
+    text with its whitespace squeezed: a ``# comment`` or a backslash line
+    break in a multi-line ``when: |`` would otherwise swallow or break the
+    rest of the condition after it was checked.
+    """
     if not isinstance(expr, str) or not expr.strip():
         raise RulePackError(source, "must be a non-empty condition string", rule_id, "when")
     if len(expr) > MAX_CONDITION_CHARS:
@@ -228,7 +270,42 @@ def _check_condition(expr, source: str, rule_id: str) -> tuple[str, ...]:
         raise RulePackError(source, "the condition reads no feature", rule_id, "when")
     if not _is_boolean(tree.body):
         raise RulePackError(source, "must be a true/false test: comparisons joined by and, or, not", rule_id, "when")
-    return tuple(names)
+    _check_parts_on_zeros(tree.body, source, rule_id)
+    return ast.unparse(tree.body), tuple(names)
+
+
+def _check_parts_on_zeros(body: ast.expr, source: str, rule_id: str) -> None:
+    """Every part of the condition, each on its own, on a window whose features are all zero.
+
+    Every feature can be zero (an entity with no plays, no logins, no IP).
+    Checking the whole condition is not enough: ``and`` and ``or`` stop at
+    the first answer, so in ``streams >= 40 and logins / payments >= 1`` the
+    division by ``payments`` is never reached on zeros, and would fail at run
+    time on the very windows the first test lets through. Each part checked
+    alone also finds a call with the wrong arguments (``max(streams)``).
+    """
+    zeros = dict.fromkeys(FEATURES, 0.0)
+    evaluator = SimpleEval(functions=dict(_SAFE_FUNCTIONS), names=zeros)
+    for node in _parts_innermost_first(body):
+        if isinstance(node, (ast.Name, ast.Constant)):
+            continue
+        part = ast.unparse(node)
+        try:
+            evaluator.eval(part)
+        except Exception as err:  # simpleeval raises many types; each means this part cannot run on zeros
+            hint = "; divide by max(feature, 1) or use the ratio features" if "division" in str(err) else ""
+            raise RulePackError(
+                source, f"'{part}' fails on an all-zero window ({type(err).__name__}: {err}){hint}", rule_id, "when"
+            ) from None
+
+
+def _parts_innermost_first(node: ast.expr):
+    """The expression's parts, each after the parts inside it, so an error names the smallest failing part.
+    Recursive: the condition was checked to be at most MAX_CONDITION_DEPTH deep."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.expr):
+            yield from _parts_innermost_first(child)
+    yield node
 
 
 def _depth(node: ast.AST) -> int:
@@ -274,9 +351,16 @@ def _check_reason(template, features: tuple[str, ...], source: str, rule_id: str
                 source, f"placeholder '{{{field_name}}}' may only carry a format spec", rule_id, "reason"
             )
     try:
-        render_reason(template, {name: 0.0 for name in FEATURES}, "user", "x", 3600)
+        rendered = template.format_map({**dict.fromkeys(FEATURES, 0.0), **dict.fromkeys(_CONTEXT_NAMES, "x")})
     except (ValueError, TypeError) as err:
         raise RulePackError(source, f"cannot be rendered: {err}", rule_id, "reason") from None
+    if len(rendered) > MAX_REASON_CHARS:
+        raise RulePackError(
+            source,
+            f"renders to {len(rendered)} characters on an all-zero window; a reason may have {MAX_REASON_CHARS}",
+            rule_id,
+            "reason",
+        )
 
 
 def render_reason(
@@ -285,7 +369,9 @@ def render_reason(
     """The decision's human sentence. Placeholders were vetted at load time."""
     values = dict(features)
     values.update(entity_type=entity_type, entity_id=entity_id, window=format_duration(window_sec))
-    return template.format_map(values)
+    text = template.format_map(values)
+    # Checked at load on zeros; a huge feature value or entity id could still make it long.
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "\u2026"
 
 
 def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
@@ -339,7 +425,7 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
     min_events = raw.get("min_events", 1)
     if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
         raise RulePackError(source, "must be an integer >= 1", rule_id, "min_events")
-    features = _check_condition(raw["when"], source, rule_id)
+    when, features = _check_condition(raw["when"], source, rule_id)
     _check_reason(raw["reason"], features, source, rule_id)
     expires_ms = _parse_expiry(raw.get("expires"), source, rule_id)
     cap = raw.get("max_entities_per_window", 0)
@@ -352,7 +438,7 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
         description=" ".join(raw["description"].split()),
         entity=entity,
         window_sec=window_sec,
-        when=" ".join(raw["when"].split()),
+        when=when,
         action=action,
         mode=mode,
         reason=raw["reason"].strip(),
@@ -365,8 +451,8 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
     if expires_ms is not None and expires_ms <= time.time() * 1000:
         _LOGGER.warning("%s: rule '%s' expired on %s: it runs in shadow only", source, rule_id, raw["expires"])
     try:
-        CompiledRule(rule).matches({name: 0.0 for name in FEATURES})
-    except RuleEvaluationError as err:
+        CompiledRule(rule).matches(dict.fromkeys(FEATURES, 0.0))
+    except RuleEvaluationError as err:  # the parts passed; kept as the check of the whole condition's answer
         raise RulePackError(
             source, f"fails on an all-zero window ({err.__cause__ or err}); use the ratio features", rule_id, "when"
         ) from None
@@ -384,6 +470,8 @@ def _parse_expiry(value, source: str, rule_id: str) -> int | None:
             value = None
     if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
         raise RulePackError(source, "must be a date such as 2027-01-31", rule_id, "expires")
+    if value >= dt.date.max:  # its end, the next midnight, is past what a date can hold
+        raise RulePackError(source, f"must be a date before {dt.date.max.isoformat()}", rule_id, "expires")
     end = dt.datetime.combine(value + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
     return int(end.timestamp() * 1000)
 
@@ -391,7 +479,7 @@ def _parse_expiry(value, source: str, rule_id: str) -> int | None:
 def parse_rule_pack(text: str, source: str) -> RulePack:
     """Validate a pack's YAML text; ``source`` names it in errors."""
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as err:
         raise RulePackError(source, f"not valid YAML: {err}") from None
     if not isinstance(doc, dict):
@@ -404,6 +492,12 @@ def parse_rule_pack(text: str, source: str) -> RulePack:
         raise RulePackError(source, "top-level 'pack' (the pack's name) is required")
     if version in (None, ""):
         raise RulePackError(source, "top-level 'version' is required")
+    if isinstance(version, bool) or not isinstance(version, (str, int)):
+        # YAML reads an unquoted 2026.10 as the number 2026.1, and the audit rows would name that.
+        raise RulePackError(
+            source,
+            f"top-level 'version' must be text or a whole number, got {version!r}: quote it so YAML keeps it as typed",
+        )
     if not isinstance(raw_rules, list) or not raw_rules:
         raise RulePackError(source, "top-level 'rules' must be a non-empty list")
     seen: set[str] = set()
@@ -435,7 +529,7 @@ def parse_rule_overrides(text: str, source: str, known_rules: typing.Collection[
     is refused, so a typo cannot silently leave the intended rule enforcing.
     """
     try:
-        doc = yaml.safe_load(text) if text.strip() else {"paused": []}
+        doc = load_yaml(text) if text.strip() else {"paused": []}
     except yaml.YAMLError as err:
         raise RulePackError(source, f"not valid YAML: {err}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("paused", []), list) or set(doc) - {"paused"}:

@@ -47,15 +47,29 @@ def decision_id(rule_id: str, rule_version: int, entity_type: str, entity_id: st
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:32]
 
 
-def evaluate(compiled: list[CompiledRule], ef: EntityFeatures, pack_label: str, decided_at_ms: int):
+def evaluate(
+    compiled: list[CompiledRule],
+    ef: EntityFeatures,
+    pack_label: str,
+    decided_at_ms: int,
+    errors: list[RuleEvaluationError] | None = None,
+):
     """Yield a ``RuleHit`` for each rule whose condition holds on ``ef``.
 
-    Raises ``RuleEvaluationError`` if a condition fails at run time.
+    A condition that fails at run time raises ``RuleEvaluationError``; with an
+    ``errors`` list, the error is appended to it instead and the other rules
+    still run, so one broken rule cannot hide a window from the rest.
     """
     features = ef.features
     for cr in compiled:
         rule = cr.rule
-        if not cr.matches(features):
+        try:
+            if not cr.matches(features):
+                continue
+        except RuleEvaluationError as err:
+            if errors is None:
+                raise
+            errors.append(err)
             continue
         evidence = {name: features[name] for name in rule.features}
         evidence["events"] = features["events"]
@@ -132,9 +146,13 @@ class ApplyRulesFn(beam.DoFn):
         if not compiled:
             return
         decided_at = ef.window_end_ms if self._clock == "event" else int(time.time() * 1000)
-        try:
-            hits = list(evaluate(compiled, ef, pack.label, decided_at))
-        except RuleEvaluationError as err:
+        errors: list[RuleEvaluationError] = []
+        for hit in evaluate(compiled, ef, pack.label, decided_at, errors):
+            Metrics.counter("rule_hits", f"{hit.decision.rule_id}.{hit.status}").inc()
+            # Decision latency: from the newest signal behind the features to the decision.
+            self._latency.update(max(0, decided_at - ef.last_event_ms))
+            yield hit
+        for err in errors:  # one dead letter per failing rule; the window's other rules ran
             Metrics.counter("dead_letters", "rule_evaluation_error").inc()
             yield beam.pvalue.TaggedOutput(
                 self.DEAD_LETTER,
@@ -148,12 +166,6 @@ class ApplyRulesFn(beam.DoFn):
                     failed_at_ms=int(time.time() * 1000),
                 ),
             )
-            return
-        for hit in hits:
-            Metrics.counter("rule_hits", f"{hit.decision.rule_id}.{hit.status}").inc()
-            # Decision latency: from the newest signal behind the features to the decision.
-            self._latency.update(max(0, decided_at - ef.last_event_ms))
-            yield hit
 
 
 class RuleOutputs(typing.NamedTuple):

@@ -40,7 +40,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from schemas import ACTIONS, ENTITY_TYPES, Decision
-from transforms.rulepack import format_duration
+from transforms.rulepack import format_duration, load_yaml
 from transforms.rules import ISSUED, RuleHit
 
 if typing.TYPE_CHECKING:
@@ -135,7 +135,7 @@ EMPTY_ALLOWLIST = Allowlist("(none)", ())
 
 def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] = ()) -> Allowlist:
     try:
-        doc = yaml.safe_load(text)
+        doc = load_yaml(text)
     except yaml.YAMLError as err:
         raise AllowlistError(source, f"not valid YAML: {err}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("allowlist"), list):

@@ -96,15 +96,18 @@ def test_too_little_evidence_is_audited_but_never_enforced():
         )
 
 
-def test_a_condition_failing_at_run_time_is_dead_lettered_not_fatal():
-    # Passes the all-zero check at load (short-circuit), divides by zero when streams have no IP.
-    pack = parse_rule_pack(pack_text(rule(when="streams > 0 and streams / distinct_ips > 1")), "p.yaml")
+def test_a_condition_failing_at_run_time_is_dead_lettered_and_the_windows_other_rules_still_run():
+    # Passes the load-time check on zeros (distinct_ips - 1 is -1 there); divides by zero on a window with one IP.
+    broken = rule(when="streams / (distinct_ips - 1) > 1")
+    pack = parse_rule_pack(pack_text(broken, rule(id="other_rule", when="streams >= 1")), "p.yaml")
     with TestPipeline() as p:
-        out = build_pipeline(p | beam.Create([payload("stream")]), pack)
+        out = build_pipeline(p | beam.Create([payload("stream", ip="198.51.100.7")]), pack)
         assert_that(
             out.dead_letters | beam.Map(lambda d: (d.stage, d.reason, "many_plays" in d.detail)),
             equal_to([("rules", "rule_evaluation_error", True)]),
+            label="DeadLetter",
         )
+        assert_that(out.audit | beam.Map(lambda a: (a.rule_id, a.status)), equal_to([("other_rule", ISSUED)]))
 
 
 def test_streaming_late_signal_refires_the_window_and_completes_the_evidence():

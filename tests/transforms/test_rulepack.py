@@ -77,6 +77,12 @@ BAD_RULES = [
     ({"when": "[streams][0] > 1"}, "when", "not allowed"),
     ({"when": "(lambda: 1)() > 0"}, "when", "may be called"),
     ({"when": "streams / distinct_tracks > 3"}, "when", "all-zero window"),
+    # and/or stop early on zeros, so each part is checked on its own: a division behind a false first test,
+    # a guard that does not cover the divisor, a call with the wrong arguments
+    ({"when": "streams >= 40 and logins / payments >= 1"}, "when", "'logins / payments' fails on an all-zero"),
+    ({"when": "streams > 0 and streams / distinct_ips > 1"}, "when", "'streams / distinct_ips' fails"),
+    ({"when": "streams >= 40 or max(streams) > 1"}, "when", "'max(streams)' fails on an all-zero window"),
+    ({"when": "not streams >= 0 and min() > 1"}, "when", "'min()' fails"),
     # actions and entities
     ({"action": "ban"}, "action", "unknown action 'ban'"),
     ({"entity": "track", "action": "suspend"}, "action", "never auto-enforced"),
@@ -103,6 +109,11 @@ BAD_RULES = [
     ({"reason": "{streams!r}"}, "reason", "format spec"),
     ({"reason": "{streams:q}"}, "reason", "cannot be rendered"),
     ({"reason": "{"}, "reason", "bad placeholder"),
+    ({"reason": "{streams:>50000000}"}, "reason", "renders to 50000000 characters"),
+    ({"reason": "{streams:.600f} plays"}, "reason", "a reason may have 500"),
+    ({"reason": "x" * 501}, "reason", "renders to 501 characters"),
+    # dates
+    ({"expires": "9999-12-31"}, "expires", "before 9999-12-31"),
 ]
 
 
@@ -114,6 +125,37 @@ def test_bad_rules_fail_at_load_naming_file_rule_and_field(changes, field, probl
     assert message.startswith("rules/team.yaml: rule ")
     assert f"field '{field}'" in message
     assert problem in message
+
+
+@pytest.mark.parametrize("version, label", [("'2026.10'", "x@2026.10"), ("2026.11.28", "x@2026.11.28"), ("3", "x@3")])
+def test_a_pack_version_is_kept_as_written(version, label):
+    assert parse_rule_pack(pack_text(rule()).replace("version: 1\n", f"version: {version}\n", 1), "p.yaml").label == (
+        label.replace("x@", "test@")
+    )
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        # a YAML 'when: |' block with a comment: squeezing the whitespace would comment out the rest
+        "(streams >= 40          # plenty of plays\n and near_threshold_share >= 0.6)\n",
+        "streams >= 40 \\\n and near_threshold_share >= 0.6",  # a backslash line break
+    ],
+)
+def test_a_multi_line_condition_runs_as_it_was_checked(when):
+    loaded = parse_rule_pack(pack_text(rule(when=when)), "p.yaml").rules[0]
+    assert loaded.when == "streams >= 40 and near_threshold_share >= 0.6"
+    compiled = CompiledRule(loaded)
+    assert compiled.matches({"streams": 40.0, "near_threshold_share": 0.6})
+    assert not compiled.matches({"streams": 40.0, "near_threshold_share": 0.5})
+
+
+def test_a_reason_made_long_by_its_values_is_cut_to_the_limit():
+    from transforms.rulepack import MAX_REASON_CHARS, render_reason
+
+    long = render_reason("{entity_id} played {streams:.0f}", {"streams": 1.0}, "user", "u" * 1000, 3600)
+    assert len(long) == MAX_REASON_CHARS and long.endswith("\u2026")
+    assert render_reason("{entity_id} played {streams:.0f}", {"streams": 1.0}, "user", "u1", 3600) == "u1 played 1"
 
 
 def test_duplicate_rule_ids_are_rejected():
@@ -130,6 +172,11 @@ def test_duplicate_rule_ids_are_rejected():
         ("version: 1\nrules: [{}]\n", "'pack'"),
         ("pack: x\nrules: [{}]\n", "'version'"),
         ("pack: x\nversion: 1\nextra: 1\nrules: [{}]\n", "unknown top-level field 'extra'"),
+        # YAML reads this as the number 2026.1: the audit rows would name a version nobody wrote
+        ("pack: x\nversion: 2026.10\nrules: [{}]\n", "got 2026.1: quote it"),
+        # a key given twice: YAML keeps the last, silently dropping the first rules list or condition
+        ("pack: x\nversion: 1\nrules: [{}]\nrules: [{}]\n", "duplicate key 'rules'"),
+        (pack_text(rule()).replace("  when:", "  when: streams >= 1\n  when:"), "duplicate key 'when'"),
     ],
 )
 def test_bad_pack_documents(text, problem):
