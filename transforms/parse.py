@@ -36,7 +36,9 @@ MAX_PAYLOAD_BYTES = 16 * 1024
 MAX_ID_CHARS = 128
 MAX_USER_AGENT_CHARS = 512
 MAX_MS_PLAYED = 24 * 3600 * 1000
-MAX_AMOUNT_CENTS = 100_000_000
+# In minor units of any currency: 10^12 is 10 billion rupiah or 10 billion dollars, far past any payment, and
+# well inside the int64 the schema and BigQuery hold. 10^8 refused a Rp 1,000,001 payment (about US$60).
+MAX_AMOUNT_CENTS = 1_000_000_000_000
 # Plausibility bounds on event time: outside them the clock or the producer is
 # broken. Fixed dates (not "now") so a backtest gives the same answer whenever
 # it runs; streaming adds its own skew check against the wall clock.
@@ -47,7 +49,9 @@ MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 # control characters, whitespace, quotes and markup, so an id can be written
 # into logs, BigQuery and dashboards without escaping surprises.
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,127}")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Unicode's control characters (C0, DEL, C1: category Cc) and its line and paragraph separators. C1 holds
+# U+009B, a terminal's one-character escape sequence introducer, and U+0085, a line break to some readers.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # re.ASCII: RFC 3339 digits are 0-9 only; without it \d also takes Arabic-Indic, fullwidth and other digits.
 _RFC3339_RE = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
@@ -213,6 +217,10 @@ def normalise_ip(ip: str) -> str:
     if cached is not None:
         return cached
     address = ipaddress.ip_address(ip)
+    # A dual-stack server reports an IPv4 client as ::ffff:a.b.c.d: one client, so one IP entity, in IPv4 form.
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
     # An IPv6 zone id ("fe80::1%eth0") is free text that means nothing off the sender's host: it would let
     # one address pose as many in per-IP features and carry newlines or markup into logs.
     if getattr(address, "scope_id", None) is not None:
@@ -323,6 +331,8 @@ def parse_signal(
     if event_type is None:
         raise InvalidSignal("missing_field", "'event_type' is required")
     if event_type not in EVENT_TYPES:
+        if event_type.__class__ is not str:  # not repr(): a nested list 1,000 deep passes orjson and breaks repr
+            raise InvalidSignal("wrong_type", f"'event_type' must be a string, got {type(event_type).__name__}")
         shown = repr(event_type)[:40]
         raise InvalidSignal("invalid_value", f"'event_type' must be one of {', '.join(EVENT_TYPES)}, got {shown}")
 
@@ -444,7 +454,12 @@ def _payload_of(element) -> tuple[bytes, str | None, int | None]:
         publish_ms = datetime_to_millis(publish_time) if publish_time is not None else None
         return element.data or b"", attributes.get("trace_id"), publish_ms
     if isinstance(element, str):
-        return element.encode("utf-8", "surrogateescape"), None, None
+        # surrogateescape gives back the bytes a file's undecodable line came from. Any other lone surrogate
+        # is encoded as it stands (surrogatepass): not UTF-8, so it is dead-lettered as invalid_utf8.
+        try:
+            return element.encode("utf-8", "surrogateescape"), None, None
+        except UnicodeEncodeError:
+            return element.encode("utf-8", "surrogatepass"), None, None
     return bytes(element), None, None
 
 

@@ -41,6 +41,19 @@ def test_optional_fields_are_normalised():
     assert s.country == "SE"
 
 
+@pytest.mark.parametrize(
+    "written", ["203.0.113.7", "::ffff:203.0.113.7", "::FFFF:cb00:7107", "0:0:0:0:0:ffff:cb00:7107"]
+)
+def test_an_ipv4_client_seen_through_a_dual_stack_server_is_one_ip(written):
+    # One client, one IP entity: per-IP features and block_ip must not split it across two spellings.
+    assert parse_signal(payload("login", ip=written)).signal.ip == "203.0.113.7"
+
+
+@pytest.mark.parametrize("cents", [0, 100_000_100, 10**12])  # Rp 1,000,001 is 100,000,100 minor units
+def test_large_payments_in_small_units_are_accepted(cents):
+    assert parse_signal(payload("payment", amount_cents=cents)).signal.amount_cents == cents
+
+
 def test_unknown_fields_are_ignored_and_counted():
     parsed = parse_signal(payload("signup", campaign="x", referrer="y"))
     assert parsed.unknown_fields == 2
@@ -119,6 +132,13 @@ INVALID = [
     (payload("signup", device_id="d\x00"), "invalid_value", "device_id"),
     (payload("signup", user_id=["u1"]), "wrong_type", "user_id"),  # unhashable: must not reach the id cache
     (payload("signup", user_agent="ok\nforged log line"), "invalid_value", "user_agent"),
+    (payload("signup", user_agent="Mozilla\x9b2J"), "invalid_value", "user_agent"),  # C1: a terminal's CSI
+    (payload("signup", user_agent="ok\x85next"), "invalid_value", "user_agent"),  # C1: next line
+    (payload("signup", user_agent="ok\u2028next"), "invalid_value", "user_agent"),  # line separator
+    (payload("payment", amount_cents=10**12 + 1), "invalid_value", "amount_cents"),
+    # an array nested past Python's repr recursion limit but within orjson's depth and the size limit
+    (payload("signup").replace(b'"signup"', b"[" * 1000 + b"]" * 1000), "wrong_type", "event_type"),
+    (payload("signup").replace(b'"signup"', b"7"), "wrong_type", "event_type"),
     (payload("signup", event_time="2026-11-02 00:00:00"), "invalid_value", "event_time"),
     (payload("signup", event_time="2026-11-02T00:00:00"), "invalid_value", "event_time"),
     (payload("signup", event_time="2026-13-02T00:00:00Z"), "invalid_value", "event_time"),
@@ -251,6 +271,15 @@ def test_parse_signals_splits_good_from_bad_keeping_raw_bytes():
             equal_to(["invalid_utf8", "missing_field", "invalid_value"]),
             label="Reasons",
         )
+
+
+def test_a_str_line_with_a_lone_surrogate_is_dead_lettered_not_raised():
+    # ParseSignalFn takes str lines too. Beam's own str coder cannot carry a lone surrogate between steps,
+    # so only a str made in the step before it can bring one; it is not UTF-8, and is dead-lettered as such.
+    out = list(ParseSignalFn("t").process('{"event_id": "\ud800"}'))
+    assert [(o.tag, o.value.reason, o.value.raw_payload) for o in out] == [
+        ("dead_letter", "invalid_utf8", b'{"event_id": "\xed\xa0\x80"}')
+    ]
 
 
 def _without_clock(records):
