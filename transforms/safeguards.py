@@ -40,6 +40,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from schemas import ACTIONS, ENTITY_TYPES, Decision
+from transforms.parse import normalise_ip
 from transforms.rulepack import format_duration, load_yaml
 from transforms.rules import ISSUED, RuleHit
 
@@ -124,6 +125,8 @@ class Allowlist:
                 address = ipaddress.ip_address(entity_id)
             except ValueError:
                 return None
+            if address.version == 6 and address.ipv4_mapped is not None:  # as parsing writes it; ids kept from before
+                address = address.ipv4_mapped
             for network, entry in self._networks:
                 if address.version == network.version and address in network and entry.covers(rule_id, at_ms):
                     return entry
@@ -167,6 +170,18 @@ def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] 
                 raise AllowlistError(
                     source, f"{raw['cidr']!r} is not an IP network such as 10.0.0.0/8", n, "cidr"
                 ) from None
+        for key in ("id", "id_prefix"):
+            if raw.get(key) is not None and not isinstance(raw[key], str):
+                # YAML reads 007 as 7 and 12:30 as 750: the entry would protect someone else.
+                raise AllowlistError(
+                    source, f"must be text, got {raw[key]!r}: quote it so YAML keeps it as written", n, key
+                )
+        entry_id = raw.get("id")
+        if entry_id is not None and entity == "ip":
+            try:  # in the form parsing gives ip entity ids, or an exact entry would never match
+                entry_id = normalise_ip(entry_id)
+            except ValueError:
+                raise AllowlistError(source, f"{entry_id!r} is not an IPv4 or IPv6 address", n, "id") from None
         if raw.get("id_prefix") is not None and len(str(raw["id_prefix"])) < 3:
             raise AllowlistError(
                 source, "must be at least 3 characters (a shorter prefix covers too much)", n, "id_prefix"
@@ -187,6 +202,8 @@ def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] 
                 )
             except ValueError:
                 raise AllowlistError(source, "must be a date such as 2027-01-31", n, "expires") from None
+            if day >= dt.date.max:  # its end, the next midnight, is past what a date can hold
+                raise AllowlistError(source, f"must be a date before {dt.date.max.isoformat()}", n, "expires")
             expires_ms = int(
                 dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC).timestamp() * 1000
             )
@@ -195,8 +212,8 @@ def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] 
                 entity=entity,
                 reason=raw["reason"].strip(),
                 owner=raw["owner"].strip(),
-                id=str(raw["id"]) if raw.get("id") is not None else None,
-                id_prefix=str(raw["id_prefix"]) if raw.get("id_prefix") is not None else None,
+                id=entry_id,
+                id_prefix=raw.get("id_prefix"),
                 cidr=str(ipaddress.ip_network(str(raw["cidr"]), strict=False)) if raw.get("cidr") is not None else None,
                 rules=tuple(rules),
                 expires_ms=expires_ms,

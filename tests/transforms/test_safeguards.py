@@ -86,6 +86,9 @@ allowlist:
   - {entity: ip, cidr: 10.100.0.0/16, reason: university NAT, owner: ts, rules: [ip_rule]}
   - {entity: ip, cidr: "2001:db8::/32", reason: lab, owner: ts}
   - {entity: device, id: d1, reason: until fixed, owner: ts, expires: 2026-11-01}
+  - {entity: user, id: "007", reason: all-digit id, owner: ts}
+  - {entity: ip, id: "2001:0DB9:0:0::1:7", reason: written long, owner: ts}
+  - {entity: ip, id: "::ffff:192.0.2.9", reason: written mapped, owner: ts}
 """,
     "allow.yaml",
 )
@@ -104,6 +107,13 @@ allowlist:
         ("ip", "2001:db8::1", "any", True),
         ("device", "d1", "any", False),  # expired on 2026-11-01, before T0
         ("device", "vip1", "any", False),  # ids match per entity type
+        ("user", "007", "any", True),
+        ("user", "7", "any", False),
+        # ip entries' ids in the form parsing gives ip entities: compressed, IPv4-mapped as IPv4
+        ("ip", "2001:db9::1:7", "any", True),
+        ("ip", "192.0.2.9", "any", True),
+        # an id kept from before parsing unmapped IPv4-mapped addresses is still in its network
+        ("ip", "::ffff:a64:304", "ip_rule", True),
     ],
 )
 def test_allowlist_matching(entity_type, entity_id, rule_id, matched):
@@ -124,6 +134,11 @@ def test_allowlist_matching(entity_type, entity_id, rule_id, matched):
         ("{entity: user, id: a, reason: r, owner: o, expires: soon}", "expires", "a date"),
         ("{entity: user, id: a, reason: r, owner: o, rules: [nope]}", "rules", "unknown rule ids"),
         ("{entity: user, id: a, reason: r, owner: o, colour: red}", "colour", "unknown field"),
+        # YAML reads these as the numbers 7 and 750 (sexagesimal): the entry would protect someone else
+        ("{entity: user, id: 007, reason: r, owner: o}", "id", "must be text, got 7: quote it"),
+        ("{entity: user, id_prefix: 12:30, reason: r, owner: o}", "id_prefix", "must be text, got 750"),
+        ("{entity: ip, id: 10.0.0.256, reason: r, owner: o}", "id", "not an IPv4 or IPv6 address"),
+        ("{entity: user, id: a, reason: r, owner: o, expires: 9999-12-31}", "expires", "before 9999-12-31"),
     ],
 )
 def test_bad_allowlist_entries_name_file_entry_and_field(entry, field, problem):
@@ -131,6 +146,12 @@ def test_bad_allowlist_entries_name_file_entry_and_field(entry, field, problem):
         parse_allowlist(f"allowlist:\n  - {entry}\n", "allow.yaml", known_rules={"ip_rule"})
     assert str(info.value).startswith("allow.yaml: entry #1: field ")
     assert f"'{field}'" in str(info.value) and problem in str(info.value)
+
+
+def test_an_allowlist_entry_with_a_key_given_twice_is_refused_with_its_line():
+    # YAML keeps the last: the entry would protect b while its author meant a.
+    with pytest.raises(AllowlistError, match=r"(?s)allow.yaml: not valid YAML: duplicate key 'id'.*line 2"):
+        parse_allowlist("allowlist:\n  - {entity: user, id: a, id: b, reason: r, owner: o}\n", "allow.yaml")
 
 
 # --- in the pipeline -------------------------------------------------------------------------
