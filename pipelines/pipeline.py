@@ -60,7 +60,8 @@ class PipelineConfig:
         de-duplication group this many ways by event id, so one group stays
         small enough for one worker (``transforms.dedupe``).
       decision_dedup_max_ttl_sec: streaming only: upper bound on how long a
-        decision id is remembered to drop repeats (each is kept for its own TTL).
+        decision id is remembered to drop repeats (each is kept for its own TTL,
+        and at least until its window can no longer fire).
       allowlist, global_cap_per_window, action_memory_max_sec: the
         safeguards (see ``transforms.safeguards``); caps and memory of 0 are off.
       rules_path, allowlist_path, rule_overrides_path, policy_reload_sec:
@@ -142,7 +143,9 @@ def build_pipeline(
     if config.streaming:
         # Early, on-time and late panes of one window re-evaluate the same rules and
         # yield the same decision id; publish and audit each decision once per outcome.
-        hits = hits | "DeduplicateHits" >> DeduplicateHits(config.decision_dedup_max_ttl_sec)
+        hits = hits | "DeduplicateHits" >> DeduplicateHits(
+            config.decision_dedup_max_ttl_sec, config.allowed_lateness_sec
+        )
     hits = hits | "EnforceSafeguards" >> EnforceSafeguards(policy, config.safeguard_config())
     outputs = hits | "EmitDecisions" >> EmitDecisions()
     dead_letters = (parsed.dead_letters, rule_outputs.dead_letters) | "AllDeadLetters" >> beam.Flatten()

@@ -90,15 +90,25 @@ class DropRepeatedSignalsFn(_DropRepeatsFn):
 
 
 class DropRepeatedHitsFn(_DropRepeatsFn):
-    """A rule hit is remembered for its decision's own TTL (``expires_at - decided_at``), capped."""
+    """A rule hit is remembered for its decision's own TTL (``expires_at - decided_at``), capped, and at
+    least for as long as its window can fire again: the window's length plus the allowed lateness.
 
-    def __init__(self, max_ttl_sec: int):
+    Repeats come only from re-fired panes of the hit's own window (the decision id names the window).
+    Forgotten while the window could still fire (a 1 h throttle on a 1 h window with 1 h of lateness),
+    a late pane would publish the same decision id a second time, which consumers drop as a duplicate.
+    The memory runs on the processing-time clock from the first sight, which is at or after the
+    window's start; it covers the window's life while the watermark keeps up with the clock.
+    """
+
+    def __init__(self, max_ttl_sec: int, allowed_lateness_sec: int = 0):
         super().__init__("decisions")
         self._max = max_ttl_sec
+        self._lateness = allowed_lateness_sec
 
     def ttl_sec(self, value) -> float:
         d = value.decision
-        return min(self._max, max(0, (d.expires_at_ms - d.decided_at_ms) / 1000))
+        own = min(self._max, max(0, (d.expires_at_ms - d.decided_at_ms) / 1000))
+        return max(own, (d.window_end_ms - d.window_start_ms) / 1000 + self._lateness)
 
 
 def _earlier(a: Signal, b: Signal) -> Signal:
@@ -273,13 +283,14 @@ class DeduplicateHits(beam.PTransform):
     """Rule hits repeated by re-fired panes are dropped, so each decision is published, and
     audited, once per outcome within its TTL."""
 
-    def __init__(self, max_ttl_sec: int):
+    def __init__(self, max_ttl_sec: int, allowed_lateness_sec: int = 0):
         super().__init__()
         self._max = max_ttl_sec
+        self._lateness = allowed_lateness_sec
 
     def expand(self, hits):
         return (
             hits
             | "KeyByDecision" >> beam.Map(lambda h: (hit_key(h), h)).with_output_types(tuple[str, RuleHit])
-            | "DropRepeats" >> beam.ParDo(DropRepeatedHitsFn(self._max)).with_output_types(RuleHit)
+            | "DropRepeats" >> beam.ParDo(DropRepeatedHitsFn(self._max, self._lateness)).with_output_types(RuleHit)
         )

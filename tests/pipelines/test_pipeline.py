@@ -12,7 +12,7 @@ from apache_beam.transforms.window import TimestampedValue
 from pipelines.options import DEFAULT_RULES
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas.features import EntityFeatures
-from tests.kit import HOUR_MS, T0_MS, payload
+from tests.kit import HOUR_MS, T0_MS, payload, streaming_options
 from tests.transforms.test_rulepack import pack_text, rule
 from transforms.lines import ReadLineBlocks
 from transforms.rulepack import load_rule_pack, parse_rule_pack
@@ -161,6 +161,31 @@ def test_streaming_redeliveries_are_not_counted_and_refired_windows_publish_once
             equal_to([("stream_farm_exclude", 45)]),
             label="AuditedOnce",
         )
+
+
+def test_a_late_pane_after_the_decision_expired_does_not_publish_its_id_again():
+    """A throttle (1 h TTL) on a 1 h window with 1 h of lateness: 90 minutes after it was issued, the decision
+    and the ladder's memory of it have expired, but the window can still fire. A late signal re-fires it; the
+    same decision id must not be published twice (consumers would drop the second as a duplicate)."""
+    import time
+
+    pack = parse_rule_pack(pack_text(rule(when="streams >= 3", action="throttle")), "p.yaml")
+    plays = [payload("stream", T0_MS + i * 60_000, user_id="u1", track_id=f"t{i}") for i in range(4)]
+    late = payload("stream", T0_MS + 50 * 60_000, user_id="u1", track_id="t-late")
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in plays])
+        .advance_watermark_to((T0_MS + HOUR_MS) / 1000 + 60)  # on-time pane: throttle issued
+        # Processing-time timers are set from the wall clock; TestStream's clock starts at 0.
+        .advance_processing_time(int(time.time()) + 90 * 60)
+        .add_elements([TimestampedValue(late, (T0_MS + 50 * 60_000) / 1000)])  # late, within the lateness
+        .advance_watermark_to_infinity()
+    )
+    config = PipelineConfig(streaming=True, allowed_lateness_sec=3600)
+    with TestPipeline(options=streaming_options()) as p:
+        out = build_pipeline(p | stream, pack, config=config)
+        assert_that(out.decisions | beam.Map(lambda d: (d.rule_id, d.action)), equal_to([("many_plays", "throttle")]))
 
 
 def test_no_batch_flatten_takes_every_windows_features():

@@ -71,12 +71,16 @@ def test_ttl_zero_passes_everything_and_keeps_no_state():
     assert state.value is None and timer.at is None
 
 
-def test_a_decision_is_remembered_for_its_own_ttl_capped():
+def test_a_decision_is_remembered_for_its_own_ttl_capped_and_while_its_window_can_fire():
     from tests.schemas.test_schemas import _decision
 
-    hit = RuleHit(_decision(), "issued", "{}", 1, "p@1")  # expires one hour after it was decided
+    hit = RuleHit(_decision(), "issued", "{}", 1, "p@1")  # a 1 h window; expires one hour after it was decided
     assert DropRepeatedHitsFn(max_ttl_sec=86400).ttl_sec(hit) == 3600
-    assert DropRepeatedHitsFn(max_ttl_sec=60).ttl_sec(hit) == 60
+    # the window (1 h) and its lateness (1 h) outlast the decision: a late pane would repeat its id
+    assert DropRepeatedHitsFn(max_ttl_sec=86400, allowed_lateness_sec=3600).ttl_sec(hit) == 7200
+    week = hit._replace(decision=hit.decision._replace(expires_at_ms=hit.decision.decided_at_ms + 7 * 86400_000))
+    assert DropRepeatedHitsFn(max_ttl_sec=86400).ttl_sec(week) == 86400  # the TTL, capped
+    assert DropRepeatedHitsFn(max_ttl_sec=60).ttl_sec(week) == 3600  # the cap never cuts the window's life
     assert hit_key(hit) == "d1/issued/enforce"
 
 
