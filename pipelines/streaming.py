@@ -148,7 +148,10 @@ class StreamingOptions(PipelineOptions):
             "--decision_dedup_max_ttl_sec",
             type=int,
             default=2 * 86400,
-            help="Upper bound in seconds on how long a published decision_id is remembered.",
+            help=(
+                "Cap in seconds on remembering a published decision_id for its TTL; its window's length plus "
+                "the allowed lateness is always kept."
+            ),
         )
         parser.add_argument(
             "--policy_reload_sec",
