@@ -85,8 +85,11 @@ def avro_record_to_payload(record: dict) -> bytes:
     stamp = record.get("event_time_ms")
     if isinstance(stamp, dt.datetime):  # fastavro decodes timestamp-millis to datetime
         stamp = datetime_to_millis(stamp)
-    if isinstance(stamp, int) and 0 <= stamp < 253_402_300_800_000:
-        out["event_time"] = millis_to_rfc3339(stamp)
+    if isinstance(stamp, int) and not isinstance(stamp, bool):
+        try:  # parsing judges the time: out of its years it is event_time_out_of_range, as in a .jsonl file
+            out["event_time"] = millis_to_rfc3339(stamp)
+        except (ValueError, OverflowError, OSError):  # past what a date can hold: parsing names the field
+            out["event_time"] = stamp
     return orjson.dumps(out, default=str)
 
 

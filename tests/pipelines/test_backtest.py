@@ -1,5 +1,6 @@
 """The backtest command contract, run for real over generated traffic on the local runner."""
 
+import datetime as dt
 import gzip
 import json
 import random
@@ -11,6 +12,7 @@ import pytest
 
 from pipelines import backtest, evaluate, simulate
 from pipelines.options import PROJECT_ROOT
+from transforms.parse import InvalidSignal, parse_signal
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,24 @@ def test_avro_records_give_the_decisions_their_json_lines_give(traffic, backtest
         again = sorted((out / name).read_bytes().splitlines())
         first = sorted((backtest_run / name).read_bytes().splitlines())
         assert again and again == first, name
+
+
+@pytest.mark.parametrize(
+    "stamp, reason",
+    [
+        (-1, "event_time_out_of_range"),  # 1969: as the same time in a .jsonl line
+        (dt.datetime(1999, 12, 31, 23, 59, tzinfo=dt.UTC), "event_time_out_of_range"),  # as fastavro decodes it
+        (10**17, "wrong_type"),  # past year 9999: no RFC 3339 form; the field is still named
+        (None, "missing_field"),
+    ],
+)
+def test_an_avro_record_with_a_time_out_of_range_gets_the_reason_a_json_line_gets(stamp, reason):
+    payload = backtest.avro_record_to_payload(
+        {"event_id": "e1", "event_type": "login", "user_id": "u1", "success": True, "event_time_ms": stamp}
+    )
+    with pytest.raises(InvalidSignal) as info:
+        parse_signal(payload)
+    assert info.value.reason == reason and "'event_time'" in info.value.detail
 
 
 def _without_failed_at(rows: list[bytes]) -> list[bytes]:
