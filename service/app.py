@@ -49,7 +49,7 @@ from pipelines.reverse import ReversalError, ReversalRefused, _table_id, find_de
 from schemas import AUDIT_SCHEMA, ENTITY_TYPES, AuditRow, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID
 from service.auth import OPERATE, READ, Principal, load_tokens
-from transforms.parse import _ID_RE
+from transforms.parse import _ID_RE, normalise_ip
 from transforms.rulepack import _RULE_ID_RE, Rule, RulePackError, load_rule_pack, parse_rule_overrides
 from transforms.safeguards import AllowlistError, parse_allowlist
 
@@ -65,6 +65,8 @@ MAX_BATCH = 100
 MAX_REASON = 500
 # The id grammar of signals (transforms.parse), anchored: pydantic's pattern is a search, not a full match.
 ID_PATTERN = f"^{_ID_RE.pattern}$"
+# An entity id: that grammar, or an IPv6 address starting with "::" (::ffff:192.0.2.9), which only an ip may be.
+ENTITY_ID_PATTERN = f"^(?:{_ID_RE.pattern}|:[0-9A-Fa-f:.]{{1,45}})$"
 RULE_ID_PATTERN = f"^{_RULE_ID_RE.pattern}$"
 # One human sentence: no control characters (no newlines), at least one visible character.
 REASON_PATTERN = r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$"
@@ -95,7 +97,7 @@ class Settings:
 
 # --- models -----------------------------------------------------------------------------------
 EntityType = enum.StrEnum("EntityType", {name: name for name in ENTITY_TYPES})
-EntityId = typing.Annotated[str, Field(pattern=ID_PATTERN, max_length=128, examples=["u-1001"])]
+EntityId = typing.Annotated[str, Field(pattern=ENTITY_ID_PATTERN, max_length=128, examples=["u-1001"])]
 RuleId = typing.Annotated[str, Field(pattern=RULE_ID_PATTERN, max_length=64, examples=["stream_farm_exclude"])]
 Reason = typing.Annotated[
     str,
@@ -426,7 +428,8 @@ def _atomic_write(path: str, text: str) -> None:
 def _raw_entries(text: str, key: str) -> list:
     """The file's ``key`` list as plain YAML data (call after the file has been validated)."""
     doc = yaml.safe_load(text) if text.strip() else None
-    return list(doc.get(key) or []) if isinstance(doc, dict) else []
+    entries = doc.get(key) if isinstance(doc, dict) else None
+    return list(entries) if isinstance(entries, list) else []  # not a list: the validation names the problem
 
 
 def _day_before(expires_ms: int | None) -> dt.date | None:
@@ -510,8 +513,9 @@ def _paused_ids(text: str) -> set[str]:
 
 
 def _as_text(value) -> str | None:
-    if isinstance(value, dt.datetime):  # an unquoted timestamp written by hand
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(value, dt.datetime):  # an unquoted timestamp written by hand; YAML gives one without a zone as UTC
+        stamp = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+        return stamp.strftime("%Y-%m-%dT%H:%M:%SZ")
     return None if value is None else str(value)
 
 
@@ -535,7 +539,9 @@ def _rule_audit(status_: str, rule: Rule | None, rule_id: str, reason: str, acto
 # --- endpoints -------------------------------------------------------------------------------
 router = APIRouter()
 EntityTypePath = typing.Annotated[EntityType, Path(description="One of the platform's entity types.")]
-EntityIdPath = typing.Annotated[str, Path(pattern=ID_PATTERN, max_length=128, description="The entity's id.")]
+EntityIdPath = typing.Annotated[
+    str, Path(pattern=ENTITY_ID_PATTERN, max_length=128, description="The entity's id; an ip's in any form.")
+]
 DecisionIdPath = typing.Annotated[str, Path(pattern=ID_PATTERN, max_length=128, description="A decision id.")]
 RuleIdPath = typing.Annotated[str, Path(pattern=RULE_ID_PATTERN, max_length=64, description="A rule id of the pack.")]
 IndexPath = typing.Annotated[int, Path(ge=0, le=100_000, description="The entry's index from GET /v1/allowlist.")]
@@ -546,14 +552,31 @@ IfMatch = typing.Annotated[
 Service = typing.Annotated[_Service, Depends(_service)]
 Reader = typing.Annotated[Principal, Depends(reader)]
 Operator = typing.Annotated[Principal, Depends(operator)]
-_READ_ERRORS = _errors(401, 403, 413, 422)
-_WRITE_ERRORS = _errors(401, 403, 404, 409, 412, 413, 422, 503)
+_READ_ERRORS = _errors(401, 403, 413, 422, 503)
+_RULE_ERRORS = _errors(401, 403, 404, 409, 413, 422, 503)  # pause and resume take no If-Match
 
 
 @router.get("/healthz", tags=["ops"], operation_id="healthz")
-def healthz() -> Health:
-    """Liveness: the process serves requests. Needs no token and touches no backend."""
+async def healthz() -> Health:
+    """Liveness: the process serves requests. Needs no token and touches no backend.
+
+    Async, so it runs on the event loop: it answers while every worker thread waits on a slow backend.
+    """
     return Health(status="ok")
+
+
+def _stored_id(entity_type: str, entity_id: str) -> str:
+    """The id as the pipeline stores it: an IP in the form parsing gives it (compressed, IPv4-mapped as IPv4),
+    so a gateway that prints 2001:DB8::7 or ::ffff:192.0.2.9 is told what is active against 2001:db8::7 or
+    192.0.2.9. An ip that is not an address is a 422, not an empty answer."""
+    if entity_type != "ip":
+        if entity_id.startswith(":"):  # the pattern lets "::..." through for IPs only
+            raise HTTPException(422, "entity_id must start with a letter or digit")
+        return entity_id
+    try:
+        return normalise_ip(entity_id)
+    except ValueError:
+        raise HTTPException(422, "an ip entity's id must be an IPv4 or IPv6 address") from None
 
 
 @router.get(
@@ -565,10 +588,13 @@ def healthz() -> Health:
 def entity_mitigations(
     entity_type: EntityTypePath, entity_id: EntityIdPath, service: Service, _: Reader
 ) -> EntityMitigations:
-    """Active (not yet expired) enforce mitigations against one entity; an empty list if there are none."""
-    entity = (entity_type.value, entity_id)
+    """Active (not yet expired) enforce mitigations against one entity; an empty list if there are none.
+
+    An IP may be written in any form; the answer names it in the pipeline's (compressed; IPv4-mapped as IPv4).
+    """
+    entity = (entity_type.value, _stored_id(entity_type.value, entity_id))
     found = service.store.lookup([entity], _now_ms())
-    return EntityMitigations(entity_type=entity[0], entity_id=entity_id, mitigations=found[entity])
+    return EntityMitigations(entity_type=entity[0], entity_id=entity[1], mitigations=found[entity])
 
 
 @router.post(
@@ -578,8 +604,8 @@ def entity_mitigations(
     operation_id="batchLookupMitigations",
 )
 def batch_lookup(body: BatchLookupRequest, service: Service, _: Reader) -> BatchLookupResponse:
-    """Active mitigations for 1 to 100 entities, in one Bigtable read."""
-    wanted = [(e.entity_type.value, e.entity_id) for e in body.entities]
+    """Active mitigations for 1 to 100 entities, in one Bigtable read; IPs as in the single lookup."""
+    wanted = [(e.entity_type.value, _stored_id(e.entity_type.value, e.entity_id)) for e in body.entities]
     found = service.store.lookup(wanted, _now_ms())
     return BatchLookupResponse(
         results=[EntityMitigations(entity_type=t, entity_id=i, mitigations=found[(t, i)]) for t, i in wanted]
@@ -589,7 +615,7 @@ def batch_lookup(body: BatchLookupRequest, service: Service, _: Reader) -> Batch
 @router.post(
     "/v1/decisions/{decision_id:path}/reversal",
     tags=["decisions"],
-    responses=_errors(401, 403, 404, 409, 413, 422),
+    responses=_errors(401, 403, 404, 409, 413, 422, 503),
     operation_id="reverseDecision",
 )
 def reverse_decision(
@@ -651,7 +677,7 @@ def list_allowlist(response: Response, service: Service, _: Reader) -> Allowlist
     "/v1/allowlist",
     tags=["allowlist"],
     status_code=status.HTTP_201_CREATED,
-    responses=_WRITE_ERRORS,
+    responses=_errors(401, 403, 409, 412, 413, 422, 503),
     operation_id="addAllowlistEntry",
 )
 def add_allowlist_entry(
@@ -661,6 +687,8 @@ def add_allowlist_entry(
     now_ms = _now_ms()
     if body.expires is not None and body.expires < _today(now_ms):
         raise HTTPException(422, "expires is in the past")
+    if body.id is not None:
+        _stored_id(body.entity.value, body.id)  # 422 for a "::" id on anything but an ip, or an ip that is not one
     raw: dict[str, typing.Any] = {"entity": body.entity.value}
     raw.update({key: getattr(body, key) for key in ("id", "id_prefix", "cidr") if getattr(body, key) is not None})
     raw.update(reason=body.reason.strip(), owner=body.owner.strip())
@@ -686,7 +714,7 @@ def add_allowlist_entry(
 @router.post(
     "/v1/allowlist/{index}/expire",
     tags=["allowlist"],
-    responses=_WRITE_ERRORS,
+    responses=_errors(401, 403, 404, 409, 412, 413, 422, 503),
     operation_id="expireAllowlistEntry",
 )
 def expire_allowlist_entry(
@@ -738,13 +766,13 @@ def list_paused_rules(service: Service, _: Reader) -> PausedRules:
     )
 
 
-@router.post("/v1/rules/{rule_id}/pause", tags=["rules"], responses=_WRITE_ERRORS, operation_id="pauseRule")
+@router.post("/v1/rules/{rule_id}/pause", tags=["rules"], responses=_RULE_ERRORS, operation_id="pauseRule")
 def pause_rule(rule_id: RuleIdPath, body: ReasonRequest, service: Service, caller: Operator) -> RuleChange:
     """Pause a rule: from the job's next policy reload it runs in shadow (audited ``rule_paused``)."""
     return _set_paused(service, rule_id, True, body.reason.strip(), caller.actor)
 
 
-@router.post("/v1/rules/{rule_id}/resume", tags=["rules"], responses=_WRITE_ERRORS, operation_id="resumeRule")
+@router.post("/v1/rules/{rule_id}/resume", tags=["rules"], responses=_RULE_ERRORS, operation_id="resumeRule")
 def resume_rule(rule_id: RuleIdPath, body: ReasonRequest, service: Service, caller: Operator) -> RuleChange:
     """Resume a paused rule: it enforces again from the job's next policy reload."""
     return _set_paused(service, rule_id, False, body.reason.strip(), caller.actor)
@@ -837,6 +865,36 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class AuthenticateFirstMiddleware:
+    """A /v1/ request without a known token gets 401 before its body is parsed.
+
+    FastAPI decodes a JSON body before it runs the endpoint's dependencies, so
+    a caller with no token and a malformed body would learn about the body
+    (422) instead of being told to authenticate. Scopes (403) stay with each
+    endpoint's dependency.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith("/v1/"):
+            header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+            kind, _, token = header.partition(" ")
+            tokens = scope["app"].state.service.tokens
+            if kind.lower() != "bearer" or tokens.principal(token.strip()) is None:
+                payload = orjson.dumps({"error": "a valid bearer token is required"})
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"www-authenticate", b"Bearer"),
+                ]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": payload})
+                return
+        await self.app(scope, receive, send)
+
+
 class CatchAllMiddleware:
     """An unhandled exception becomes ``{"error": "internal error"}`` (500); its stack trace goes to the log only."""
 
@@ -914,6 +972,11 @@ async def _audit_unavailable(request: Request, exc: AuditUnavailable) -> JSONRes
     return JSONResponse({"error": "the audit table is unavailable; nothing was changed"}, status_code=503)
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    _LOGGER.error("mitigation store unavailable: %s", exc)
+    return JSONResponse({"error": "the mitigation store is unavailable; try again"}, status_code=503)
+
+
 async def _policy_unreadable(request: Request, exc: RulePackError) -> JSONResponse:
     _LOGGER.error("rule pack cannot be used: %s", exc)
     return JSONResponse({"error": "the rule pack cannot be read; nothing was changed"}, status_code=503)
@@ -934,7 +997,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(AuditUnavailable, _audit_unavailable)
     app.add_exception_handler(RulePackError, _policy_unreadable)
-    # add_middleware puts the last one outermost: access log, then the catch-all, then the body limit.
+    from service.store import StoreUnavailable  # noqa: PLC0415 - the Bigtable client library, only with an app
+
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    # add_middleware puts the last one outermost: access log, the catch-all, the body limit, then authentication.
+    app.add_middleware(AuthenticateFirstMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(CatchAllMiddleware)
     app.add_middleware(AccessLogMiddleware)

@@ -13,9 +13,10 @@ import logging
 import typing
 
 import orjson
+from google.api_core import exceptions as api_exceptions
 from google.cloud import bigtable
-from google.cloud.bigtable import row_filters
-from google.cloud.bigtable.row_set import RowSet
+from google.cloud.bigtable.data import BigtableDataClient, ReadRowsQuery, row_filters
+from google.cloud.bigtable.table import DEFAULT_RETRY
 
 from schemas.mitigation_state import FAMILY, TABLE_ID, VALUE_FIELDS, cell_timestamp, row_key
 from transforms.state_store import lift_row
@@ -24,6 +25,17 @@ _LOGGER = logging.getLogger(__name__)
 
 Entity = tuple[str, str]
 
+# The client library retries a read for up to 600 s by default (its legacy Table.read_rows cannot be told
+# otherwise, so reads go through its data client, which takes an operation timeout): an enforcement gateway
+# waiting that long is worse than a fast 503 it can act on, and every waiting request holds one of the
+# server's worker threads. A call that has not succeeded in this many seconds, retries included, is given up.
+DEADLINE_SEC = 5.0
+_WRITE_RETRY = DEFAULT_RETRY.with_timeout(DEADLINE_SEC)  # the legacy mutate_rows takes its deadline from here
+
+
+class StoreUnavailable(RuntimeError):
+    """Bigtable did not answer in time, or refused: the API answers 503."""
+
 
 class MitigationStore:
     """Active mitigations per entity. The Bigtable client is made here, but connects on first use."""
@@ -31,6 +43,7 @@ class MitigationStore:
     def __init__(self, project: str, instance: str, table_id: str = TABLE_ID):
         self._client = bigtable.Client(project=project)
         self._table = self._client.instance(instance).table(table_id)
+        self._reads = BigtableDataClient(project=project).get_table(instance, table_id)
 
     def lookup(self, entities: typing.Sequence[Entity], now_ms: int) -> dict[Entity, list[dict]]:
         """Every entity's active mitigations, newest expiry last, in one ``ReadRows`` call.
@@ -47,23 +60,25 @@ class MitigationStore:
         found: dict[Entity, list[dict]] = {entity: [] for entity in by_key.values()}
         if not by_key:
             return found
-        row_set = RowSet()
-        for key in by_key:
-            row_set.add_row_key(key)
         # Start is inclusive and in milliseconds: now + 1 ms serves cells that expire strictly after now.
         active = row_filters.RowFilterChain(
             filters=[
                 row_filters.FamilyNameRegexFilter(FAMILY),
-                row_filters.TimestampRangeFilter(row_filters.TimestampRange(start=cell_timestamp(now_ms + 1))),
+                row_filters.TimestampRangeFilter(start=cell_timestamp(now_ms + 1)),
                 row_filters.CellsColumnLimitFilter(1),
             ]
         )
-        for row in self._table.read_rows(row_set=row_set, filter_=active):
+        query = ReadRowsQuery(row_keys=list(by_key), row_filter=active)
+        try:
+            rows = self._reads.read_rows(query, operation_timeout=DEADLINE_SEC, attempt_timeout=DEADLINE_SEC)
+        except api_exceptions.GoogleAPIError as err:  # DeadlineExceeded, RetryError, ServiceUnavailable, ...
+            raise StoreUnavailable(f"read failed: {type(err).__name__}: {err}") from err
+        for row in rows:
             entity = by_key.get(row.row_key)
             if entity is None:
                 continue
-            for qualifier, cells in row.cells.get(FAMILY, {}).items():
-                value = _parse_cell(qualifier, cells[0].value, entity)
+            for cell in row.get_cells(family=FAMILY):  # one per column: the filter keeps the newest
+                value = _parse_cell(cell.qualifier, cell.value, entity)
                 if value is not None:
                     found[entity].append(value)
         for values in found.values():
@@ -72,9 +87,14 @@ class MitigationStore:
 
     def remove(self, entity_type: str, entity_id: str, decision_id: str) -> None:
         """Delete one mitigation's column (every version of it). Deleting a missing column is not an error."""
-        [status] = self._table.mutate_rows([lift_row(entity_type, entity_id, decision_id)])
+        try:
+            [status] = self._table.mutate_rows(
+                [lift_row(entity_type, entity_id, decision_id)], retry=_WRITE_RETRY, timeout=DEADLINE_SEC
+            )
+        except api_exceptions.GoogleAPIError as err:
+            raise StoreUnavailable(f"lifting {decision_id} failed: {type(err).__name__}: {err}") from err
         if status.code != 0:
-            raise RuntimeError(f"Bigtable refused to lift {decision_id}: {status.message}")
+            raise StoreUnavailable(f"Bigtable refused to lift {decision_id}: {status.message}")
 
 
 def _parse_cell(qualifier: bytes, raw: bytes, entity: Entity) -> dict | None:

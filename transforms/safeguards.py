@@ -55,6 +55,8 @@ RULE_TRIPPED = "rule_tripped"
 COOLDOWN = "cooldown"
 SUPERSEDED = "superseded"
 SEVERITY = {action: rank for rank, action in enumerate(ACTIONS)}
+# The widest network an allowlist entry may name: 0.0.0.0/0 would switch every IP rule off for everyone.
+_MIN_PREFIX = {4: 8, 6: 32}
 _ENTRY_FIELDS = ("entity", "id", "id_prefix", "cidr", "rules", "expires", "reason", "owner")
 
 
@@ -165,11 +167,15 @@ def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] 
             if entity != "ip":
                 raise AllowlistError(source, "cidr applies only to ip entries", n, "cidr")
             try:
-                ipaddress.ip_network(str(raw["cidr"]), strict=False)
+                network = ipaddress.ip_network(str(raw["cidr"]), strict=False)
             except ValueError:
                 raise AllowlistError(
                     source, f"{raw['cidr']!r} is not an IP network such as 10.0.0.0/8", n, "cidr"
                 ) from None
+            if network.prefixlen < _MIN_PREFIX[network.version]:  # as a short id_prefix: it covers too much
+                raise AllowlistError(
+                    source, f"{network} covers too much: at least /8 for IPv4 and /32 for IPv6", n, "cidr"
+                )
         for key in ("id", "id_prefix"):
             if raw.get(key) is not None and not isinstance(raw[key], str):
                 # YAML reads 007 as 7 and 12:30 as 750: the entry would protect someone else.

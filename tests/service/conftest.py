@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import shutil
+import socket
+import threading
 import time
 
 import pytest
@@ -104,6 +106,30 @@ def app(settings):
 def client(app):
     with TestClient(app) as test_client:
         yield test_client
+
+
+@pytest.fixture
+def silent_port():
+    """A TCP port that accepts connections and never answers: a Bigtable that has stopped responding."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
 
 
 def unique(prefix: str) -> str:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from transforms.rulepack import load_rule_pack, parse_rule_overrides
 from transforms.safeguards import parse_allowlist
 
 READ, OPERATE = auth(READ_TOKEN), auth(OPERATE_TOKEN)
+IP_HOSTS = itertools.count(0x7000 + os.getpid() % 0x1000)
 KNOWN_RULES = {r.id for r in load_rule_pack("rules/default.yaml").rules}
 
 
@@ -73,6 +75,33 @@ def test_an_id_with_a_slash_and_an_ip_are_looked_up(client, backends):
     put_cell(backends["table"], ip)
     assert _ids(client.get("/v1/entities/user/sso:acme%2Fu=1/mitigations", headers=READ).json()) == [odd.decision_id]
     assert _ids(client.get("/v1/entities/ip/2001:db8::7/mitigations", headers=READ).json()) == [ip.decision_id]
+
+
+@pytest.mark.parametrize("spelling", ["2001:DB8::{h}", "2001:db8:0:0:0:0:0:{h}", "2001:0db8:0000::{h}"])
+def test_an_ip_is_looked_up_in_any_spelling_and_named_as_the_pipeline_stores_it(client, backends, spelling):
+    # A gateway printing 2001:DB8::7abc must not be told nothing is active against 2001:db8::7abc.
+    host = f"{next(IP_HOSTS):x}"
+    ip = mitigation("ip", f"2001:db8::{host}", expires_in_sec=60)
+    put_cell(backends["table"], ip)
+    written = spelling.format(h=host.upper() if "DB8" in spelling else host)
+    single = client.get(f"/v1/entities/ip/{written}/mitigations", headers=READ).json()
+    assert (single["entity_id"], _ids(single)) == (ip.entity_id, [ip.decision_id])
+    wanted = {"entities": [{"entity_type": "ip", "entity_id": written}]}
+    batch = client.post("/v1/mitigations:batchLookup", json=wanted, headers=READ).json()
+    assert [(r["entity_id"], _ids(r)) for r in batch["results"]] == [(ip.entity_id, [ip.decision_id])]
+
+
+def test_an_ipv4_client_through_a_dual_stack_gateway_is_its_ipv4_address(client, backends):
+    ip = mitigation("ip", "192.0.2.77", expires_in_sec=60)
+    put_cell(backends["table"], ip)
+    body = client.get("/v1/entities/ip/::ffff:192.0.2.77/mitigations", headers=READ).json()
+    assert (body["entity_id"], _ids(body)) == ("192.0.2.77", [ip.decision_id])
+
+
+def test_an_ip_entity_that_is_not_an_address_is_422_not_an_empty_answer(client):
+    assert client.get("/v1/entities/ip/not-an-ip/mitigations", headers=READ).status_code == 422
+    bad = {"entities": [{"entity_type": "ip", "entity_id": "10.0.0.256"}]}
+    assert client.post("/v1/mitigations:batchLookup", json=bad, headers=READ).status_code == 422
 
 
 def test_batch_lookup_answers_each_entity_in_request_order(client, backends):
@@ -160,6 +189,20 @@ def test_an_oversized_body_is_413_declared_or_chunked(client):
 def test_a_reversal_needs_a_sensible_reason(client, reason):
     body = {} if reason is None else {"reason": reason}
     assert client.post("/v1/decisions/d1/reversal", json=body, headers=OPERATE).status_code == 422
+
+
+def test_a_store_that_stops_answering_is_a_503_within_the_deadline(settings, silent_port, monkeypatch):
+    # The client library's defaults wait up to 600 s, holding a server thread per waiting request.
+    from service.store import DEADLINE_SEC
+
+    monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", f"127.0.0.1:{silent_port}")
+    with TestClient(create_app(settings)) as client:
+        started = time.monotonic()
+        response = client.get("/v1/entities/user/u-silent/mitigations", headers=READ)
+        took = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.json() == {"error": "the mitigation store is unavailable; try again"}
+    assert took < DEADLINE_SEC + 10, took  # a 600 s wait would be caught here; the margin is for a slow machine
 
 
 def test_an_internal_error_is_a_bare_500_and_logged(backends, settings, caplog):
@@ -374,6 +417,30 @@ def test_a_decision_reversed_elsewhere_is_409_and_its_mitigation_is_lifted(clien
 
     assert response.status_code == 409 and "already reversed" in response.json()["error"]
     assert _ids(client.get(f"/v1/entities/user/{user}/mitigations", headers=READ).json()) == []
+
+
+@pytest.mark.parametrize("text", ["paused: 5\n", "paused: {rule: stream_farm_exclude}\n"])
+def test_a_malformed_overrides_file_is_a_409_to_fix_by_hand_not_a_500(client, settings, text):
+    with open(settings.rule_overrides_path, "w") as handle:
+        handle.write(text)
+    assert client.get("/v1/rules/paused", headers=READ).status_code == 409
+    paused = client.post("/v1/rules/stream_farm_exclude/pause", json={"reason": "Incident 4"}, headers=OPERATE)
+    assert paused.status_code == 409
+    assert open(settings.rule_overrides_path).read() == text
+
+
+def test_a_pause_time_written_by_hand_without_a_zone_is_shown_as_utc(client, settings, monkeypatch):
+    # YAML reads an unquoted timestamp without a zone as UTC; the server's own zone must not shift it.
+    with open(settings.rule_overrides_path, "w") as handle:
+        handle.write("paused:\n  - {rule: stream_farm_exclude, actor: a, reason: r, paused_at: 2026-01-01 10:00:00}\n")
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        [entry] = client.get("/v1/rules/paused", headers=READ).json()["paused"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert entry["paused_at"] == "2026-01-01T10:00:00Z"
 
 
 def test_without_the_audit_table_an_operator_write_changes_nothing(backends, settings):

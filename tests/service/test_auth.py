@@ -42,6 +42,17 @@ def test_no_valid_token_is_401_with_a_bearer_challenge(client, method, path, bod
     assert response.json() == {"error": "a valid bearer token is required"}
 
 
+@pytest.mark.parametrize("path", [path for method, path, _ in WRITES + READS if method == "post"])
+@pytest.mark.parametrize("headers", [{}, auth(UNKNOWN_TOKEN)], ids=["missing", "unknown"])
+def test_no_valid_token_is_401_before_a_malformed_body_is_looked_at(client, path, headers):
+    # FastAPI decodes a JSON body before an endpoint's dependencies run: without a check ahead of it, a caller
+    # with no token would be told about the body (422) instead of being asked to authenticate.
+    response = client.post(path, content=b'{"reason": ', headers={**headers, "content-type": "application/json"})
+    assert response.status_code == 401
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert response.json() == {"error": "a valid bearer token is required"}
+
+
 # --- writes need the operate scope ---------------------------------------------------------------
 @pytest.mark.parametrize(("method", "path", "body"), WRITES)
 def test_a_read_token_cannot_write(client, settings, method, path, body):

@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from schemas.mitigation_state import FAMILY, cell_timestamp, row_key
 from service.store import MitigationStore
 from tests.service.conftest import INSTANCE, mitigation, put_cell, unique
@@ -68,3 +70,14 @@ def test_an_unreadable_cell_is_skipped_not_fatal(backends):
     store = MitigationStore(backends["project"], INSTANCE)
 
     assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [good.decision_id]
+
+
+def test_lifting_against_a_store_that_stops_answering_fails_within_the_deadline(silent_port, monkeypatch):
+    from service.store import DEADLINE_SEC, StoreUnavailable
+
+    monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", f"127.0.0.1:{silent_port}")
+    store = MitigationStore("test-project", "silent", "mitigations")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        store.remove("user", "u-silent", "d-silent")
+    assert time.monotonic() - started < DEADLINE_SEC + 10

@@ -138,6 +138,9 @@ def test_allowlist_matching(entity_type, entity_id, rule_id, matched):
         ("{entity: user, id: 007, reason: r, owner: o}", "id", "must be text, got 7: quote it"),
         ("{entity: user, id_prefix: 12:30, reason: r, owner: o}", "id_prefix", "must be text, got 750"),
         ("{entity: ip, id: 10.0.0.256, reason: r, owner: o}", "id", "not an IPv4 or IPv6 address"),
+        ("{entity: ip, cidr: 0.0.0.0/0, reason: r, owner: o}", "cidr", "0.0.0.0/0 covers too much"),
+        ("{entity: ip, cidr: 10.0.0.0/7, reason: r, owner: o}", "cidr", "covers too much"),
+        ("{entity: ip, cidr: '2000::/3', reason: r, owner: o}", "cidr", "covers too much"),
         ("{entity: user, id: a, reason: r, owner: o, expires: 9999-12-31}", "expires", "before 9999-12-31"),
     ],
 )
