@@ -120,7 +120,10 @@ def load_yaml(text: str):
     ``rules:`` list."""
     loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
+        try:
+            root = loader.get_single_node()
+        except RecursionError:  # PyYAML composes nested collections recursively: "[" * 5000 gets here
+            raise yaml.YAMLError("nested too deeply to read") from None
         if root is None:
             return None
         seen_nodes, stack = set(), [root]

@@ -2,6 +2,8 @@
 
 import time
 
+import pytest
+
 from tests.transforms.test_rulepack import pack_text, rule
 from transforms.policy import Policy, PolicySource
 from transforms.rulepack import parse_rule_pack
@@ -44,6 +46,21 @@ def test_a_broken_file_is_rejected_and_the_last_good_policy_stays(tmp_path):
     rules.unlink()  # unreadable
     time.sleep(0.05)
     assert ids(source) == ["rule_b"]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "[" * 5000 + "]" * 5000,  # PyYAML's RecursionError
+        pack_text(rule(id="rule_b", when="streams >= 5", expires="9999-12-31")),  # OverflowError past the last day
+    ],
+    ids=["nested", "last-day"],
+)
+def test_a_file_that_once_raised_out_of_the_loader_is_rejected_and_the_job_goes_on(tmp_path, broken):
+    rules, _, source = source_for(tmp_path, A)
+    rules.write_text(broken)
+    time.sleep(0.05)
+    assert ids(source) == ["rule_a"]
 
 
 def test_a_pack_needing_features_the_job_does_not_compute_is_rejected(tmp_path):

@@ -176,6 +176,7 @@ def test_duplicate_rule_ids_are_rejected():
         ("pack: x\nversion: 2026.10\nrules: [{}]\n", "got 2026.1: quote it"),
         # a key given twice: YAML keeps the last, silently dropping the first rules list or condition
         ("pack: x\nversion: 1\nrules: [{}]\nrules: [{}]\n", "duplicate key 'rules'"),
+        ("[" * 5000 + "]" * 5000, "not valid YAML: nested too deeply"),  # PyYAML recurses: RecursionError
         (pack_text(rule()).replace("  when:", "  when: streams >= 1\n  when:"), "duplicate key 'when'"),
     ],
 )
