@@ -11,8 +11,11 @@ first test (``streams >= 40 and ...``) is false is answered from that one
 comparison, without walking the tree (``CompiledRule``).
 
 Everything that can be wrong with a pack is found by ``load_rule_pack`` and
-reported as ``RulePackError`` naming the file, the rule and the field; nothing
-about a rule's configuration can fail per element.
+reported as ``RulePackError`` naming the file, the rule and the field. Every
+part of a condition is run on an all-zero window at load, so a division by a
+feature that can be zero is refused; a condition can still fail at run time
+on other values (``streams / (logins - 1)`` with one login), and then that
+rule's result for that window is dead-lettered while the others run.
 """
 
 from __future__ import annotations
@@ -495,8 +498,9 @@ def parse_rule_pack(text: str, source: str) -> RulePack:
         raise RulePackError(source, "top-level 'pack' (the pack's name) is required")
     if version in (None, ""):
         raise RulePackError(source, "top-level 'version' is required")
-    if isinstance(version, bool) or not isinstance(version, (str, int)):
-        # YAML reads an unquoted 2026.10 as the number 2026.1, and the audit rows would name that.
+    if isinstance(version, (bool, dt.datetime)) or not isinstance(version, (str, int, dt.date)):
+        # YAML reads an unquoted 2026.10 as the number 2026.1, and the audit rows would name that. A date
+        # (2026-11-28) prints as typed; a timestamp would not.
         raise RulePackError(
             source,
             f"top-level 'version' must be text or a whole number, got {version!r}: quote it so YAML keeps it as typed",
