@@ -217,14 +217,15 @@ def normalise_ip(ip: str) -> str:
     if cached is not None:
         return cached
     address = ipaddress.ip_address(ip)
+    # An IPv6 zone id ("fe80::1%eth0") is free text that means nothing off the sender's host: it would let
+    # one address pose as many in per-IP features and carry newlines or markup into logs. Checked before
+    # the mapping below, which would drop it silently.
+    if getattr(address, "scope_id", None) is not None:
+        raise IpZoneIdError(ip)
     # A dual-stack server reports an IPv4 client as ::ffff:a.b.c.d: one client, so one IP entity, in IPv4 form.
     mapped = getattr(address, "ipv4_mapped", None)
     if mapped is not None:
         address = mapped
-    # An IPv6 zone id ("fe80::1%eth0") is free text that means nothing off the sender's host: it would let
-    # one address pose as many in per-IP features and carry newlines or markup into logs.
-    if getattr(address, "scope_id", None) is not None:
-        raise IpZoneIdError(ip)
     if len(_IP_CACHE) >= _IP_CACHE_MAX:
         _IP_CACHE.clear()
     _IP_CACHE[ip] = compressed = address.compressed

@@ -38,7 +38,8 @@ PROPERTIES += ("JSON round trip", "event time accepted iff well-formed and in 20
 _ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,127}", fullmatch=True)
 _ips = st.ip_addresses().map(str) | st.ip_addresses(v=6).map(lambda a: a.exploded)
 _ips |= st.ip_addresses(v=4).map("::ffff:{}".format)  # a dual-stack server's IPv4 client
-_zoned = st.builds("{}%{}".format, st.ip_addresses(v=6), st.sampled_from(["eth0", "1", "a\nb", ""]))  # RFC 4007 zone
+_v6 = st.ip_addresses(v=6) | st.ip_addresses(v=4).map("::ffff:{}".format)
+_zoned = st.builds("{}%{}".format, _v6, st.sampled_from(["eth0", "1", "a\nb", ""]))  # RFC 4007 zone
 _ip_like = _zoned | _ips | _ips.map(" {}".format)
 # Any text but Unicode's control characters (C0, DEL, C1: category Cc) and its line and paragraph separators.
 _user_agents = st.text(st.characters(exclude_characters="\u2028\u2029", exclude_categories=["Cs", "Cc"]))

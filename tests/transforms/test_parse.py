@@ -125,6 +125,8 @@ INVALID = [
     (payload("signup").replace(b'"signup"', b'"scrobble"'), "invalid_value", "event_type"),
     (payload("signup", ip="999.1.1.1"), "invalid_value", "ip"),
     (payload("signup", ip=""), "invalid_value", "ip"),
+    (payload("signup", ip="fe80::1%eth0"), "invalid_value", "ip"),
+    (payload("signup", ip="::ffff:192.0.2.1%eth0"), "invalid_value", "ip"),  # a zone on a mapped address too
     (payload("signup", country="XX"), "invalid_value", "country"),
     (payload("signup", event_id=""), "invalid_value", "event_id"),
     (payload("signup", event_id="x" * 129), "invalid_value", "event_id"),
