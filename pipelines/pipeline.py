@@ -139,14 +139,15 @@ def build_pipeline(
     features = signals | "ComputeFeatures" >> ComputeFeatures(pack.feature_plan(), config.window_config())
     policy = config.policy_source(pack)
     rule_outputs = features | "ApplyRules" >> ApplyRules(policy, config.decision_clock)
-    hits = rule_outputs.hits
+    hits = rule_outputs.hits | "EnforceSafeguards" >> EnforceSafeguards(policy, config.safeguard_config())
     if config.streaming:
-        # Early, on-time and late panes of one window re-evaluate the same rules and
-        # yield the same decision id; publish and audit each decision once per outcome.
+        # Early, on-time and late panes of one window re-evaluate the same rules and yield the same
+        # decision id; publish and audit each decision once per outcome. After the safeguards, so the
+        # outcome is the final one: a hit superseded in an early pane is issued by a later pane once
+        # the stronger action has expired, and an allowlist entry that ends mid-window stops covering it.
         hits = hits | "DeduplicateHits" >> DeduplicateHits(
             config.decision_dedup_max_ttl_sec, config.allowed_lateness_sec
         )
-    hits = hits | "EnforceSafeguards" >> EnforceSafeguards(policy, config.safeguard_config())
     outputs = hits | "EmitDecisions" >> EmitDecisions()
     dead_letters = (parsed.dead_letters, rule_outputs.dead_letters) | "AllDeadLetters" >> beam.Flatten()
     return PipelineOutputs(

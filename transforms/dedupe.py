@@ -275,7 +275,9 @@ class DeduplicateSignals(beam.PTransform):
 
 def hit_key(hit: RuleHit) -> str:
     """Same decision, same outcome: an early pane and the on-time pane of one window collapse.
-    A change of outcome (too little evidence at first, enough later) is kept: it is news."""
+    A change of outcome is kept: it is news. The outcome is the one after the safeguards (the streaming
+    job de-duplicates after them): too little evidence at first and enough later, or superseded while a
+    stronger action was active and issued once it has expired."""
     return f"{hit.decision.decision_id}/{hit.status}/{hit.decision.mode}"
 
 

@@ -422,21 +422,36 @@ def _cap_key(scope: str):
 
 
 # --- action ladder -------------------------------------------------------------------------
-def ladder_step(active: dict[str, int], hit: RuleHit, memory_max_sec: int) -> tuple[RuleHit, dict[str, int]]:
-    """One hit against an entity's active actions ({action: expires_at_ms}); returns (hit, new active)."""
+def _until(entry) -> int:
+    """An active action's expiry. Entries are (expires_at_ms, decision_id); state written before the
+    decision id was kept holds the expiry alone, and is read as it is (a Dataflow --update keeps state)."""
+    return entry if isinstance(entry, int) else entry[0]
+
+
+def ladder_step(active: dict[str, tuple], hit: RuleHit, memory_max_sec: int) -> tuple[RuleHit, dict[str, tuple]]:
+    """One hit against an entity's active actions ({action: (expires_at_ms, decision_id)}); returns
+    (hit, new active).
+
+    The decision that put an action in force passes unchanged when it comes again: in streaming, every
+    pane of its window re-evaluates the rule and reaches the ladder (the repeats are dropped after it).
+    """
     if memory_max_sec <= 0 or not _enforcing(hit):
         return hit, active
     d = hit.decision
     now = d.decided_at_ms
-    active = {action: until for action, until in active.items() if until > now}
+    active = {action: entry for action, entry in active.items() if _until(entry) > now}
+    current = active.get(d.action)
+    if current is not None and not isinstance(current, int) and current[1] == d.decision_id:
+        return hit, active
     stronger = [a for a in active if SEVERITY[a] > SEVERITY[d.action]]
     if stronger:
         top = max(stronger, key=SEVERITY.get)
-        return _downgrade(hit, SUPERSEDED, f"{top} is active until {_stamp(active[top])}", to_shadow=False), active
-    if d.action in active:
-        note = f"{d.action} already active until {_stamp(active[d.action])}"
+        note = f"{top} is active until {_stamp(_until(active[top]))}"
+        return _downgrade(hit, SUPERSEDED, note, to_shadow=False), active
+    if current is not None:
+        note = f"{d.action} already active until {_stamp(_until(current))}"
         return _downgrade(hit, COOLDOWN, note, to_shadow=False), active
-    active[d.action] = min(d.expires_at_ms, now + memory_max_sec * 1000)
+    active[d.action] = (min(d.expires_at_ms, now + memory_max_sec * 1000), d.decision_id)
     return hit, active
 
 
@@ -451,8 +466,9 @@ class LadderFn(beam.DoFn):
 
     Timeline for user U (exclude_streams TTL 7 d, suspend TTL 30 d)::
 
-        day 0 10:00  exclude_streams -> issued; active {exclude_streams: day 7}
-        day 0 11:00  exclude_streams again -> cooldown (not re-issued)
+        day 0 10:00  exclude_streams (decision E1) -> issued; active {exclude_streams: (day 7, E1)}
+        day 0 10:05  E1 again (its window's next pane) -> unchanged; dropped after the ladder as a repeat
+        day 0 11:00  exclude_streams from another window (E2) -> cooldown (not re-issued)
         day 1 00:00  suspend -> issued (severity rises); active adds suspend: day 31
         day 2 10:00  exclude_streams -> superseded (suspend is stronger and active)
         day 31       timer fires: state cleared
@@ -473,7 +489,7 @@ class LadderFn(beam.DoFn):
             self._counters[out.status].inc()
         if after != before:
             active.write(after)
-            expiry.set(Timestamp(micros=max(after.values()) * 1000))
+            expiry.set(Timestamp(micros=max(_until(entry) for entry in after.values()) * 1000))
         yield out
 
     @on_timer(EXPIRY)

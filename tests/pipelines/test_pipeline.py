@@ -188,6 +188,51 @@ def test_a_late_pane_after_the_decision_expired_does_not_publish_its_id_again():
         assert_that(out.decisions | beam.Map(lambda d: (d.rule_id, d.action)), equal_to([("many_plays", "throttle")]))
 
 
+def test_a_hit_superseded_early_in_its_window_is_issued_by_a_later_pane_once_the_stronger_action_expired():
+    """X throttles for an hour from a 10-minute window; Y (exclude_streams, a day's window, early panes) is
+    superseded by it in its first pane. Two hours on, two more plays (too few for X) fire Y's window again
+    with nothing in force: Y is issued, as the backtest issues it at the window's end. De-duplicating before
+    the safeguards dropped that pane as a repeat of the first (the rules said 'issued' both times)."""
+    import time
+
+    pack = parse_rule_pack(
+        pack_text(
+            rule(id="x_throttle", window="10m", when="streams >= 3", action="throttle"),
+            rule(id="y_exclude", window="1d", when="streams >= 3", action="exclude_streams"),
+        ),
+        "p.yaml",
+    )
+
+    def plays(start, n, tag):
+        return [payload("stream", start + i * 60_000, user_id="u1", track_id=f"{tag}{i}") for i in range(n)]
+
+    later = T0_MS + 2 * HOUR_MS
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in plays(T0_MS, 4, "a")])
+        .advance_watermark_to((T0_MS + 11 * 60_000) / 1000)  # X's window closes: throttle issued for 1 h
+        .advance_processing_time(11)  # Y's early pane while the throttle is in force: superseded
+        # Processing-time timers are set from the wall clock; TestStream's clock starts at 0.
+        .advance_processing_time(int(time.time()) + 2 * 3600)  # the throttle has expired
+        .add_elements([TimestampedValue(x, later / 1000) for x in plays(later, 2, "b")])
+        .advance_processing_time(11)  # Y's window fires again
+        .advance_watermark_to_infinity()
+    )
+    with TestPipeline(options=streaming_options()) as p:
+        out = build_pipeline(p | stream, pack, config=PipelineConfig(streaming=True, early_firing_sec=10))
+        assert_that(
+            out.decisions | "D" >> beam.Map(lambda d: (d.rule_id, d.action)),
+            equal_to([("x_throttle", "throttle"), ("y_exclude", "exclude_streams")]),
+            label="Decisions",
+        )
+        assert_that(
+            out.audit | "A" >> beam.Map(lambda a: (a.rule_id, a.status)),
+            equal_to([("x_throttle", ISSUED), ("y_exclude", "superseded"), ("y_exclude", ISSUED)]),
+            label="AuditedOncePerOutcome",
+        )
+
+
 def test_no_batch_flatten_takes_every_windows_features():
     """The local runner materialises each input of a Flatten, even one nothing reads: at 1M signals a
     Flatten of the features took a backtest from about 2.2 GB to over 4 GB, and one of the accumulators

@@ -57,6 +57,27 @@ def test_severity_rises_but_never_drops_inside_a_ttl_and_repeats_are_not_reissue
     assert "suspend is active until" in weaker.safeguard_note
 
 
+def test_the_decision_in_force_passes_unchanged_when_its_window_fires_again():
+    # Streaming: every pane of a window re-evaluates its rules and reaches the ladder; the repeats are
+    # dropped after it. The decision in force must not turn into a cooldown of itself.
+    memory = 31 * 86400
+    first, active = ladder_step({}, hit("exclude_streams", T0_MS), memory)
+    again, active = ladder_step(active, first, memory)  # the same decision id, from the next pane
+    other, _ = ladder_step(active, hit("exclude_streams", T0_MS + HOUR_MS), memory)  # another window's
+    assert (first.status, again.status, other.status) == (ISSUED, ISSUED, COOLDOWN)
+    assert again is first
+
+
+def test_state_written_before_decision_ids_were_kept_still_reads():
+    # A Dataflow --update keeps each entity's state: {action: expires_at_ms} from the earlier code.
+    old_state = {"exclude_streams": T0_MS + 7 * DAY_MS}
+    weaker, _ = ladder_step(old_state, hit("flag_for_review", T0_MS + HOUR_MS), 86400)
+    same, _ = ladder_step(old_state, hit("exclude_streams", T0_MS + HOUR_MS), 86400)
+    stronger, active = ladder_step(old_state, hit("suspend", T0_MS + HOUR_MS), 86400)
+    assert (weaker.status, same.status, stronger.status) == (SUPERSEDED, COOLDOWN, ISSUED)
+    assert active["exclude_streams"] == T0_MS + 7 * DAY_MS
+
+
 def test_after_the_ttl_the_same_action_may_be_issued_again():
     active = {}
     _, active = ladder_step(active, hit("throttle", T0_MS, ttl_ms=HOUR_MS), 86400)
