@@ -38,6 +38,9 @@ from transforms.rulepack import RulePack, RulePackError, parse_rule_overrides, p
 from transforms.safeguards import EMPTY_ALLOWLIST, Allowlist, AllowlistError, parse_allowlist
 
 _LOGGER = logging.getLogger(__name__)
+# Rejections remembered per process, so each distinct bad file is logged once; bounded, as a storage
+# outage's error messages (one per reload) can all differ.
+_MAX_REJECTED = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +179,8 @@ class PolicySource:
         with self._lock:
             if digest in self._rejected_digests:
                 return
+            if len(self._rejected_digests) >= _MAX_REJECTED:  # read errors may carry request ids: all distinct
+                self._rejected_digests.clear()
             self._rejected_digests.add(digest)
         self._rejected.inc()
         _LOGGER.warning("policy change rejected, the previous policy stays in force: %s", problem)

@@ -85,3 +85,15 @@ def test_reload_of_zero_never_reads_the_files(tmp_path):
     rules.write_text(B)
     time.sleep(0.02)
     assert ids(source) == ["rule_a"]
+
+
+def test_the_rejections_remembered_to_log_each_once_are_bounded(tmp_path, monkeypatch):
+    # A storage outage's read errors can each carry a request id, so every reload would add one.
+    from transforms import policy
+
+    monkeypatch.setattr(PolicySource, "_rejected_digests", set())
+    _, _, source = source_for(tmp_path, A)
+    for n in range(policy._MAX_REJECTED + 5):
+        source._reject(f"cannot read the policy files: request {n}", digest=f"read-error:request {n}")
+    assert 0 < len(PolicySource._rejected_digests) <= policy._MAX_REJECTED
+    assert ids(source) == ["rule_a"]
