@@ -1034,9 +1034,15 @@ class ComputeFeatures(beam.PTransform):
                 | f"{label}/Window" >> self._window_into(size)
                 | f"{label}/KeyByEntity" >> beam.FlatMap(entity_keys, entity_types)
             )
-            # A viral track, a big artist or a carrier NAT IP is one hot key: spread its
-            # pre-combining over HOT_KEY_FANOUT workers (docs/scaling.md).
-            combine = beam.CombinePerKey(EntityFeaturesFn()).with_hot_key_fanout(hot_key_fanout)
+            # A viral track, a big artist or a carrier NAT IP is one hot key: spread its pre-combining over
+            # HOT_KEY_FANOUT workers (docs/scaling.md). Only without allowed lateness: Beam 2.77's fan-out
+            # re-windows the hot keys with WindowInto(pcoll.windowing), which keeps the trigger but not the
+            # allowed lateness (apache_beam/transforms/core.py, CombinePerKey's hot-key expansion and
+            # WindowInto.__init__), so every late signal of an ip, track or artist was dropped there while
+            # user and device windows counted it. Combiner lifting still pre-combines each bundle.
+            combine = beam.CombinePerKey(EntityFeaturesFn())
+            if self._config.allowed_lateness_sec <= 0:
+                combine = combine.with_hot_key_fanout(hot_key_fanout)
             branches.append(
                 keyed
                 | f"{label}/Aggregate" >> combine

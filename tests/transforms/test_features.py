@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from schemas import Signal
 from schemas.features import EntityFeatures
-from tests.kit import HOUR_MS, T0_MS, features_of, signal
+from tests.kit import HOUR_MS, T0_MS, features_of, signal, streaming_options
 from transforms import features as F
 from transforms.features import (
     DISTINCT_CAP,
@@ -584,3 +584,34 @@ def test_entity_features_with_window_features_survive_the_record_coder():
     coder = beam.coders.registry.get_coder(EntityFeatures)
     decoded = coder.decode(coder.encode(lazy))
     assert decoded == eager and type(decoded.features) is dict
+
+
+def test_late_signals_count_for_hot_keys_as_for_users():
+    """An ip (a hot-key type) and a user see the same signals, some late within the allowed lateness: both
+    windows must fire the same panes. Beam 2.77's hot-key fan-out dropped the lateness, and every late
+    signal of an ip, track or artist with it (transforms.features, ComputeFeatures)."""
+
+    def at(ms):
+        return TimestampedValue(signal("login", ms, user_id="u1", ip="10.0.0.1"), ms / 1000)
+
+    minute = 60_000
+    stream = (
+        TestStream(coder=beam.coders.registry.get_coder(Signal))
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([at(T0_MS + 10 * minute), at(T0_MS + 20 * minute), at(T0_MS + 5 * minute)])
+        .advance_watermark_to((T0_MS + HOUR_MS + 1000) / 1000)  # on time: 3 signals
+        .add_elements([at(T0_MS + 30 * minute)])  # late, within the 10 minutes: a pane each
+        .add_elements([at(T0_MS + 31 * minute)])
+        .advance_watermark_to((T0_MS + HOUR_MS + 5 * minute) / 1000)
+        .add_elements([at(T0_MS + 32 * minute)])
+        .advance_watermark_to((T0_MS + HOUR_MS + 20 * minute) / 1000)
+        .add_elements([at(T0_MS + 40 * minute)])  # past the lateness: dropped for both
+        .advance_watermark_to_infinity()
+    )
+    panes = [(0, 3.0), (0, 4.0), (0, 5.0), (0, 6.0)]
+    with TestPipeline(options=streaming_options()) as p:
+        (features,) = p | stream | ComputeFeatures({3600: ("user", "ip")}, WindowConfig(allowed_lateness_sec=600))
+        rows = features | beam.Map(lambda f: (f.entity_type, f.window_start_ms - T0_MS, f.features["events"]))
+        for kind in ("user", "ip"):
+            picked = rows | f"Only{kind}" >> beam.Filter(lambda r, k=kind: r[0] == k)
+            assert_that(picked | f"Panes{kind}" >> beam.Map(lambda r: r[1:]), equal_to(panes), label=kind)
