@@ -159,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--bigtable_table", default=TABLE_ID, help="Bigtable table of active mitigations.")
     args = parser.parse_args(argv)
+    client = client_for(args.project)
     try:
         reversal = reverse(
-            client_for(args.project),
+            client,
             pubsub_v1.PublisherClient(),
             decision_id=args.decision_id,
             reason=args.reason,
@@ -170,18 +171,39 @@ def main(argv: list[str] | None = None) -> int:
             audit_table=args.audit_table,
             decisions_topic=args.decisions_topic,
         )
+    except ReversalRefused as err:
+        print(f"error: {err}", file=sys.stderr)
+        # Already reversed: still lift it, so running the command again heals a lift that failed the first
+        # time (the Mitigation API does the same). A reversal itself is never a mitigation to lift.
+        if args.bigtable_instance:
+            original = find_decision(client, args.decisions_table, args.decision_id)
+            if not original.reverses_decision_id and not _lift(args, original.entity_type, original.entity_id):
+                return 1
+        return 2
     except ReversalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"reversed {args.decision_id}: reversal {reversal.decision_id} published and audited")
-    if args.bigtable_instance:
-        table = bigtable.Client(project=args.project).instance(args.bigtable_instance).table(args.bigtable_table)
-        [status] = table.mutate_rows([lift_row(reversal.entity_type, reversal.entity_id, args.decision_id)])
-        if status.code != 0:
-            print(f"error: the mitigation is still active in Bigtable: {status.message}", file=sys.stderr)
-            return 1
-        print(f"lifted {args.decision_id} from {args.bigtable_instance}/{args.bigtable_table}")
+    if args.bigtable_instance and not _lift(args, reversal.entity_type, reversal.entity_id):
+        return 1
     return 0
+
+
+def _lift(args, entity_type: str, entity_id: str) -> bool:
+    """Delete the mitigation's column from the job's state store; False (and a message) if it is still there."""
+    table = bigtable.Client(project=args.project).instance(args.bigtable_instance).table(args.bigtable_table)
+    try:
+        [status] = table.mutate_rows([lift_row(entity_type, entity_id, args.decision_id)])
+    except Exception as err:  # the client raises for a missing table or an outage, as well as returning a status
+        status_message = f"{type(err).__name__}: {err}"
+    else:
+        status_message = None if status.code == 0 else status.message
+    if status_message is not None:
+        print(f"error: the mitigation is still active in Bigtable: {status_message}", file=sys.stderr)
+        print("run the same command again to lift it", file=sys.stderr)
+        return False
+    print(f"lifted {args.decision_id} from {args.bigtable_instance}/{args.bigtable_table}")
+    return True
 
 
 if __name__ == "__main__":

@@ -51,9 +51,9 @@ def _state_columns(env) -> list[bytes]:
     return [] if row is None else [q for cells in row.cells.values() for q in cells]
 
 
-def _reverse(env, decision_id):
+def _reverse(env, decision_id, *extra):
     command = [sys.executable, "-m", "pipelines.reverse", "--decision_id", decision_id, "--actor", "alice@example.com"]
-    command += ["--reason", "Appeal 4411 upheld", *env["args"]]
+    command += ["--reason", "Appeal 4411 upheld", *env["args"], *extra]
     return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -80,3 +80,23 @@ def test_reversing_twice_or_an_unknown_decision_is_refused(env):
     assert again.returncode == 2 and "already reversed" in again.stderr
     unknown = _reverse(env, "no-such-decision")
     assert unknown.returncode == 2 and "is not in" in unknown.stderr
+
+
+def test_running_the_command_again_lifts_what_a_failed_lift_left_active(env):
+    """The first run publishes and audits the reversal but cannot lift (a table that is not there stands in for
+    a Bigtable outage); running it again is refused as already reversed, and still lifts, as the API does."""
+    original = _decision()._replace(decision_id="orig-2", entity_id="u78")
+    decisions = f"{env['project']}.{DATASET}.decisions"
+    assert env["bq"].insert_rows_json(decisions, [to_bigquery_row(DECISION_SCHEMA, original)]) == []
+    assert [s.code for s in env["table"].mutate_rows([to_direct_row(original)])] == [0]
+
+    def columns():
+        row = env["table"].read_row(row_key("user", "u78"))
+        return [] if row is None else [q for cells in row.cells.values() for q in cells]
+
+    failed = _reverse(env, "orig-2", "--bigtable_table=no_such_table")
+    assert failed.returncode == 1 and "still active in Bigtable" in failed.stderr, failed.stderr
+    assert columns() == [b"orig-2"]
+    again = _reverse(env, "orig-2")
+    assert again.returncode == 2 and "already reversed" in again.stderr
+    assert "lifted orig-2" in again.stdout and columns() == []
