@@ -55,6 +55,9 @@ DEFAULT_TTL_SEC = {
     "block_ip": 86400,
     "suspend": 30 * 86400,
 }
+# A decision's expiry must stay a timestamp every sink can write: ttl: 3000000d passed, and its decisions,
+# dated past year 9999, failed in every sink's conversion, where a streaming bundle is retried for ever.
+MAX_TTL_SEC = 3650 * 86400
 MIN_WINDOW_SEC = 60
 MAX_WINDOW_SEC = 7 * 86400
 _SAFE_FUNCTIONS = {"min": min, "max": max, "abs": abs}
@@ -428,6 +431,8 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
             source, "window must be 1m..7d and divide a day (or be whole days), so windows align", rule_id, "window"
         )
     ttl_sec = parse_duration(raw["ttl"], source, rule_id, "ttl") if "ttl" in raw else DEFAULT_TTL_SEC[action]
+    if ttl_sec > MAX_TTL_SEC:
+        raise RulePackError(source, f"at most {format_duration(MAX_TTL_SEC)} (ten years)", rule_id, "ttl")
     min_events = raw.get("min_events", 1)
     if isinstance(min_events, bool) or not isinstance(min_events, int) or min_events < 1:
         raise RulePackError(source, "must be an integer >= 1", rule_id, "min_events")

@@ -101,6 +101,8 @@ BAD_RULES = [
     ({"window": "7m"}, "window", "divide a day"),
     ({"window": "30s"}, "window", "1m..7d"),
     ({"ttl": "-1h"}, "ttl", "not a duration"),
+    ({"ttl": "3651d"}, "ttl", "at most 3650d"),  # its decisions' expiry must be a timestamp sinks can write
+    ({"ttl": "3000000d"}, "ttl", "at most 3650d"),
     ({"min_events": 0}, "min_events", "integer >= 1"),
     ({"whne": "streams > 1"}, "whne", "unknown field"),
     # reason templates
