@@ -33,6 +33,10 @@ _LOGGER = logging.getLogger(__name__)
 # Pub/Sub allows 10 MB messages; a real signal is a few hundred bytes. Anything
 # past this is a flood or an attack, and parsing it would only cost CPU.
 MAX_PAYLOAD_BYTES = 16 * 1024
+# A dead letter keeps the payload's bytes as received, up to this many. Pub/Sub allows 10 MB; base64 in a
+# BigQuery row, a payload of about 7 MB passes the row size Beam's BigQuery write accepts, and a row the
+# write refuses is only counted and logged. The first 64 KiB show what it was; the detail gives its size.
+MAX_DEAD_LETTER_BYTES = 64 * 1024
 MAX_ID_CHARS = 128
 MAX_USER_AGENT_CHARS = 512
 MAX_MS_PLAYED = 24 * 3600 * 1000
@@ -480,6 +484,8 @@ class ParseSignalFn(beam.DoFn):
     def _dead_letter(self, raw: bytes, err: InvalidSignal) -> DeadLetter:
         self._rejected.inc()
         Metrics.counter("dead_letters", err.reason).inc()
+        if len(raw) > MAX_DEAD_LETTER_BYTES:  # only payload_too_large can be this long; its detail gives the size
+            raw = raw[:MAX_DEAD_LETTER_BYTES]
         return DeadLetter(
             stage="parse",
             reason=err.reason,

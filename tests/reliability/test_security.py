@@ -29,7 +29,7 @@ from schemas.features import EntityFeatures
 from tests.kit import payload
 from tests.kit import signal as make_signal
 from transforms import features as F
-from transforms.parse import MAX_PAYLOAD_BYTES, ParseSignalFn
+from transforms.parse import MAX_DEAD_LETTER_BYTES, MAX_PAYLOAD_BYTES, ParseSignalFn
 from transforms.policy import Policy, PolicySource
 from transforms.rulepack import CompiledRule, RuleEvaluationError, RulePackError, load_rule_pack, parse_rule_pack
 from transforms.rules import ApplyRulesFn, RuleHit
@@ -266,7 +266,15 @@ def test_payloads_over_the_size_limit_are_dead_lettered_with_a_size_reason(relia
     with deadline(5):
         for raw in oversized:
             (out,) = fn.process(raw)
-            handled += isinstance(out, TaggedOutput) and out.value.reason == "payload_too_large"
+            dead = out.value if isinstance(out, TaggedOutput) else None
+            # Kept whole up to 64 KiB, so a 10 MB message still makes a dead-letter row BigQuery accepts.
+            kept = raw if isinstance(raw, bytes) else raw.encode()
+            handled += (
+                dead is not None
+                and dead.reason == "payload_too_large"
+                and dead.raw_payload == kept[:MAX_DEAD_LETTER_BYTES]
+                and f"{len(kept)} bytes" in dead.detail
+            )
     reliability.record(CAT, "payloads over MAX_PAYLOAD_BYTES dead-lettered", len(oversized), handled)
     assert handled == len(oversized)
 
