@@ -48,7 +48,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipelines.reverse import ReversalError, ReversalRefused, _table_id, find_decision, reverse
 from schemas import AUDIT_SCHEMA, ENTITY_TYPES, AuditRow, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID
-from service.auth import OPERATE, READ, Principal, load_tokens
+from service.auth import CHALLENGE, OPERATE, READ, UNAUTHENTICATED, Principal, load_tokens
 from transforms.parse import _ID_RE, normalise_ip
 from transforms.rulepack import _RULE_ID_RE, Rule, RulePackError, load_rule_pack, parse_rule_overrides
 from transforms.safeguards import AllowlistError, parse_allowlist
@@ -815,9 +815,11 @@ def _set_paused(service: _Service, rule_id: str, pause: bool, reason: str, actor
 
 
 # --- middleware and error handling ---------------------------------------------------------
-async def _send_json(send: Send, status_code: int, body: dict) -> None:
+async def _send_json(send: Send, status_code: int, body: dict, extra_headers: dict[str, str] | None = None) -> None:
     payload = orjson.dumps(body)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    for name, value in (extra_headers or {}).items():
+        headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     await send({"type": "http.response.start", "status": status_code, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
@@ -883,14 +885,7 @@ class AuthenticateFirstMiddleware:
             kind, _, token = header.partition(" ")
             tokens = scope["app"].state.service.tokens
             if kind.lower() != "bearer" or tokens.principal(token.strip()) is None:
-                payload = orjson.dumps({"error": "a valid bearer token is required"})
-                headers = [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ]
-                await send({"type": "http.response.start", "status": 401, "headers": headers})
-                await send({"type": "http.response.body", "body": payload})
+                await _send_json(send, 401, {"error": UNAUTHENTICATED}, CHALLENGE)
                 return
         await self.app(scope, receive, send)
 

@@ -31,7 +31,8 @@ READ = "read"
 OPERATE = "operate"
 SCOPES = (READ, OPERATE)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+UNAUTHENTICATED = "a valid bearer token is required"
 
 
 class TokenConfigError(ValueError):
@@ -76,7 +77,7 @@ class TokenVerifier:
         """The caller, or 401 (no or unknown token) / 403 (known token without the scope)."""
         principal = self.principal(token)
         if principal is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a valid bearer token is required", headers=_CHALLENGE)
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, UNAUTHENTICATED, headers=CHALLENGE)
         if scope not in principal.scopes:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"this token lacks the '{scope}' scope")
         return principal
