@@ -77,7 +77,8 @@ def register(extractor: FeatureExtractor) -> FeatureExtractor:
 # Credential-stuffing tools send the default user agent of an HTTP library; the
 # official apps and browsers never do. State: [scripted logins, logins seen].
 _SCRIPTED_AGENT = re.compile(
-    r"^(python-requests|python-urllib|aiohttp|curl|wget|go-http-client|okhttp|java|libwww-perl|httpclient|axios|node-fetch)\b",
+    r"^(python-requests|python-urllib|aiohttp|curl|wget|go-http-client|okhttp|java|libwww-perl|httpclient"
+    r"|apache-httpclient|axios|node-fetch)\b",
     re.IGNORECASE,
 )
 

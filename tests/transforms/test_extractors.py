@@ -43,6 +43,7 @@ def test_the_extractor_is_a_feature_rules_can_use():
         ("python-requests/2.31", True),
         ("curl/8.4.0", True),
         ("Go-http-client/1.1", True),
+        ("Apache-HttpClient/4.5.13 (Java/17.0.2)", True),  # Java's most used client: its name comes first
         ("StreamApp/8.9 (iOS 17)", False),
         ("Mozilla/5.0", False),
     ],
