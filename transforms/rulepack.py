@@ -470,21 +470,29 @@ def _rule_from_mapping(raw, source: str, index: int, seen: set[str]) -> Rule:
     return rule
 
 
-def _parse_expiry(value, source: str, rule_id: str) -> int | None:
-    """A YYYY-MM-DD date to the end of that day (UTC) in epoch ms."""
-    if value is None:
-        return None
+def expiry_end_ms(value) -> int:
+    """A YYYY-MM-DD date (text or a YAML date) to the end of that day, UTC, in epoch ms: the moment a rule's
+    or an allowlist entry's ``expires`` day is over. ``ValueError`` says what is wrong with anything else."""
     if isinstance(value, str):
         try:
             value = dt.date.fromisoformat(value)
         except ValueError:
             value = None
     if not isinstance(value, dt.date) or isinstance(value, dt.datetime):
-        raise RulePackError(source, "must be a date such as 2027-01-31", rule_id, "expires")
+        raise ValueError("must be a date such as 2027-01-31")
     if value >= dt.date.max:  # its end, the next midnight, is past what a date can hold
-        raise RulePackError(source, f"must be a date before {dt.date.max.isoformat()}", rule_id, "expires")
+        raise ValueError(f"must be a date before {dt.date.max.isoformat()}")
     end = dt.datetime.combine(value + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
     return int(end.timestamp() * 1000)
+
+
+def _parse_expiry(value, source: str, rule_id: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return expiry_end_ms(value)
+    except ValueError as err:
+        raise RulePackError(source, str(err), rule_id, "expires") from None
 
 
 def parse_rule_pack(text: str, source: str) -> RulePack:

@@ -41,7 +41,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from schemas import ACTIONS, ENTITY_TYPES, Decision
 from transforms.parse import normalise_ip
-from transforms.rulepack import format_duration, load_yaml
+from transforms.rulepack import expiry_end_ms, format_duration, load_yaml
 from transforms.rules import ISSUED, RuleHit
 
 if typing.TYPE_CHECKING:
@@ -173,9 +173,8 @@ def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] 
                     source, f"{raw['cidr']!r} is not an IP network such as 10.0.0.0/8", n, "cidr"
                 ) from None
             if network.prefixlen < _MIN_PREFIX[network.version]:  # as a short id_prefix: it covers too much
-                raise AllowlistError(
-                    source, f"{network} covers too much: at least /8 for IPv4 and /32 for IPv6", n, "cidr"
-                )
+                widest = f"/{_MIN_PREFIX[4]} for IPv4 and /{_MIN_PREFIX[6]} for IPv6"
+                raise AllowlistError(source, f"{network} covers too much: at least {widest}", n, "cidr")
         for key in ("id", "id_prefix"):
             if raw.get(key) is not None and not isinstance(raw[key], str):
                 # YAML reads 007 as 7 and 12:30 as 750: the entry would protect someone else.
@@ -201,18 +200,9 @@ def parse_allowlist(text: str, source: str, known_rules: typing.Collection[str] 
         expires_ms = None
         if raw.get("expires") is not None:
             try:
-                day = (
-                    raw["expires"]
-                    if isinstance(raw["expires"], dt.date)
-                    else dt.date.fromisoformat(str(raw["expires"]))
-                )
-            except ValueError:
-                raise AllowlistError(source, "must be a date such as 2027-01-31", n, "expires") from None
-            if day >= dt.date.max:  # its end, the next midnight, is past what a date can hold
-                raise AllowlistError(source, f"must be a date before {dt.date.max.isoformat()}", n, "expires")
-            expires_ms = int(
-                dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC).timestamp() * 1000
-            )
+                expires_ms = expiry_end_ms(raw["expires"])
+            except ValueError as err:
+                raise AllowlistError(source, str(err), n, "expires") from None
         entries.append(
             AllowEntry(
                 entity=entity,
