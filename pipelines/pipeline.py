@@ -64,6 +64,9 @@ class PipelineConfig:
         and at least until its window can no longer fire).
       allowlist, global_cap_per_window, action_memory_max_sec: the
         safeguards (see ``transforms.safeguards``); caps and memory of 0 are off.
+      ladder_hold_sec: streaming only: how long an entity's hits wait at the
+        action ladder so hits arriving together are taken strongest first, as a
+        backtest takes them (``transforms.safeguards.LadderFn``); 0 = no wait.
       rules_path, allowlist_path, rule_overrides_path, policy_reload_sec:
         streaming only: re-read the pack, allowlist and operators' rule pauses
         this often so changes apply without a redeploy
@@ -79,6 +82,7 @@ class PipelineConfig:
     allowlist: Allowlist = EMPTY_ALLOWLIST
     global_cap_per_window: int = 0
     action_memory_max_sec: int = 31 * 86400
+    ladder_hold_sec: float = 0
     rules_path: str | None = None
     allowlist_path: str | None = None
     rule_overrides_path: str | None = None
@@ -97,6 +101,7 @@ class PipelineConfig:
         return SafeguardConfig(
             global_cap_per_window=self.global_cap_per_window,
             action_memory_max_sec=self.action_memory_max_sec,
+            ladder_hold_sec=self.ladder_hold_sec,
             allowed_lateness_sec=self.allowed_lateness_sec,
             streaming=self.streaming,
         )

@@ -154,6 +154,16 @@ class StreamingOptions(PipelineOptions):
             ),
         )
         parser.add_argument(
+            "--ladder_hold_sec",
+            type=float,
+            # Two rules firing in one pane for one entity reach the ladder in any order after the shuffles
+            # before it; held this long from the first, they are taken strongest first, as in a backtest
+            # (transforms.safeguards.LadderFn). Adds up to this much to decision latency.
+            default=2.0,
+            help="Seconds an entity's rule hits wait at the action ladder so hits arriving together are taken "
+            "strongest first, as a backtest takes them; 0 takes each as it arrives.",
+        )
+        parser.add_argument(
             "--policy_reload_sec",
             type=float,
             default=60,
@@ -193,6 +203,7 @@ def validate(opts: StreamingOptions) -> None:
         "early_firing_sec",
         "signal_dedup_ttl_sec",
         "decision_dedup_max_ttl_sec",
+        "ladder_hold_sec",
         "policy_reload_sec",
     ):
         if getattr(opts, name) < 0:
@@ -314,6 +325,7 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         allowlist=allowlist,
         global_cap_per_window=rule_opts.global_cap_per_window,
         action_memory_max_sec=rule_opts.action_memory_max_sec,
+        ladder_hold_sec=opts.ladder_hold_sec,
         rules_path=rule_opts.rules,
         allowlist_path=rule_opts.allowlist or None,
         rule_overrides_path=rule_opts.rule_overrides or None,

@@ -29,6 +29,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import logging
+import time
 import typing
 
 import apache_beam as beam
@@ -36,7 +37,7 @@ import yaml
 from apache_beam.coders import BooleanCoder, PickleCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
 from schemas import ACTIONS, ENTITY_TYPES, Decision
@@ -462,25 +463,74 @@ class LadderFn(beam.DoFn):
         day 1 00:00  suspend -> issued (severity rises); active adds suspend: day 31
         day 2 10:00  exclude_streams -> superseded (suspend is stronger and active)
         day 31       timer fires: state cleared
+
+    With a hold (``hold_sec`` > 0), an entity's enforcing hits wait that long (processing time) from the
+    first one, then go through the ladder together in the backtest's order: earliest decision first, and
+    at the same moment the strongest action first. Two rules firing in one pane (credential stuffing's
+    ``challenge`` and ``block_ip``) reach this step in any order after the shuffles before it; held, the
+    weaker is ``superseded`` as in a backtest, instead of both being issued. Timeline, hold 2 s::
+
+        t 0.0 s  challenge (window W, decided at D) -> held; flush timer at t 2.0 s
+        t 0.4 s  block_ip  (window W, decided at D) -> held
+        t 2.0 s  flush: block_ip issued, then challenge superseded (block_ip is active)
+
+    Hits further apart than the hold are taken as they come. A hold of 0 takes every hit as it arrives,
+    without changing the graph.
     """
 
     ACTIVE = ReadModifyWriteStateSpec("active", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
+    PENDING = BagStateSpec("pending", PickleCoder())
+    FLUSH_SET = ReadModifyWriteStateSpec("flush_set", BooleanCoder())
+    FLUSH = TimerSpec("flush", TimeDomain.REAL_TIME)
 
-    def __init__(self, memory_max_sec: int):
+    def __init__(self, memory_max_sec: int, hold_sec: float = 0):
         self._max = memory_max_sec
+        self._hold_sec = hold_sec
         self._counters = {s: Metrics.counter("safeguards", s) for s in (COOLDOWN, SUPERSEDED)}
 
-    def process(self, element, active=beam.DoFn.StateParam(ACTIVE), expiry=beam.DoFn.TimerParam(EXPIRY)):
+    def process(
+        self,
+        element,
+        active=beam.DoFn.StateParam(ACTIVE),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+        pending=beam.DoFn.StateParam(PENDING),
+        flush_set=beam.DoFn.StateParam(FLUSH_SET),
+        flush=beam.DoFn.TimerParam(FLUSH),
+    ):
         _, hit = element
+        if self._hold_sec > 0 and self._max > 0 and _enforcing(hit):
+            pending.add(hit)
+            if not flush_set.read():
+                flush.set(Timestamp.of(time.time() + self._hold_sec))
+                flush_set.write(True)
+            return
+        yield from self._through_ladder([hit], active, expiry)
+
+    @on_timer(FLUSH)
+    def release(
+        self,
+        active=beam.DoFn.StateParam(ACTIVE),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+        pending=beam.DoFn.StateParam(PENDING),
+        flush_set=beam.DoFn.StateParam(FLUSH_SET),
+    ):
+        held = sorted(pending.read(), key=_ladder_order)
+        pending.clear()
+        flush_set.clear()
+        yield from self._through_ladder(held, active, expiry)
+
+    def _through_ladder(self, hits, active, expiry):
         before = active.read() or {}
-        out, after = ladder_step(before, hit, self._max)
-        if out.status in self._counters:
-            self._counters[out.status].inc()
+        after = before
+        for hit in hits:
+            out, after = ladder_step(after, hit, self._max)
+            if out.status in self._counters:
+                self._counters[out.status].inc()
+            yield out
         if after != before:
             active.write(after)
             expiry.set(Timestamp(micros=max(_until(entry) for entry in after.values()) * 1000))
-        yield out
 
     @on_timer(EXPIRY)
     def expire(self, active=beam.DoFn.StateParam(ACTIVE)):
@@ -503,12 +553,14 @@ class SafeguardConfig:
     """Attributes (the allowlist and per-rule caps come with the policy, see ``transforms.policy``):
     global_cap_per_window: most distinct entities all rules together may enforce against per window; 0 = off.
     action_memory_max_sec: how long an entity's active actions are remembered for the ladder; 0 = off.
+    ladder_hold_sec: streaming: how long an entity's hits wait at the ladder to be taken in order; 0 = no wait.
     allowed_lateness_sec: keeps cap state until a window can no longer fire.
     streaming: state and timers (streaming) or grouped, ordered passes (batch) for the caps and the ladder.
     """
 
     global_cap_per_window: int = 0
     action_memory_max_sec: int = 31 * 86400
+    ladder_hold_sec: float = 0
     allowed_lateness_sec: int = 0
     streaming: bool = False
 
@@ -543,7 +595,9 @@ class EnforceSafeguards(beam.PTransform):
             lambda h: (f"{h.decision.entity_type}:{h.decision.entity_id}", h)
         ).with_output_types(tuple[str, RuleHit])
         if cfg.streaming:
-            return keyed | "Ladder/Apply" >> beam.ParDo(LadderFn(cfg.action_memory_max_sec)).with_output_types(RuleHit)
+            return keyed | "Ladder/Apply" >> beam.ParDo(
+                LadderFn(cfg.action_memory_max_sec, cfg.ladder_hold_sec)
+            ).with_output_types(RuleHit)
         return (
             keyed
             | "Ladder/Group" >> beam.GroupByKey()

@@ -282,3 +282,85 @@ def test_streaming_ladder_holds_a_repeat_in_the_next_window():
             label="Audit",
         )
         assert_that(out.decisions | "D" >> beam.Map(lambda d: d.window_start_ms - T0_MS), equal_to([0]), label="Once")
+
+
+# Two rules hitting one entity in one pane: a backtest takes them strongest first (challenge superseded by
+# block); streaming takes hits as they reach the ladder, in any order after the shuffles, unless held.
+TWO_RUNGS = pack_text(
+    rule(id="weak_challenge", when="streams >= 3", action="challenge"),
+    rule(id="strong_suspend", when="streams >= 3", action="suspend"),
+)
+
+
+def _one_pane_through_the_ladder(hold_sec):
+    import time
+
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in plays("u1")])
+        .advance_watermark_to((T0_MS + HOUR_MS) / 1000 + 60)  # the window fires: both rules hit u1
+        # Processing-time timers are set from the wall clock; TestStream's clock starts at 0. The hold ends here.
+        .advance_processing_time(int(time.time()) + 60)
+        .advance_watermark_to_infinity()
+    )
+    pack = parse_rule_pack(TWO_RUNGS, "p.yaml")
+    config = PipelineConfig(streaming=True, ladder_hold_sec=hold_sec)
+    return options, stream, pack, config
+
+
+def test_streaming_ladder_with_a_hold_takes_one_panes_hits_strongest_first_as_a_backtest_does():
+    options, stream, pack, config = _one_pane_through_the_ladder(hold_sec=2)
+    with TestPipeline(options=options) as p:
+        out = build_pipeline(p | stream, pack, config=config)
+        assert_that(
+            out.audit | "A" >> beam.Map(lambda a: (a.rule_id, a.status)),
+            equal_to([("strong_suspend", ISSUED), ("weak_challenge", SUPERSEDED)]),
+            label="Audit",
+        )
+        assert_that(out.decisions | "D" >> beam.Map(lambda d: d.action), equal_to(["suspend"]), label="D")
+    p, out = run_batch(TWO_RUNGS, plays("u1"))
+    with p:  # the backtest's outcome, for comparison
+        assert_that(
+            out.audit | beam.Map(lambda a: (a.rule_id, a.status)),
+            equal_to([("strong_suspend", ISSUED), ("weak_challenge", SUPERSEDED)]),
+        )
+
+
+def test_streaming_ladder_without_a_hold_takes_hits_as_they_arrive():
+    """The weaker rule comes first in the pack, so its hit reaches the ladder first on this runner: both are
+    issued. This is what the hold above changes (and shows the test above can fail)."""
+    options, stream, pack, config = _one_pane_through_the_ladder(hold_sec=0)
+    with TestPipeline(options=options) as p:
+        out = build_pipeline(p | stream, pack, config=config)
+        assert_that(out.decisions | beam.Map(lambda d: d.action), equal_to(["challenge", "suspend"]), label="D")
+
+
+def test_held_hits_are_taken_in_the_backtests_order_whatever_their_arrival_order():
+    """LadderFn alone: hits of one entity arrive weakest first, and from two moments, within one hold."""
+    import time
+
+    from transforms.safeguards import LadderFn
+
+    def keyed(h):
+        return (f"user:{h.decision.entity_id}", h)
+
+    arrivals = [
+        hit("throttle", at_ms=T0_MS + HOUR_MS),  # later moment: after both earlier ones
+        hit("exclude_streams", at_ms=T0_MS),
+        hit("suspend", at_ms=T0_MS),  # same moment, stronger: taken before exclude_streams
+    ]
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    stream = TestStream()
+    for h in arrivals:  # one element at a time, so they arrive in this order
+        stream = stream.add_elements([keyed(h)])
+    stream = stream.advance_processing_time(int(time.time()) + 60).advance_watermark_to_infinity()
+    with TestPipeline(options=options) as p:
+        out = p | stream | beam.ParDo(LadderFn(31 * 86400, hold_sec=5))
+        assert_that(
+            out | beam.Map(lambda h: (h.decision.action, h.status)),
+            equal_to([("suspend", ISSUED), ("exclude_streams", SUPERSEDED), ("throttle", SUPERSEDED)]),
+        )
