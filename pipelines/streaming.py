@@ -48,6 +48,8 @@ import signal
 import sys
 import threading
 import time
+import typing
+from collections.abc import Mapping
 
 import apache_beam as beam
 import orjson
@@ -73,6 +75,7 @@ from schemas import (
     bigquery_schema,
     to_bigquery_row,
     to_json_dict,
+    to_storage_write_row,
 )
 from schemas.features import EntityFeatures
 from schemas.mitigation_state import TABLE_ID as MITIGATIONS_TABLE_ID
@@ -270,9 +273,39 @@ def feature_row(ef: EntityFeatures) -> FeatureRow:
     )
 
 
+class TransientInsertError(RuntimeError):
+    """BigQuery refused a whole insert for quota or rate: raised so the runner retries the bundle."""
+
+
+# Beam 2.77 reports a whole insertAll request that failed by the HTTP reason phrase, and counts 'Forbidden' as
+# permanent (RetryStrategy._NON_TRANSIENT_ERRORS). BigQuery answers quota and rate limits with 403 Forbidden
+# ("Quota exceeded: ...", "Exceeded rate limits: ..."); those pass, and must not dead-letter every row of the
+# request (nor drop them, when the dead-letter table is over the same project quota).
+_TRANSIENT_REASONS = frozenset({"quotaExceeded", "rateLimitExceeded"})
+_TRANSIENT_MESSAGE = re.compile(r"quota exceeded|exceeded rate limits|rate limit exceeded", re.IGNORECASE)
+
+
+def _is_transient(error) -> bool:
+    if not isinstance(error, Mapping):
+        return False
+    reason, message = str(error.get("reason", "")), str(error.get("message", ""))
+    return reason in _TRANSIENT_REASONS or (reason == "Forbidden" and bool(_TRANSIENT_MESSAGE.search(message)))
+
+
+def _retry_bundle(table, error) -> typing.NoReturn:
+    """Fail the bundle for a quota or rate refusal: the runner retries it (on Dataflow streaming, until it
+    succeeds), re-inserting with the same insert ids, instead of dead-lettering rows that were never wrong."""
+    Metrics.counter("sinks", "bigquery_quota_retry").inc()
+    raise TransientInsertError(f"{table}: BigQuery refused the insert for quota or rate; retrying: {error}")
+
+
 def _failed_row_to_dead_letter(failed) -> DeadLetter:
-    """``(table, row, errors)`` from WriteToBigQuery to a dead-letter record."""
+    """``(table, row, errors)`` from WriteToBigQuery's streaming inserts to a dead-letter record."""
     table, row, *errors = failed
+    flat = [e for entry in errors for e in (entry if isinstance(entry, list) else [entry])]
+    transient = [e for e in flat if _is_transient(e)]
+    if transient:
+        _retry_bundle(table, transient[0])
     Metrics.counter("dead_letters", "bigquery_insert_error").inc()
     return DeadLetter(
         stage="sink",
@@ -284,8 +317,31 @@ def _failed_row_to_dead_letter(failed) -> DeadLetter:
     )
 
 
+def _storage_write_failure_to_dead_letter(table: str):
+    """``{"error_message", "failed_row"}`` from WriteToBigQuery's Storage Write API to a dead-letter record."""
+
+    def convert(failed) -> DeadLetter:
+        message = str(failed.get("error_message", ""))
+        if _TRANSIENT_MESSAGE.search(message):  # the Storage Write API gives a message, no reason
+            _retry_bundle(table, message[:500])
+        Metrics.counter("dead_letters", "bigquery_insert_error").inc()
+        return DeadLetter(
+            stage="sink",
+            reason="bigquery_insert_error",
+            detail=f"{table}: {message[:2000]}",
+            raw_payload=orjson.dumps(failed.get("failed_row"), default=str),
+            source=table,
+            failed_at_ms=int(time.time() * 1000),
+        )
+
+    return convert
+
+
 class WriteRows(beam.PTransform):
-    """Records to one BigQuery table; returns the rejected rows as ``DeadLetter`` records."""
+    """Records to one BigQuery table; returns the rejected rows as ``DeadLetter`` records.
+
+    Quota and rate refusals are not rejections: they fail the bundle so the runner retries it.
+    """
 
     def __init__(self, table: str, schema: dict, method: str):
         super().__init__()
@@ -293,9 +349,10 @@ class WriteRows(beam.PTransform):
 
     def expand(self, records):
         schema = self._schema
+        to_row = to_storage_write_row if self._method == "STORAGE_WRITE_API" else to_bigquery_row
         result = (
             records
-            | "ToRow" >> beam.Map(lambda r: to_bigquery_row(schema, r))
+            | "ToRow" >> beam.Map(lambda r: to_row(schema, r))
             | "Insert"
             >> WriteToBigQuery(
                 self._table,
@@ -308,9 +365,11 @@ class WriteRows(beam.PTransform):
                 insert_retry_strategy=RetryStrategy.RETRY_ON_TRANSIENT_ERROR,
             )
         )
-        if self._method != "STREAMING_INSERTS":
-            return None
-        return result.failed_rows_with_errors | "RejectedToDeadLetter" >> beam.Map(_failed_row_to_dead_letter)
+        if self._method == "STORAGE_WRITE_API":
+            to_dead_letter = _storage_write_failure_to_dead_letter(self._table)
+        else:
+            to_dead_letter = _failed_row_to_dead_letter
+        return result.failed_rows_with_errors | "RejectedToDeadLetter" >> beam.Map(to_dead_letter)
 
 
 def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allowlist) -> None:
@@ -352,9 +411,7 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         _ = outputs.decisions | "WriteActiveMitigations" >> WriteActiveMitigations(
             project, opts.bigtable_instance, opts.bigtable_table
         )
-    dead_letters = outputs.dead_letters
-    if method == "STREAMING_INSERTS":
-        dead_letters = [dead_letters, *rejected] | "WithRejectedRows" >> beam.Flatten()
+    dead_letters = [outputs.dead_letters, *rejected] | "WithRejectedRows" >> beam.Flatten()
     # Rows the dead-letter table itself rejects are logged by Beam and counted; there is nowhere further to send them.
     _ = dead_letters | "WriteDeadLetterRows" >> WriteRows(opts.dead_letter_table, DEAD_LETTER_SCHEMA, method)
 

@@ -5,7 +5,14 @@ Avro schema, the Python record, the JSON form and the BigQuery table schema
 therefore never drift apart.
 """
 
-from schemas.avro import bigquery_schema, load_avro, namedtuple_from_avro, to_bigquery_row, to_json_dict
+from schemas.avro import (
+    bigquery_schema,
+    load_avro,
+    namedtuple_from_avro,
+    to_bigquery_row,
+    to_json_dict,
+    to_storage_write_row,
+)
 
 SIGNAL_SCHEMA = load_avro("signal_v1.avsc")
 DECISION_SCHEMA = load_avro("decision_v1.avsc")
@@ -57,5 +64,6 @@ __all__ = [
     "Signal",
     "bigquery_schema",
     "to_bigquery_row",
+    "to_storage_write_row",
     "to_json_dict",
 ]

@@ -7,7 +7,8 @@ pipeline reads or writes. From each one we derive:
   ``RowCoder`` so records cross worker boundaries compactly and typed);
 * the BigQuery table schema (``bigquery_schema``);
 * the JSON form used on Pub/Sub and in ``.jsonl`` files (``to_json_dict``) and
-  the BigQuery insert form (``to_bigquery_row``).
+  the BigQuery insert forms (``to_bigquery_row`` for streaming inserts,
+  ``to_storage_write_row`` for the Storage Write API).
 
 Deriving rather than hand-copying means a field added to the ``.avsc`` shows up
 everywhere at once, and ``tests/schemas`` checks the derivations.
@@ -24,6 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import apache_beam as beam
 import fastavro
+from apache_beam.utils.timestamp import Timestamp
 
 _HERE = pathlib.Path(__file__).parent
 
@@ -143,7 +145,11 @@ def datetime_to_millis(stamp: dt.datetime) -> int:
 def millis_to_rfc3339(ms: int) -> str:
     """Epoch milliseconds to RFC 3339 in UTC with millisecond precision."""
     stamp = dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    # Not strftime("%Y"): glibc writes years before 1000 without their leading zeros ("999-06-01").
+    return (
+        f"{stamp.year:04d}-{stamp.month:02d}-{stamp.day:02d}T{stamp.hour:02d}:{stamp.minute:02d}:{stamp.second:02d}."
+        f"{ms % 1000:03d}Z"
+    )
 
 
 def to_json_dict(schema: dict, record: typing.NamedTuple) -> dict:
@@ -173,4 +179,27 @@ def to_bigquery_row(schema: dict, record: typing.NamedTuple) -> dict:
         inner, _ = _unwrap(field["type"])
         if isinstance(inner, dict) and inner["type"] == "map" and row[field["name"]] is not None:
             row[field["name"]] = [{"key": k, "value": v} for k, v in sorted(row[field["name"]].items())]
+    return row
+
+
+def to_storage_write_row(schema: dict, record: typing.NamedTuple) -> dict:
+    """Row for the BigQuery Storage Write API: maps become key/value records, as for streaming inserts, but
+    values keep their types. Beam turns these dicts into schema'd Rows for the Java write, typed from the
+    table schema (TIMESTAMP is a Beam ``Timestamp``, BYTES is ``bytes``), so the insertAll form's RFC 3339
+    strings and base64 cannot be encoded there."""
+    row = {}
+    for field in schema["fields"]:
+        name = field["name"]
+        value = getattr(record, name)
+        inner, _ = _unwrap(field["type"])
+        if value is None:
+            row[name] = None
+        elif _is_timestamp(field["type"]):
+            row[name] = Timestamp(micros=value * 1000)
+        elif isinstance(inner, dict) and inner["type"] == "map":
+            row[name] = [{"key": k, "value": v} for k, v in sorted(value.items())]
+        elif isinstance(value, (list, tuple)):
+            row[name] = list(value)
+        else:
+            row[name] = value
     return row

@@ -139,6 +139,7 @@ def test_avro_records_give_the_decisions_their_json_lines_give(traffic, backtest
     [
         (-1, "event_time_out_of_range"),  # 1969: as the same time in a .jsonl line
         (dt.datetime(1999, 12, 31, 23, 59, tzinfo=dt.UTC), "event_time_out_of_range"),  # as fastavro decodes it
+        (-30641760000000, "event_time_out_of_range"),  # year 999: it was written "999-01-01..." (invalid_value)
         (10**17, "wrong_type"),  # past year 9999: no RFC 3339 form; the field is still named
         (None, "missing_field"),
     ],

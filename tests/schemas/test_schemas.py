@@ -94,3 +94,74 @@ def test_records_round_trip_through_row_coder(record):
     coder = beam.coders.registry.get_coder(type(record))
     assert isinstance(coder, beam.coders.RowCoder)
     assert coder.decode(coder.encode(record)) == record
+
+
+def _sink_records():
+    from pipelines.streaming import feature_row
+    from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, FEATURE_ROW_SCHEMA, DeadLetter
+    from schemas.features import EntityFeatures
+    from transforms.rules import RuleHit, to_audit_row
+
+    dead = DeadLetter("parse", "invalid_json", "bad", b"\xff{oops", "sub", T0_MS)
+    ef = EntityFeatures("user", "u1", 60, T0_MS, T0_MS + 60_000, {"events": 3.0, "streams": 2.0}, ["t1"], T0_MS + 1)
+    return [
+        (DECISION_SCHEMA, _decision()),
+        (AUDIT_SCHEMA, to_audit_row(RuleHit(_decision(), "issued", "{}", 50, "default@1"))),
+        (DEAD_LETTER_SCHEMA, dead),
+        (FEATURE_ROW_SCHEMA, feature_row(ef)),
+    ]
+
+
+@pytest.mark.parametrize("schema, record", _sink_records(), ids=lambda x: x["name"] if isinstance(x, dict) else "")
+def test_storage_write_rows_become_beam_rows_the_java_write_can_decode(schema, record):
+    """--bigquery_write_method=STORAGE_WRITE_API: Beam turns each dict into a Row typed from the table schema
+    (TIMESTAMP as Timestamp, BYTES as bytes) and encodes it with the RowCoder for the Java write. The reshuffle
+    makes the runner encode it here; the insertAll form (RFC 3339 strings, base64) fails there."""
+    from apache_beam.io.gcp.bigquery import StorageWriteToBigQuery
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+    from apache_beam.utils.timestamp import Timestamp
+
+    from schemas import to_storage_write_row
+
+    expected = {}
+    for field in schema["fields"]:
+        value = getattr(record, field["name"])
+        if field["name"].endswith("_ms") and isinstance(value, int):
+            value = Timestamp(micros=value * 1000)
+        elif isinstance(value, dict):
+            value = sorted(value.items())
+        expected[field["name"]] = value
+
+    def plain(row):
+        out = row._asdict()
+        for name, value in out.items():
+            if isinstance(value, list) and value and hasattr(value[0], "_asdict"):
+                out[name] = [(entry.key, entry.value) for entry in value]
+        return out
+
+    with TestPipeline() as p:
+        rows = (
+            p
+            | beam.Create([record])
+            | beam.Map(lambda r: to_storage_write_row(schema, r))
+            | StorageWriteToBigQuery.ConvertToBeamRows(bigquery_schema(schema), False).with_output_types()
+            | beam.Reshuffle()
+            | beam.Map(plain)
+        )
+        assert_that(rows, equal_to([expected]))
+
+
+@pytest.mark.parametrize(
+    "ms, text",
+    [
+        (T0_MS, "2026-11-02T00:00:00.000Z"),
+        (-30610224000000 + 999, "1000-01-01T00:00:00.999Z"),
+        (-30641760000000, "0999-01-01T00:00:00.000Z"),  # glibc's %Y wrote "999-..."
+        (-59011459200000, "0100-01-01T00:00:00.000Z"),
+    ],
+)
+def test_millis_to_rfc3339_pads_the_year(ms, text):
+    from schemas.avro import millis_to_rfc3339
+
+    assert millis_to_rfc3339(ms) == text
