@@ -33,7 +33,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines.logs import setup_logging
-from pipelines.options import OptionsError, RuleOptions, load_policy, runner_config_args
+from pipelines.options import OptionsError, RuleOptions, load_policy, print_help, reject_unknown, runner_config_args
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import AUDIT_SCHEMA, DEAD_LETTER_SCHEMA, DECISION_SCHEMA, to_json_dict
 from schemas.avro import datetime_to_millis, millis_to_rfc3339
@@ -103,7 +103,9 @@ def write_jsonl(pcoll, path: str, schema, label: str):
 
 def run(argv: list[str], runner_config: str = "backtest_local.yaml") -> dict:
     """Build and run the backtest; returns the summary (also written to summary.json)."""
-    options = PipelineOptions(runner_config_args(runner_config) + argv)
+    flags = runner_config_args(runner_config) + argv
+    reject_unknown(flags)
+    options = PipelineOptions(flags)
     bt = options.view_as(BacktestOptions)
     validate(bt)
     pack, allowlist = load_policy(options)
@@ -217,7 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--runner_config", default="backtest_local.yaml")
+    parser.add_argument("-h", "--help", action="store_true")
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+    if known.help:
+        print_help("python -m pipelines.backtest", BacktestOptions, RuleOptions)
+        return 0
     try:
         summary = run(rest, known.runner_config)
     except (OptionsError, RulePackError, AllowlistError) as err:

@@ -36,7 +36,8 @@ Run on Dataflow::
         --input_subscription projects/PROJECT/subscriptions/signals \\
         --decisions_topic projects/PROJECT/topics/decisions \\
         --audit_table PROJECT:mitigation.audit --decisions_table PROJECT:mitigation.decisions \\
-        --dead_letter_table PROJECT:mitigation.dead_letters --rules gs://BUCKET/rules/default.yaml
+        --dead_letter_table PROJECT:mitigation.dead_letters --rules gs://BUCKET/rules/default.yaml \\
+        --allowlist gs://BUCKET/rules/allowlist.yaml
 """
 
 from __future__ import annotations
@@ -63,7 +64,15 @@ from opentelemetry import propagate as otel_propagate
 from opentelemetry import trace as otel_trace
 
 from pipelines.logs import setup_logging
-from pipelines.options import OptionsError, RuleOptions, load_policy, runner_config_args
+from pipelines.options import (
+    OptionsError,
+    RuleOptions,
+    load_policy,
+    print_help,
+    reject_unknown,
+    require_finite,
+    runner_config_args,
+)
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas import (
     AUDIT_SCHEMA,
@@ -211,11 +220,31 @@ def validate(opts: StreamingOptions) -> None:
     ):
         if getattr(opts, name) < 0:
             raise OptionsError(f"--{name} must be >= 0")
+    require_finite(opts, "ladder_hold_sec", "policy_reload_sec")
     if 0 < opts.signal_dedup_ttl_sec < opts.allowed_lateness_sec:
         _LOGGER.warning(
             "signal_dedup_ttl_sec < allowed_lateness_sec: a signal redelivered after its id is forgotten but "
             "within lateness would be counted twice"
         )
+
+
+def validate_reload_paths(options: PipelineOptions) -> None:
+    """On Dataflow, workers re-read the policy files every --policy_reload_sec: a path on the launching
+    machine (the checkout's default allowlist, say) cannot be read there, and every reload would be rejected,
+    so edits to a gs:// rule pack would never apply. Refuse it before submitting."""
+    runner = options.view_as(StandardOptions).runner or ""
+    if "Dataflow" not in runner or options.view_as(StreamingOptions).policy_reload_sec <= 0:
+        return
+    rule_opts = options.view_as(RuleOptions)
+    for name in ("rules", "allowlist", "rule_overrides"):
+        path = getattr(rule_opts, name)
+        if path and not path.startswith("gs://"):
+            raise OptionsError(
+                f"--{name} {path} is not a gs:// path: Dataflow workers re-read the policy every "
+                "--policy_reload_sec and cannot read the launching machine's files (give gs:// paths for "
+                "--rules, --allowlist and --rule_overrides, an empty --allowlist= for none, or "
+                "--policy_reload_sec=0 to keep the start-up policy)"
+            )
 
 
 def _validate_bigtable(opts: StreamingOptions) -> None:
@@ -418,10 +447,12 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
 
 def make_pipeline(argv: list[str], runner_config: str | None) -> tuple[beam.Pipeline, StreamingOptions]:
     args = (runner_config_args(runner_config) if runner_config else []) + argv
+    reject_unknown(args)
     options = PipelineOptions(args)
     options.view_as(StandardOptions).streaming = True
     opts = options.view_as(StreamingOptions)
     validate(opts)
+    validate_reload_paths(options)
     pack, allowlist = load_policy(options)
     pipeline = beam.Pipeline(options=options)
     build_streaming(pipeline, opts, pack, allowlist)
@@ -432,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.INFO)
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--runner_config", default=None, help="YAML file in runner_configs/ with runner options.")
+    parser.add_argument("-h", "--help", action="store_true")
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+    if known.help:
+        print_help("python -m pipelines.streaming", StreamingOptions, RuleOptions)
+        return 0
     try:
         pipeline, _ = make_pipeline(rest, known.runner_config)
     except (OptionsError, RulePackError, AllowlistError) as err:
@@ -441,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     result = pipeline.run()
     runner = pipeline.options.view_as(StandardOptions).runner or ""
     if "Dataflow" in runner:
-        _LOGGER.info("submitted; cancel or drain the job with gcloud dataflow jobs cancel|drain")
-        result.wait_until_finish()
+        # Not wait_until_finish(): a streaming job never finishes, so the command (or a Flex Template
+        # launcher) would wait until someone drains it.
+        _LOGGER.info("submitted job %s; cancel or drain it with gcloud dataflow jobs cancel|drain", result.job_id())
         return 0
     return run_until_signalled(result)
 

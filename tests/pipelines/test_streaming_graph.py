@@ -21,6 +21,9 @@ ARGS = [
     "--audit_table=my-project:mitigation.audit",
     "--decisions_table=my-project:mitigation.decisions",
     "--dead_letter_table=my-project:mitigation.dead_letters",
+    # The checkout's rule pack and allowlist, read at launch: workers could not re-read them (gs:// would be
+    # read at launch too, and this machine is offline). Reloading does not change the graph.
+    "--policy_reload_sec=0",
 ]
 TEST_ONLY = ("TestStream", "Create", "assert_that", "Impulse", "_TestStream")
 
@@ -176,3 +179,104 @@ def test_the_bigtable_sink_needs_a_project():
     args = [a for a in ARGS if not a.startswith(("--project", "--runner", "--dry_run"))]
     with pytest.raises(OptionsError, match="needs --project"):
         make_pipeline([*args, "--bigtable_instance=my-instance"], None)
+
+
+@pytest.mark.parametrize(
+    "flags, refused",
+    [
+        (["--runner=DataflowRunner"], "--rules"),  # the checkout's default pack: workers cannot re-read it
+        (["--runner=DataflowRunner", "--rules=gs://b/rules.yaml"], "--allowlist"),  # the default allowlist
+        (["--runner=DataflowRunner", "--rules=gs://b/r.yaml", "--allowlist=", "--rule_overrides=/tmp/o.yaml"], None),
+        (["--runner=DataflowRunner", "--rules=gs://b/r.yaml", "--allowlist=gs://b/a.yaml"], ""),
+        (["--runner=DataflowRunner", "--policy_reload_sec=0"], ""),  # nothing is re-read
+        (["--runner=BundleBasedDirectRunner"], ""),  # local: the workers are this machine
+    ],
+)
+def test_on_dataflow_policy_files_workers_re_read_must_be_on_gcs(flags, refused):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.streaming import validate_reload_paths
+
+    options = PipelineOptions(flags)
+    if refused == "":
+        validate_reload_paths(options)
+        return
+    with pytest.raises(OptionsError, match=f"{refused or '--rule_overrides'} .* is not a gs:// path"):
+        validate_reload_paths(options)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--rule", "candidate.yaml"], r"unknown option\(s\): --rule \(did you mean --rules\?\)$"),
+        (["--early_firing=5"], r"--early_firing \(did you mean --early_firing_sec\?\)"),
+        (["stray"], r"'stray' \(not an option\)"),
+        (["--policy_reload_sec=nan"], "--policy_reload_sec must be a finite number"),
+        (["--ladder_hold_sec=inf"], "--ladder_hold_sec must be a finite number"),
+    ],
+)
+def test_a_mistyped_or_meaningless_option_fails_before_building(extra, message):
+    """Beam only warns about a flag it does not know and runs on the defaults."""
+    with pytest.raises(OptionsError, match=message):
+        make_pipeline([*ARGS, *extra], None)
+
+
+def test_help_lists_the_jobs_own_options(capsys):
+    from pipelines import backtest, streaming
+
+    assert streaming.main(["--help"]) == 0
+    assert "--input_subscription" in capsys.readouterr().out
+    assert backtest.main(["-h"]) == 0
+    out = capsys.readouterr().out
+    assert "--dedupe_shards_per_hour" in out and "--rules" in out
+
+
+def test_runner_configs_setup_file_is_the_checkouts_wherever_the_command_runs(tmp_path, monkeypatch):
+    from pipelines.options import PROJECT_ROOT, runner_config_args
+
+    monkeypatch.chdir(tmp_path)
+    assert f"--setup_file={PROJECT_ROOT / 'setup.py'}" in runner_config_args("streaming_dataflow.yaml")
+
+
+def test_the_sdist_dataflow_stages_for_setup_file_carries_what_setup_py_reads(tmp_path):
+    """Beam runs ``setup.py sdist`` for --setup_file and workers pip-install the result: setup.py reads
+    requirements.txt, so without it in the sdist every worker failed to start. Builds the sdist as Beam
+    does, unpacks it elsewhere and runs setup.py there, as pip does first."""
+    import subprocess
+    import sys
+    import tarfile
+
+    from pipelines.options import PROJECT_ROOT
+
+    build = subprocess.run(
+        # A fresh egg-info: setuptools would otherwise reuse a checkout's old SOURCES.txt, whatever MANIFEST.in says.
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "egg_info",
+            "--egg-base",
+            str(tmp_path),
+            "sdist",
+            "--dist-dir",
+            str(tmp_path / "dist"),
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr
+    (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "src", filter="data")
+    (root,) = (tmp_path / "src").iterdir()
+    info = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path / "src")],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert info.returncode == 0, info.stderr
+    requires = (tmp_path / "src" / "streamguard.egg-info" / "requires.txt").read_text()
+    assert "apache-beam[gcp]==2.77.0" in requires
+    assert sorted(p.name for p in (root / "schemas").glob("*.avsc")), "the schemas ship with the package"
