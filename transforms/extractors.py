@@ -33,6 +33,9 @@ from collections.abc import Callable
 
 from schemas import EVENT_TYPES, Signal
 
+# The cap every distinct count saturates at (transforms.features.DISTINCT_CAP; that module imports this one).
+DISTINCT_CAP = 4096
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureExtractor:
@@ -99,5 +102,52 @@ register(
         add=_add_login,
         merge=lambda a, b: [a[0] + b[0], a[1] + b[1]],
         value=lambda state, window_sec: state[0] / state[1] if state[1] else 0.0,
+    )
+)
+
+
+# --- Accounts behind an IP's logins ----------------------------------------------------------------
+# Credential stuffing tries many accounts, most of which fail. ``distinct_users`` counts every account seen
+# in the window, including everyone who only streamed, and ``failed_login_ratio`` counts attempts, so a
+# dormitory NAT with a few devices retrying a changed password every 30 s looked like stuffing: 60 failed
+# attempts "for 67 accounts". These count the accounts that tried to log in, and those that failed.
+# State: the set of account ids, bounded like every distinct count (DISTINCT_CAP).
+def _login_account_adder(failed_only: bool):
+    def add(state: set, s: Signal) -> set:
+        if (not failed_only or not s.success) and len(state) < DISTINCT_CAP:
+            state.add(s.user_id)
+        return state
+
+    return add
+
+
+def _merge_accounts(a: set, b: set) -> set:
+    for user in b:
+        if len(a) >= DISTINCT_CAP:
+            break
+        a.add(user)
+    return a
+
+
+register(
+    FeatureExtractor(
+        name="login_accounts",
+        description="Distinct accounts with a login attempt (not every account seen in the window).",
+        event_types=("login",),
+        create=set,
+        add=_login_account_adder(failed_only=False),
+        merge=_merge_accounts,
+        value=lambda state, window_sec: float(len(state)),
+    )
+)
+register(
+    FeatureExtractor(
+        name="failed_login_accounts",
+        description="Distinct accounts with at least one failed login attempt.",
+        event_types=("login",),
+        create=set,
+        add=_login_account_adder(failed_only=True),
+        merge=_merge_accounts,
+        value=lambda state, window_sec: float(len(state)),
     )
 )

@@ -33,9 +33,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import ENTITY_TYPES, EVENT_TYPES, Signal
 from schemas.features import EntityFeatures
-from transforms.extractors import EXTRACTORS
+from transforms.extractors import DISTINCT_CAP, EXTRACTORS
 
-DISTINCT_CAP = 4096  # at least 2: a second distinct value makes a set of two (see Accumulator)
+# DISTINCT_CAP is 4096, defined in transforms.extractors so extractors' distinct counts saturate where these do.
 TOP_CAP = 256
 TRACE_SAMPLE = 10
 # A play counts for royalties from 30 s; farms play just past it to earn the

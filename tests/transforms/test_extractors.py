@@ -57,6 +57,40 @@ def test_the_extractor_merges_like_one_pass(cut):
     assert_mergeable(SCRIPTED, logins(12, 5), cut)
 
 
+def account_logins():
+    """Three accounts fail (one of them twice, then succeeds), two succeed."""
+    outcomes = [("a", False), ("a", False), ("a", True), ("b", False), ("c", False), ("d", True), ("e", True)]
+    return [signal("login", T0_MS + i * 1000, user_id=u, success=ok) for i, (u, ok) in enumerate(outcomes)]
+
+
+def test_login_account_counts_count_accounts_not_attempts_or_everyone_seen():
+    signals = [*account_logins(), signal("stream", user_id="listener")]
+    features = features_of(signals)
+    assert (features["login_accounts"], features["failed_login_accounts"]) == (5.0, 3.0)
+    assert features["distinct_users"] == 6.0  # the listener too: why the stuffing rules no longer read it
+
+
+@pytest.mark.parametrize("name", ["login_accounts", "failed_login_accounts"])
+@pytest.mark.parametrize("cut", [0, 2, 4, 7])
+def test_the_login_account_extractors_merge_like_one_pass(name, cut):
+    assert_mergeable(EXTRACTORS[name], account_logins(), cut)
+
+
+def test_the_login_account_sets_stop_growing_at_the_distinct_cap():
+    from transforms.extractors import DISTINCT_CAP
+
+    extractor = EXTRACTORS["failed_login_accounts"]
+    many = [signal("login", user_id=f"v{i}", success=False) for i in range(DISTINCT_CAP + 5)]
+    state = extractor.create()
+    for s in many:
+        state = extractor.add(state, s)
+    assert extractor.value(state, 600) == DISTINCT_CAP
+    half = extractor.create()
+    for s in many[:10]:
+        half = extractor.add(half, s)
+    assert extractor.value(extractor.merge(state, half), 600) == DISTINCT_CAP
+
+
 def test_the_kit_refuses_a_merge_that_returns_its_second_state():
     """A merge that hands back ``b`` when ``a`` is empty shares the state of the accumulator ``b`` came from."""
     lazy = dataclasses.replace(SCRIPTED, merge=lambda a, b: b if a == [0, 0] else SCRIPTED.merge(a, b))
