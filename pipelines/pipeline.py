@@ -19,7 +19,7 @@ import apache_beam as beam
 
 from transforms.dedupe import BATCH_GROUP_MS, DeduplicateHits, DeduplicateSignals
 from transforms.features import ComputeFeatures, WindowConfig
-from transforms.parse import AssignEventTime, ParseSignals
+from transforms.parse import ArrivalBounds, AssignEventTime, ParseSignals
 from transforms.policy import Policy, PolicySource
 from transforms.rulepack import RulePack
 from transforms.rules import ApplyRules, EmitDecisions
@@ -51,6 +51,10 @@ class PipelineConfig:
         timers.
       allowed_lateness_sec: streaming only: how long after a window's end late
         signals still update it.
+      max_future_skew_sec: streaming only: dead-letter a signal whose event time
+        is further than this after its message's publish time; 0 = unchecked.
+        A signal published after its last window ended and the allowed lateness
+        passed is always dead-lettered in streaming (``transforms.parse.ArrivalBounds``).
       early_firing_sec: streaming only: fire a speculative pane this often
         (processing time) so a decision need not wait for the window's end; 0
         fires only at the watermark.
@@ -76,6 +80,7 @@ class PipelineConfig:
     streaming: bool = False
     allowed_lateness_sec: int = 0
     early_firing_sec: int = 0
+    max_future_skew_sec: int = 0
     signal_dedup_ttl_sec: int = 600
     dedupe_shards_per_hour: int = 1
     decision_dedup_max_ttl_sec: int = 2 * 86400
@@ -134,7 +139,14 @@ def build_pipeline(
       config: batch or streaming behaviour (see ``PipelineConfig``).
     """
     # Batch validates Beam batches of lines in one call each where the source yields them (ReadLineBlocks).
-    parsed = payloads | "ParseSignals" >> ParseSignals(source, batched=not config.streaming)
+    arrival = ArrivalBounds()
+    if config.streaming:
+        arrival = ArrivalBounds(
+            window_sizes_ms=tuple(size * 1000 for size in pack.feature_plan()),
+            allowed_lateness_ms=config.allowed_lateness_sec * 1000,
+            max_future_ms=config.max_future_skew_sec * 1000,
+        )
+    parsed = payloads | "ParseSignals" >> ParseSignals(source, batched=not config.streaming, arrival=arrival)
     unique = parsed.signals | "DeduplicateSignals" >> DeduplicateSignals(
         config.signal_dedup_ttl_sec, config.streaming, config.dedupe_shards_per_hour
     )

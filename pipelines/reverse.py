@@ -63,7 +63,13 @@ def _ms(value) -> int:
 
 
 def find_decision(client: bigquery.Client, table: str, decision_id: str) -> Decision:
-    query = f"SELECT * FROM `{_table_id(table)}` WHERE decision_id = @id LIMIT 1"
+    """The decision with this id; the enforce-mode row if there are several. One id is published once per
+    mode: a rule paused, promoted from shadow, or allowlisted until mid-window gives the same window a
+    shadow decision and later an enforce one, and it is the enforcement that gets reversed."""
+    query = (
+        f"SELECT * FROM `{_table_id(table)}` WHERE decision_id = @id "
+        "ORDER BY CASE WHEN mode = 'enforce' THEN 0 ELSE 1 END, decided_at_ms DESC LIMIT 1"
+    )
     config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", decision_id)])
     rows = [dict(r) for r in client.query(query, job_config=config).result()]
     if not rows:

@@ -151,6 +151,13 @@ class StreamingOptions(PipelineOptions):
             "the watermark.",
         )
         parser.add_argument(
+            "--max_future_skew_sec",
+            type=int,
+            default=600,
+            help="Dead-letter a signal whose event_time is more than this many seconds after its message's "
+            "publish time (a producer clock running ahead); 0 = unchecked.",
+        )
+        parser.add_argument(
             "--signal_dedup_ttl_sec",
             type=int,
             default=3600,
@@ -213,6 +220,7 @@ def validate(opts: StreamingOptions) -> None:
     for name in (
         "allowed_lateness_sec",
         "early_firing_sec",
+        "max_future_skew_sec",
         "signal_dedup_ttl_sec",
         "decision_dedup_max_ttl_sec",
         "ladder_hold_sec",
@@ -408,6 +416,7 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         streaming=True,
         allowed_lateness_sec=opts.allowed_lateness_sec,
         early_firing_sec=opts.early_firing_sec,
+        max_future_skew_sec=opts.max_future_skew_sec,
         signal_dedup_ttl_sec=opts.signal_dedup_ttl_sec,
         decision_dedup_max_ttl_sec=opts.decision_dedup_max_ttl_sec,
         allowlist=allowlist,

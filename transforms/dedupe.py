@@ -7,7 +7,9 @@ the on-time pane, then a late pane) does not publish or audit the same
 decision twice.
 
 State is one boolean per key, cleared by a processing-time timer, so it stays
-bounded by (keys per TTL). Timeline for a signal with a 600 s TTL::
+bounded by (keys per TTL); a rule hit's is also kept until the watermark has
+passed its window's end plus the allowed lateness (``DropRepeatedHitsFn``).
+Timeline for a signal with a 600 s TTL::
 
     T0      e1 arrives: state empty -> remember e1, set timer T0+600, emit
     T0+5    e1 redelivered: state set -> drop, count signals/duplicates_dropped
@@ -89,26 +91,89 @@ class DropRepeatedSignalsFn(_DropRepeatsFn):
         return self._ttl
 
 
-class DropRepeatedHitsFn(_DropRepeatsFn):
-    """A rule hit is remembered for its decision's own TTL (``expires_at - decided_at``), capped, and at
-    least for as long as its window can fire again: the window's length plus the allowed lateness.
+class DropRepeatedHitsFn(beam.DoFn):
+    """A rule hit is remembered until both its clocks have run out: for its decision's own TTL
+    (``expires_at - decided_at``, capped) and at least the window's length plus the allowed lateness, on
+    the processing-time clock from the first sight; and until the watermark has passed the window's end
+    plus the allowed lateness, after which the window can no longer fire.
 
     Repeats come only from re-fired panes of the hit's own window (the decision id names the window).
-    Forgotten while the window could still fire (a 1 h throttle on a 1 h window with 1 h of lateness),
-    a late pane would publish the same decision id a second time, which consumers drop as a duplicate.
-    The memory runs on the processing-time clock from the first sight, which is at or after the
-    window's start; it covers the window's life while the watermark keeps up with the clock.
+    Forgotten while the window could still fire, a later pane would publish the same decision id a second
+    time, which consumers drop as a duplicate. The processing-time memory alone covers that while the
+    watermark keeps up with the clock; the event-time timer covers a watermark held back (a Pub/Sub
+    backlog, or a producer whose clock runs ahead). Timeline, 1 h throttle on a 1 h window W, 1 h of
+    lateness, the watermark stalled by a backlog::
+
+        T0      early pane of W: throttle D issued; remembered; timers at T0+2h (clock) and W.end+1h (watermark)
+        T0+2h   clock timer: TTL passed, but W can still fire: still remembered
+        T0+3h   the watermark reaches W.end: on-time pane, D again -> dropped (before: published twice)
+        ...     the watermark passes W.end+1h: both have run out: forgotten
     """
 
+    SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
+    TTL_PASSED = ReadModifyWriteStateSpec("ttl_passed", BooleanCoder())
+    WINDOW_CLOSED = ReadModifyWriteStateSpec("window_closed", BooleanCoder())
+    CLOSED = TimerSpec("closed", TimeDomain.WATERMARK)
+
     def __init__(self, max_ttl_sec: int, allowed_lateness_sec: int = 0):
-        super().__init__("decisions")
         self._max = max_ttl_sec
         self._lateness = allowed_lateness_sec
+        self._dropped = Metrics.counter("decisions", "duplicates_dropped")
 
     def ttl_sec(self, value) -> float:
         d = value.decision
         own = min(self._max, max(0, (d.expires_at_ms - d.decided_at_ms) / 1000))
         return max(own, (d.window_end_ms - d.window_start_ms) / 1000 + self._lateness)
+
+    def process(
+        self,
+        element,
+        seen=beam.DoFn.StateParam(SEEN),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+        closed=beam.DoFn.TimerParam(CLOSED),
+    ):
+        _, hit = element
+        ttl = self.ttl_sec(hit)
+        if ttl <= 0:
+            yield hit
+            return
+        if seen.read():
+            self._dropped.inc()
+            return
+        seen.write(True)
+        expiry.set(Timestamp.now() + ttl)
+        closed.set(Timestamp(micros=(hit.decision.window_end_ms + self._lateness * 1000) * 1000))
+        yield hit
+
+    @on_timer(EXPIRY)
+    def clock_ran_out(
+        self,
+        seen=beam.DoFn.StateParam(SEEN),
+        ttl_passed=beam.DoFn.StateParam(TTL_PASSED),
+        window_closed=beam.DoFn.StateParam(WINDOW_CLOSED),
+    ):
+        if window_closed.read():
+            _forget(seen, ttl_passed, window_closed)
+        else:
+            ttl_passed.write(True)
+
+    @on_timer(CLOSED)
+    def window_can_no_longer_fire(
+        self,
+        seen=beam.DoFn.StateParam(SEEN),
+        ttl_passed=beam.DoFn.StateParam(TTL_PASSED),
+        window_closed=beam.DoFn.StateParam(WINDOW_CLOSED),
+    ):
+        if ttl_passed.read():
+            _forget(seen, ttl_passed, window_closed)
+        else:
+            window_closed.write(True)
+
+
+def _forget(*states) -> None:
+    for state in states:
+        state.clear()
 
 
 def _earlier(a: Signal, b: Signal) -> Signal:

@@ -10,6 +10,7 @@ crash the job, and a rejected signal must never vanish without a trace.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 import ipaddress
@@ -45,7 +46,8 @@ MAX_MS_PLAYED = 24 * 3600 * 1000
 MAX_AMOUNT_CENTS = 1_000_000_000_000
 # Plausibility bounds on event time: outside them the clock or the producer is
 # broken. Fixed dates (not "now") so a backtest gives the same answer whenever
-# it runs; streaming adds its own skew check against the wall clock.
+# it runs; streaming also checks event time against each message's publish
+# time (ArrivalBounds).
 MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
 
@@ -403,7 +405,12 @@ def parse_signal(
     elif trace_id.__class__ is not str or _id_match(trace_id) is None:
         trace_id = _id(obj, "trace_id", required="trace_id" in required_ids)
     if trace_id is None and trace_id_attribute is not None:
-        trace_id = _id({"trace_id": trace_id_attribute}, "trace_id", required=False)
+        # Optional metadata beside the payload (a tracing header, say): a malformed one is ignored and
+        # counted, not a reason to lose the signal, whose bytes a dead letter would keep without it.
+        try:
+            trace_id = _id({"trace_id": trace_id_attribute}, "trace_id", required=False)
+        except InvalidSignal:
+            Metrics.counter("signals", "invalid_trace_attribute").inc()
 
     required = REQUIRED_FOR[event_type]
     currency = get("currency")
@@ -468,13 +475,61 @@ def _payload_of(element) -> tuple[bytes, str | None, int | None]:
     return bytes(element), None, None
 
 
+@dataclasses.dataclass(frozen=True)
+class ArrivalBounds:
+    """Streaming: how a signal's event time may stand to its message's publish time; empty = unchecked.
+
+    Attributes:
+      window_sizes_ms, allowed_lateness_ms: the windows the job computes. A signal published after the
+        last of its windows has ended and its lateness passed would be dropped from all of them by Beam
+        without a trace (the watermark follows publish times); it is dead-lettered as
+        ``event_time_too_late`` instead. A signal late only for its shorter windows still counts in the
+        longer ones, as Beam's lateness rule gives.
+      max_future_ms: a producer clock this far ahead is refused as ``event_time_in_future``: its windows
+        would keep state until the watermark reached them, and fire hours after the decision memories that
+        stop a re-fired window from publishing again. 0 = unchecked.
+    """
+
+    window_sizes_ms: tuple[int, ...] = ()
+    allowed_lateness_ms: int = 0
+    max_future_ms: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.window_sizes_ms or self.max_future_ms)
+
+    def check(self, event_time_ms: int, publish_ms: int) -> None:
+        ahead = event_time_ms - publish_ms
+        if self.max_future_ms and ahead > self.max_future_ms:
+            raise InvalidSignal(
+                "event_time_in_future",
+                f"'event_time' is {ahead / 1000:.0f} s after the message was published "
+                f"(at most {self.max_future_ms / 1000:.0f} s: --max_future_skew_sec)",
+            )
+        if self.window_sizes_ms:
+            # Beam's fixed windows start at multiples of their size; the signal's last window ends last.
+            last_end = max((event_time_ms // size + 1) * size for size in self.window_sizes_ms)
+            if last_end + self.allowed_lateness_ms < publish_ms:
+                raise InvalidSignal(
+                    "event_time_too_late",
+                    f"'event_time' is {-ahead / 1000:.0f} s before the message was published, after its last "
+                    f"window ended and its lateness ({self.allowed_lateness_ms / 1000:.0f} s) passed: no window "
+                    "can count it",
+                )
+
+
+NO_ARRIVAL_BOUNDS = ArrivalBounds()
+
+
 class ParseSignalFn(beam.DoFn):
     """Validates each payload; rejects go to the ``dead_letter`` output with the raw bytes."""
 
     DEAD_LETTER = "dead_letter"
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, arrival: ArrivalBounds = NO_ARRIVAL_BOUNDS):
         self._source = source
+        self._arrival = arrival
+        self._check_arrival = arrival.active
         self._read = {t: Metrics.counter("signals", f"read_{t}") for t in EVENT_TYPES}
         self._unknown = Metrics.counter("signals", "unknown_fields")
         self._rejected = Metrics.counter("signals", "dead_lettered")
@@ -498,7 +553,10 @@ class ParseSignalFn(beam.DoFn):
     def _validate(self, element) -> ParsedSignal | DeadLetter:
         raw, trace_attr, publish_ms = _payload_of(element)
         try:
-            return parse_signal(raw, trace_id_attribute=trace_attr, publish_time_ms=publish_ms)
+            parsed = parse_signal(raw, trace_id_attribute=trace_attr, publish_time_ms=publish_ms)
+            if publish_ms is not None and self._check_arrival:
+                self._arrival.check(parsed.signal.event_time_ms, publish_ms)
+            return parsed
         except InvalidSignal as err:
             return self._dead_letter(raw, err)
 
@@ -590,13 +648,14 @@ class ParseSignals(beam.PTransform):
     one call each (``ParseSignalBatchFn``); the output is the same.
     """
 
-    def __init__(self, source: str = "unknown", batched: bool = False):
+    def __init__(self, source: str = "unknown", batched: bool = False, arrival: ArrivalBounds = NO_ARRIVAL_BOUNDS):
         super().__init__()
         self._source = source
         self._batched = batched
+        self._arrival = arrival
 
     def expand(self, payloads):
-        fn = ParseSignalBatchFn(self._source) if self._batched else ParseSignalFn(self._source)
+        fn = ParseSignalBatchFn(self._source) if self._batched else ParseSignalFn(self._source, self._arrival)
         results = payloads | "Validate" >> beam.ParDo(fn).with_outputs(ParseSignalFn.DEAD_LETTER, main="signals")
         return ParsedSignals(results.signals, results[ParseSignalFn.DEAD_LETTER])
 

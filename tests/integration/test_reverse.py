@@ -100,3 +100,16 @@ def test_running_the_command_again_lifts_what_a_failed_lift_left_active(env):
     again = _reverse(env, "orig-2")
     assert again.returncode == 2 and "already reversed" in again.stderr
     assert "lifted orig-2" in again.stdout and columns() == []
+
+
+def test_of_a_shadow_and_an_enforce_decision_with_one_id_the_enforcement_is_found(env):
+    """A rule paused (or in shadow) early in a window and enforcing later publishes one decision id in both
+    modes; the decisions table holds both rows, and a reversal must reverse the enforcement."""
+    from pipelines.reverse import find_decision
+
+    table = f"{env['project']}:{DATASET}.decisions"
+    shadow = _decision()._replace(decision_id="twice-1", entity_id="u79", mode="shadow")
+    enforce = shadow._replace(mode="enforce", decided_at_ms=shadow.decided_at_ms + 600_000)
+    for row in (shadow, enforce):  # as they were written: a LIMIT 1 alone found the shadow row
+        assert env["bq"].insert_rows_json(table.replace(":", "."), [to_bigquery_row(DECISION_SCHEMA, row)]) == []
+    assert find_decision(env["bq"], table, "twice-1") == enforce

@@ -188,6 +188,67 @@ def test_a_late_pane_after_the_decision_expired_does_not_publish_its_id_again():
         assert_that(out.decisions | beam.Map(lambda d: (d.rule_id, d.action)), equal_to([("many_plays", "throttle")]))
 
 
+def test_streaming_dead_letters_a_signal_too_old_for_any_window_or_from_a_clock_far_ahead():
+    """Published after its every window (the default pack's largest is a day) has ended and its hour of
+    lateness passed, a signal would be dropped by Beam without a trace; ahead of the publish time by more
+    than the skew allowed, it would hold window state until the watermark reached it."""
+    import datetime as dt
+
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    published = T0_MS + 30 * HOUR_MS
+
+    def message(event_ms):
+        stamp = dt.datetime.fromtimestamp(published / 1000, tz=dt.UTC)
+        return PubsubMessage(payload("stream", event_ms, user_id="u1"), {}, publish_time=stamp)
+
+    on_time, too_late, ahead = (
+        message(published - 60_000),
+        message(published - 25 * HOUR_MS - 1000),
+        message(published + 3 * HOUR_MS),
+    )
+    stream = (
+        TestStream()
+        .advance_watermark_to(published / 1000)
+        .add_elements([TimestampedValue(m, published / 1000) for m in (on_time, too_late, ahead)])
+        .advance_watermark_to_infinity()
+    )
+    config = PipelineConfig(streaming=True, allowed_lateness_sec=3600, max_future_skew_sec=600)
+    with TestPipeline(options=streaming_options()) as p:
+        out = build_pipeline(p | stream, PACK, config=config)
+        assert_that(
+            out.dead_letters | "DL" >> beam.Map(lambda d: (d.reason, d.raw_payload)),
+            equal_to([("event_time_too_late", too_late.data), ("event_time_in_future", ahead.data)]),
+            label="DeadLetters",
+        )
+        assert_that(out.signals | "S" >> beam.Map(lambda s: s.event_time_ms), equal_to([published - 60_000]))
+
+
+def test_a_window_whose_watermark_is_held_back_past_the_decisions_memory_publishes_its_id_once():
+    """An early pane issues a 1 h throttle; the watermark then stalls (a Pub/Sub backlog) while three hours
+    of wall clock pass, so the processing-time memories of the decision and of the ladder have run out when
+    the on-time pane re-fires the window. The decision id must not be published again (with a fresh expiry);
+    the hit's memory also waits for the watermark to pass the window's end plus the lateness."""
+    import time
+
+    pack = parse_rule_pack(pack_text(rule(when="streams >= 3", action="throttle")), "p.yaml")
+    plays = [payload("stream", T0_MS + i * 60_000, user_id="u1", track_id=f"t{i}") for i in range(4)]
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in plays])
+        .advance_processing_time(11)  # early pane: throttle issued
+        # Processing-time timers are set from the wall clock; TestStream's clock starts at 0.
+        .advance_processing_time(int(time.time()) + 3 * 3600)  # three hours pass; the watermark stays
+        .advance_watermark_to((T0_MS + HOUR_MS) / 1000 + 60)  # on-time pane: the same decision again
+        .advance_watermark_to_infinity()
+    )
+    config = PipelineConfig(streaming=True, early_firing_sec=10, allowed_lateness_sec=3600)
+    with TestPipeline(options=streaming_options()) as p:
+        out = build_pipeline(p | stream, pack, config=config)
+        assert_that(out.decisions | beam.Map(lambda d: (d.rule_id, d.action)), equal_to([("many_plays", "throttle")]))
+
+
 def test_a_hit_superseded_early_in_its_window_is_issued_by_a_later_pane_once_the_stronger_action_expired():
     """X throttles for an hour from a 10-minute window; Y (exclude_streams, a day's window, early panes) is
     superseded by it in its first pane. Two hours on, two more plays (too few for X) fire Y's window again

@@ -77,6 +77,46 @@ def test_trace_id_may_come_from_an_attribute_but_payload_wins():
     assert parse_signal(payload("signup", trace_id="own"), trace_id_attribute="attr1").signal.trace_id == "own"
 
 
+def test_a_malformed_trace_id_attribute_is_ignored_not_a_reason_to_lose_the_signal():
+    """A producer passing a Cloud Trace header ('<trace>/<span>;o=1') as the attribute dead-lettered every
+    signal it sent, and the dead letter (payload only) could not show why."""
+    parsed = parse_signal(payload("signup"), trace_id_attribute="105445aa7843bc8bf206b12000100000/1;o=1")
+    assert parsed.signal.trace_id is None and parsed.signal.event_type == "signup"
+    with pytest.raises(InvalidSignal, match="trace_id"):  # in the payload it is the producer's contract
+        parse_signal(payload("signup", trace_id="105445aa7843bc8bf206b12000100000/1;o=1"))
+
+
+@pytest.mark.parametrize(
+    "event_offset_sec, reason",
+    [
+        (0, None),
+        (-3599, None),  # its hour window ends at the publish time, and an hour of lateness follows
+        (-3601, None),  # the hour before's window ended an hour ago: the lateness has just run out
+        (-3 * 3600 - 1, "event_time_too_late"),  # its last window ended 3 h before, its lateness 2 h before
+        (-30 * 3600, "event_time_too_late"),
+        (599, None),
+        (601, "event_time_in_future"),
+    ],
+)
+def test_streaming_checks_event_time_against_the_publish_time(event_offset_sec, reason):
+    from apache_beam.io.gcp.pubsub import PubsubMessage
+
+    from transforms.parse import ArrivalBounds, ParseSignalFn
+
+    publish = dt.datetime.fromtimestamp(T0_MS / 1000, tz=dt.UTC)
+    message = PubsubMessage(payload("stream", T0_MS + event_offset_sec * 1000), {}, publish_time=publish)
+    bounds = ArrivalBounds(window_sizes_ms=(600_000, 3_600_000), allowed_lateness_ms=3_600_000, max_future_ms=600_000)
+    fn = ParseSignalFn("sub", bounds)
+    (out,) = list(fn.process(message))
+    if reason is None:
+        assert out.event_time_ms == T0_MS + event_offset_sec * 1000
+    else:
+        assert out.value.reason == reason and "'event_time'" in out.value.detail
+        assert out.value.raw_payload == message.data
+    unchecked = ParseSignalFn("sub")  # a backtest's files have no publish time to check against
+    assert list(unchecked.process(message))[0].event_time_ms == T0_MS + event_offset_sec * 1000
+
+
 def test_publish_time_is_the_fallback_event_time():
     raw = orjson.dumps({k: v for k, v in payload_dict("signup").items() if k != "event_time"})
     assert parse_signal(raw, publish_time_ms=T0_MS + 5).signal.event_time_ms == T0_MS + 5
