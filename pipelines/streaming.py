@@ -355,12 +355,15 @@ def _failed_row_to_dead_letter(failed) -> DeadLetter:
 
 
 def _storage_write_failure_to_dead_letter(table: str):
-    """``{"error_message", "failed_row"}`` from WriteToBigQuery's Storage Write API to a dead-letter record."""
+    """``{"error_message", "failed_row"}`` from WriteToBigQuery's Storage Write API to a dead-letter record.
+
+    Never raises: the write runs in Java (cross-language), which retries quota and rate errors itself, and
+    this step is not fused with it, so failing here would retry only this conversion, for ever. Its failed
+    rows are rows the table refused (a value the column cannot hold, whose message may quote the value).
+    """
 
     def convert(failed) -> DeadLetter:
         message = str(failed.get("error_message", ""))
-        if _TRANSIENT_MESSAGE.search(message):  # the Storage Write API gives a message, no reason
-            _retry_bundle(table, message[:500])
         Metrics.counter("dead_letters", "bigquery_insert_error").inc()
         return DeadLetter(
             stage="sink",

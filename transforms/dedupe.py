@@ -91,11 +91,17 @@ class DropRepeatedSignalsFn(_DropRepeatsFn):
         return self._ttl
 
 
+# Event time a hit is remembered past its window's last possible firing (DropRepeatedHitsFn).
+HELD_HIT_GRACE_MS = 3_600_000
+
+
 class DropRepeatedHitsFn(beam.DoFn):
     """A rule hit is remembered until both its clocks have run out: for its decision's own TTL
     (``expires_at - decided_at``, capped) and at least the window's length plus the allowed lateness, on
     the processing-time clock from the first sight; and until the watermark has passed the window's end
-    plus the allowed lateness, after which the window can no longer fire.
+    plus the allowed lateness, after which the window can no longer fire, plus ``HELD_HIT_GRACE_MS``: a
+    repeat can still be on its way then, held at the action ladder (``LadderFn``'s hold does not hold the
+    watermark back), and a backlog can move the watermark minutes in a second.
 
     Repeats come only from re-fired panes of the hit's own window (the decision id names the window).
     Forgotten while the window could still fire, a later pane would publish the same decision id a second
@@ -107,7 +113,7 @@ class DropRepeatedHitsFn(beam.DoFn):
         T0      early pane of W: throttle D issued; remembered; timers at T0+2h (clock) and W.end+1h (watermark)
         T0+2h   clock timer: TTL passed, but W can still fire: still remembered
         T0+3h   the watermark reaches W.end: on-time pane, D again -> dropped (before: published twice)
-        ...     the watermark passes W.end+1h: both have run out: forgotten
+        ...     the watermark passes W.end+1h+1h (the grace): both have run out: forgotten
     """
 
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
@@ -143,7 +149,8 @@ class DropRepeatedHitsFn(beam.DoFn):
             return
         seen.write(True)
         expiry.set(Timestamp.now() + ttl)
-        closed.set(Timestamp(micros=(hit.decision.window_end_ms + self._lateness * 1000) * 1000))
+        forget_ms = hit.decision.window_end_ms + self._lateness * 1000 + HELD_HIT_GRACE_MS
+        closed.set(Timestamp(micros=forget_ms * 1000))
         yield hit
 
     @on_timer(EXPIRY)

@@ -481,10 +481,12 @@ class ArrivalBounds:
 
     Attributes:
       window_sizes_ms, allowed_lateness_ms: the windows the job computes. A signal published after the
-        last of its windows has ended and its lateness passed would be dropped from all of them by Beam
-        without a trace (the watermark follows publish times); it is dead-lettered as
-        ``event_time_too_late`` instead. A signal late only for its shorter windows still counts in the
-        longer ones, as Beam's lateness rule gives.
+        last of its windows has ended and its lateness passed is dead-lettered as ``event_time_too_late``:
+        once the watermark (which follows publish times) catches up, Beam would drop it from all of them
+        without a trace. Judged by the publish time, not the watermark, so the answer does not depend on
+        the job's progress: during a backlog, when the watermark is behind the publish times, such a
+        signal is dead-lettered although a window could still have counted it. A signal late only for its
+        shorter windows still counts in the longer ones, as Beam's lateness rule gives.
       max_future_ms: a producer clock this far ahead is refused as ``event_time_in_future``: its windows
         would keep state until the watermark reached them, and fire hours after the decision memories that
         stop a re-fired window from publishing again. 0 = unchecked.

@@ -249,6 +249,51 @@ def test_a_window_whose_watermark_is_held_back_past_the_decisions_memory_publish
         assert_that(out.decisions | beam.Map(lambda d: (d.rule_id, d.action)), equal_to([("many_plays", "throttle")]))
 
 
+class _LadderClock:
+    """The ladder's clock for the test below: its first hold is timed from the wall clock, later ones ten
+    hours on, so TestStream's processing clock can pass the decision memory's TTL (set from the wall clock)
+    while a later hold is still pending. Both clocks are read in this process (the DirectRunner)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def time(self):
+        import time
+
+        self.calls += 1
+        return time.time() + (0 if self.calls == 1 else 10 * 3600)
+
+
+def test_a_re_fired_hit_held_at_the_ladder_while_the_watermark_passes_its_window_is_still_a_repeat(monkeypatch):
+    """The ladder's hold does not hold the watermark back, so the on-time pane's repeat of a decision can still
+    be held when the watermark passes the window's end plus lateness. The decision's memory must outlast
+    that (a grace after the window can no longer fire), or the held repeat is published again."""
+    import time
+
+    from transforms import safeguards
+
+    monkeypatch.setattr(safeguards, "time", _LadderClock())
+    pack = parse_rule_pack(pack_text(rule(when="streams >= 3", action="throttle")), "p.yaml")
+    plays = [payload("stream", T0_MS + i * 60_000, user_id="u1", track_id=f"t{i}") for i in range(4)]
+    window_end = (T0_MS + HOUR_MS) / 1000
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([TimestampedValue(x, T0_MS / 1000) for x in plays])
+        .advance_processing_time(11)  # early pane: the throttle is held at the ladder
+        .advance_processing_time(int(time.time()) + 10)  # the hold ends: issued, remembered for 2 h of clock
+        .advance_processing_time(3 * 3600)  # the watermark stalls for 3 h of clock: that memory runs out
+        .advance_watermark_to(window_end + 60)  # on-time pane: the same decision, held
+        .advance_watermark_to(window_end + 3600 + 60)  # past the window's end plus lateness, still held
+        .advance_processing_time(11 * 3600)  # the hold ends: the repeat reaches the de-duplication
+        .advance_watermark_to_infinity()
+    )
+    config = PipelineConfig(streaming=True, early_firing_sec=10, allowed_lateness_sec=3600, ladder_hold_sec=2)
+    with TestPipeline(options=streaming_options()) as p:
+        out = build_pipeline(p | stream, pack, config=config)
+        assert_that(out.decisions | beam.Map(lambda d: (d.rule_id, d.action)), equal_to([("many_plays", "throttle")]))
+
+
 def test_a_hit_superseded_early_in_its_window_is_issued_by_a_later_pane_once_the_stronger_action_expired():
     """X throttles for an hour from a 10-minute window; Y (exclude_streams, a day's window, early panes) is
     superseded by it in its first pane. Two hours on, two more plays (too few for X) fire Y's window again
