@@ -44,7 +44,8 @@ def _mask_v6(match: re.Match) -> str:
 
 
 def mask_ips(text: str) -> str:
-    return _IPV6_CANDIDATE.sub(_mask_v6, _IPV4.sub("<ip>", text))
+    # IPv6 first: an address ending in dotted IPv4 (2001:db8::5:1.2.3.4) lost only its IPv4 part the other way.
+    return _IPV4.sub("<ip>", _IPV6_CANDIDATE.sub(_mask_v6, text))
 
 
 class JsonFormatter(logging.Formatter):

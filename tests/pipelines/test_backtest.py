@@ -4,6 +4,7 @@ import datetime as dt
 import gzip
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -201,3 +202,46 @@ def test_the_summary_reports_beam_metrics(backtest_run):
     assert metrics["latency/event_lag_ms"]["count"] == metrics["signals/read_stream"] + sum(
         v for k, v in metrics.items() if k.startswith("signals/read_") and k != "signals/read_stream"
     )
+
+
+def test_a_bad_allowlist_fails_at_start_naming_the_file(traffic, tmp_path, capsys):
+    folder, _ = traffic
+    bad = tmp_path / "allow.yaml"
+    bad.write_text("allowlist:\n  - entity: user\n    id: u1\n    reason: x\n    owner: y\n    colour: blue\n")
+    code = backtest.main(
+        ["--input", str(folder / "signals.jsonl"), "--allowlist", str(bad), "--output_dir", str(tmp_path / "o")]
+    )
+    assert code == 2 and str(bad) in capsys.readouterr().err
+
+
+def test_the_backtest_applies_the_allowlist_it_is_given(traffic, backtest_run, tmp_path):
+    """A stream-farm account the default run enforces against, allowlisted: suppressed, never enforced."""
+    folder, _ = traffic
+    enforced = {d["entity_id"] for d in _lines(backtest_run / "decisions.jsonl") if d["mode"] == "enforce"}
+    bots = sorted(
+        lb["entity_id"]
+        for lb in _lines(folder / "labels.jsonl")
+        if lb["scenario"] == "stream_farm" and lb["entity_type"] == "user" and lb["entity_id"] in enforced
+    )
+    assert bots, "the default run enforces against the farm's accounts"
+    allow = tmp_path / "allow.yaml"
+    entry = f"  - entity: user\n    id: '{bots[0]}'\n    reason: a test account\n    owner: tests\n"
+    allow.write_text("allowlist:\n" + entry)
+    out = tmp_path / "out"
+    backtest.run(["--input", str(folder / "signals.jsonl"), "--allowlist", str(allow), "--output_dir", str(out)])
+    decisions = [d for d in _lines(out / "decisions.jsonl") if d["entity_id"] == bots[0]]
+    assert decisions and all(d["mode"] == "shadow" for d in decisions)
+    statuses = {a["status"] for a in _lines(out / "audit.jsonl") if a["entity_id"] == bots[0]}
+    assert "suppressed_allowlist" in statuses
+
+
+def test_the_demo_prints_its_verdict_and_exits_by_it(tmp_path, capsys):
+    from pipelines import demo
+
+    assert demo.main(["--output_dir", str(tmp_path), "--hours", "24", "--scale", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "No enforce decision against legitimate users or look-alikes." in out
+    assert re.search(r"stream_farm\s+attack\s+[1-9]\d*/\d+\n", out), out  # the farm is caught
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    scores = {"scenarios": {}, "enforced_non_attack": [{"entity_id": "joe"}]}
+    assert "ENFORCED AGAINST NON-ATTACK ENTITIES" in demo.render(summary, scores, str(tmp_path))

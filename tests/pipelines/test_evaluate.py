@@ -85,3 +85,32 @@ def test_diff_shows_entities_newly_hit_and_no_longer_hit():
     assert result["newly_enforced"] == [{"entity": "user:c", "rules": ["r2"]}]
     assert result["no_longer_enforced"] == [{"entity": "user:a", "rules": ["r1"]}]
     assert result["unchanged"] == 1
+
+
+def test_time_to_first_decision_runs_from_the_scenarios_first_signal_to_its_first_decision():
+    """Not from the latest entity's first signal, nor from an entity's latest decision."""
+    labels = [
+        label("user", "a", "farm", "attack", first_seen="2026-11-02T00:00:00.000Z"),
+        label("user", "b", "farm", "attack", first_seen="2026-11-02T00:30:00.000Z"),
+    ]
+    decisions = [
+        decision("user", "a", "r", decided="2026-11-02T02:00:00.000Z"),
+        decision("user", "a", "r", decided="2026-11-02T01:00:00.000Z"),
+        decision("user", "b", "r", decided="2026-11-02T03:00:00.000Z"),
+    ]
+    assert evaluate.score(decisions, labels)["scenarios"]["farm"]["minutes_to_first_decision"] == 60.0
+
+
+def test_the_gate_thresholds_are_inclusive_and_an_attack_never_enforced_fails_precision():
+    at_threshold = evaluate.score(
+        [decision("user", "bot1", "r"), decision("user", "nobody", "r")], [label("user", "bot1", "farm", "attack")]
+    )
+    assert at_threshold["scenarios"]["farm"]["precision"] == 0.5
+    assert [f for f in evaluate.gate(at_threshold, 0.5, 1.0) if "precision" in f] == []
+    missed = evaluate.score([], [label("user", "bot1", "farm", "attack")])
+    assert any("farm" in f and "precision" in f for f in evaluate.gate(missed, 0.9, None))
+
+
+def test_enforcing_against_a_legitimate_user_is_counted():
+    scores = evaluate.score([decision("user", "joe", "r")], LABELS)
+    assert scores["legit_enforced"] == 1 and scores["lookalikes_enforced"] == 0

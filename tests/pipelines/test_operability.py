@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from pipelines.logs import JsonFormatter, mask_ips
 from pipelines.options import PROJECT_ROOT
 
@@ -22,6 +24,31 @@ def test_log_lines_are_single_json_objects_with_stable_keys_and_no_raw_ips():
     assert out["severity"] == "WARNING" and out["rule_id"] == "credential_stuffing_block"
     assert "203.0.113.7" not in line and "2001:db8::1" not in line
     assert out["message"] == "blocked <ip> and <ip> for r1"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "from 2001:db8::5:1.2.3.4.",  # an IPv6 address written with its last 32 bits as IPv4
+        "from 2001:db8:1:2:3:4:1.2.3.4.",
+        "from ::ffff:1.2.3.4.",
+        "from 1.2.3.4.",
+        "from 2001:db8::1.",
+    ],
+)
+def test_every_address_is_masked_whole(text):
+    assert mask_ips(text) == "from <ip>."
+
+
+def test_an_exceptions_text_stays_in_the_line_with_its_addresses_masked():
+    try:
+        raise ValueError("cannot reach 203.0.113.7")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "lift failed", (), sys.exc_info())
+    out = json.loads(JsonFormatter().format(record))
+    assert "ValueError: cannot reach <ip>" in out["message"] and "203.0.113.7" not in out["message"]
 
 
 def test_ip_masking_leaves_ids_and_times_alone():

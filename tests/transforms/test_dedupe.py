@@ -154,3 +154,37 @@ def test_packing_a_batch_packs_as_its_signals_one_by_one():
     assert expected and list(batched.process_batch(signals)) == expected  # full packs, as they fill
     rest = [wv.value for wv in batched.finish_bundle()]
     assert rest and rest == [wv.value for wv in one_by_one.finish_bundle()]  # partly filled hours
+
+
+@pytest.mark.parametrize("se_first", [True, False])
+def test_of_two_copies_at_one_moment_the_same_is_kept_whichever_comes_first(se_first):
+    """Content breaks the tie, so the copy kept never depends on file order (keeping the first or the last
+    copy seen passed the test above, where the kept copy came last)."""
+    se = signal("signup", T0_MS, event_id="e1", country="SE")
+    de = signal("signup", T0_MS, event_id="e1", country="DE")
+    packs = [[se], [de]] if se_first else [[de], [se]]
+    kept, dropped = earliest_copies([encode_pack([tuple(s) for s in pack]) for pack in packs])
+    assert [s.country for s in kept] == ["DE"] and dropped == 1
+
+
+def test_copies_straddling_an_hour_inside_a_day_are_both_kept_in_batch():
+    """The group is the event-time hour, not a longer span (the straddle test above crosses midnight too)."""
+    hour = 3_600_000
+    before = signal("signup", T0_MS + 5 * hour - 1, event_id="e1")
+    after = signal("signup", T0_MS + 5 * hour, event_id="e1")
+    with TestPipeline() as p:
+        out = p | beam.Create([before, after]) | DeduplicateSignals(600, streaming=False)
+        assert_that(out | beam.Map(lambda s: s.event_time_ms), equal_to([T0_MS + 5 * hour - 1, T0_MS + 5 * hour]))
+
+
+def test_batch_counts_the_copies_it_drops():
+    copies = [signal("signup", T0_MS + i, event_id="e1") for i in range(3)] + [signal("signup", event_id="e2")]
+    pipeline = TestPipeline()
+    out = pipeline | beam.Create(copies) | DeduplicateSignals(600, streaming=False)
+    assert_that(out | beam.Map(lambda s: s.event_id), equal_to(["e1", "e2"]))
+    result = pipeline.run()
+    result.wait_until_finish()
+    from apache_beam.metrics import MetricsFilter
+
+    counters = result.metrics().query(MetricsFilter().with_name("duplicates_dropped"))["counters"]
+    assert sum(c.committed for c in counters) == 2

@@ -52,6 +52,33 @@ def test_which_clients_count_as_scripted(agent, scripted):
     assert features_of(logins(1, 1, agent=agent))["scripted_client_share"] == float(scripted)
 
 
+@pytest.mark.parametrize(
+    "agent",
+    [
+        "StreamApp/8.9.2 (Android 14) okhttp/4.12.0",  # our app names its HTTP library after itself
+        "Mozilla/5.0 (X11) Java/17",
+        "curlew/1.0",  # a name that starts like a library's
+    ],
+)
+def test_only_an_agent_that_starts_with_a_librarys_name_counts_as_scripted(agent):
+    assert features_of(logins(1, 1, agent=agent))["scripted_client_share"] == 0.0
+
+
+def test_sign_ups_do_not_dilute_the_scripted_share():
+    signups = [signal("signup", T0_MS + i, user_id=f"n{i}", ip="203.0.113.9") for i in range(10)]
+    assert features_of(logins(10, 10) + signups)["scripted_client_share"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "name, event_types, message",
+    [("abc-def", ("login",), "snake_case"), ("fine_name", ("logon",), "unknown event types")],
+)
+def test_a_bad_extractor_fails_at_registration(name, event_types, message):
+    bad = FeatureExtractor(name, "d", event_types, list, lambda s, x: s, lambda a, b: a, lambda s, w: 0.0)
+    with pytest.raises(ValueError, match=message):
+        register(bad)
+
+
 @pytest.mark.parametrize("cut", [0, 3, 7, 12])
 def test_the_extractor_merges_like_one_pass(cut):
     assert_mergeable(SCRIPTED, logins(12, 5), cut)
