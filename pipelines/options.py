@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import pathlib
@@ -137,8 +138,6 @@ def require_finite(options, *names: str) -> None:
 
 def print_help(prog: str, *option_classes) -> None:
     """``--help`` for an entry point: Beam's own parser knows none of the job's options at that point."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--runner_config", help="YAML file in runner_configs/ with runner options.")
     for cls in option_classes:

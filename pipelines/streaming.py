@@ -380,7 +380,8 @@ def _storage_write_failure_to_dead_letter(table: str):
 class WriteRows(beam.PTransform):
     """Records to one BigQuery table; returns the rejected rows as ``DeadLetter`` records.
 
-    Quota and rate refusals are not rejections: they fail the bundle so the runner retries it.
+    A streaming insert's quota or rate refusal is not a rejection: it fails the bundle so the runner retries
+    it. The Storage Write API's Java write retries those itself.
     """
 
     def __init__(self, table: str, schema: dict, method: str):

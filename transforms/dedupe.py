@@ -160,10 +160,7 @@ class DropRepeatedHitsFn(beam.DoFn):
         ttl_passed=beam.DoFn.StateParam(TTL_PASSED),
         window_closed=beam.DoFn.StateParam(WINDOW_CLOSED),
     ):
-        if window_closed.read():
-            _forget(seen, ttl_passed, window_closed)
-        else:
-            ttl_passed.write(True)
+        _ran_out(ttl_passed, window_closed, seen)
 
     @on_timer(CLOSED)
     def window_can_no_longer_fire(
@@ -172,15 +169,16 @@ class DropRepeatedHitsFn(beam.DoFn):
         ttl_passed=beam.DoFn.StateParam(TTL_PASSED),
         window_closed=beam.DoFn.StateParam(WINDOW_CLOSED),
     ):
-        if ttl_passed.read():
-            _forget(seen, ttl_passed, window_closed)
-        else:
-            window_closed.write(True)
+        _ran_out(window_closed, ttl_passed, seen)
 
 
-def _forget(*states) -> None:
-    for state in states:
-        state.clear()
+def _ran_out(this, other, seen) -> None:
+    """One of a hit's two memories ran out: forget the hit if the other had too, else note this one."""
+    if other.read():
+        for state in (seen, this, other):
+            state.clear()
+    else:
+        this.write(True)
 
 
 def _earlier(a: Signal, b: Signal) -> Signal:
