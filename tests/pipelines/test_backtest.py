@@ -245,3 +245,16 @@ def test_the_demo_prints_its_verdict_and_exits_by_it(tmp_path, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     scores = {"scenarios": {}, "enforced_non_attack": [{"entity_id": "joe"}]}
     assert "ENFORCED AGAINST NON-ATTACK ENTITIES" in demo.render(summary, scores, str(tmp_path))
+
+
+def test_the_summarys_counts_are_the_output_files_counts(traffic, backtest_run):
+    folder, _ = traffic
+    summary = json.loads((backtest_run / "summary.json").read_text())
+    decisions = _lines(backtest_run / "decisions.jsonl")
+    enforce = [d for d in decisions if d["mode"] == "enforce"]
+    assert summary["decisions"] == len(decisions)
+    assert (summary["decisions_enforce"], summary["decisions_shadow"]) == (len(enforce), len(decisions) - len(enforce))
+    assert summary["entities_enforced"] == len({(d["entity_type"], d["entity_id"]) for d in enforce})
+    assert summary["audit_rows"] == len(_lines(backtest_run / "audit.jsonl"))
+    dead = _lines(backtest_run / "dead_letter.jsonl")
+    assert dead and {d["source"] for d in dead} == {str(folder / "signals.jsonl")}  # each names its input

@@ -114,3 +114,44 @@ def test_the_gate_thresholds_are_inclusive_and_an_attack_never_enforced_fails_pr
 def test_enforcing_against_a_legitimate_user_is_counted():
     scores = evaluate.score([decision("user", "joe", "r")], LABELS)
     assert scores["legit_enforced"] == 1 and scores["lookalikes_enforced"] == 0
+
+
+def test_per_rule_figures_count_entities_and_the_audit_statuses():
+    decisions = [
+        decision("user", "bot1", "farm_rule"),
+        decision("user", "bot1", "farm_rule", decided="2026-11-02T02:00:00.000Z"),  # one entity, twice
+        decision("user", "fan", "farm_rule"),
+        decision("user", "bot2", "farm_rule", mode="shadow"),
+    ]
+    audit = [
+        {"rule_id": "farm_rule", "status": "issued"},
+        {"rule_id": "farm_rule", "status": "issued"},
+        {"rule_id": "farm_rule", "status": "cooldown"},
+    ]
+    scores = evaluate.score(decisions, LABELS, audit)
+    rule = scores["rules"]["farm_rule"]
+    assert rule["enforced_entities"] == 2 and rule["precision"] == 0.5
+    assert (rule["decisions"], rule["shadow_decisions"]) == (4, 1)
+    assert scores["audit_status_by_rule"] == {"farm_rule": {"issued": 2, "cooldown": 1}}
+
+
+def test_the_report_command_exits_1_naming_each_target_missed(tmp_path, capsys):
+    import orjson
+
+    farm = [label("user", f"bot{i}", "farm", "attack") for i in (1, 2, 3)]
+
+    def run(decisions, *targets):
+        for name, rows in (("decisions.jsonl", decisions), ("labels.jsonl", farm)):
+            (tmp_path / name).write_bytes(b"\n".join(orjson.dumps(r) for r in rows))
+        code = evaluate.main(
+            ["report", "--decisions", str(tmp_path / "decisions.jsonl"), "--labels", str(tmp_path / "labels.jsonl")]
+            + ["--output_dir", str(tmp_path / "out"), *targets]
+        )
+        return code, capsys.readouterr().err
+
+    one = [decision("user", "bot1", "r")]  # recall 1/3, precision 1.0
+    assert run(one, "--min_recall", "0.3", "--min_precision", "0.99") == (0, "")
+    code, err = run(one, "--min_recall", "0.99")
+    assert code == 1 and "farm: recall" in err and "precision" not in err
+    code, err = run([*one, decision("user", "nobody", "r")], "--min_precision", "0.99")  # precision 1/2
+    assert code == 1 and "farm: precision 0.5 < 0.99" in err

@@ -33,3 +33,28 @@ def test_generated_signals_are_valid_except_the_injected_malformed_ones():
     assert bad == 7
     times = [orjson.loads(x)["event_time"] for x in lines if x not in simulate.MALFORMED_SAMPLES]
     assert times == sorted(times)
+
+
+def test_an_attack_labels_first_seen_is_its_entitys_first_signal():
+    """Time to first decision is measured from it (pipelines.evaluate)."""
+    lines, labels = simulate.simulate(seed=3, hours=24, scale=0.05, malformed=0)
+    field = {"user": "user_id", "device": "device_id", "ip": "ip", "track": "track_id", "artist": "artist_id"}
+    first: dict[tuple[str, str], str] = {}
+    for line in lines:
+        signal = orjson.loads(line)
+        for etype, name in field.items():
+            if name in signal:
+                key = (etype, signal[name])
+                first[key] = min(first.get(key, signal["event_time"]), signal["event_time"])
+    attacks = [lb for lb in labels if lb.kind == "attack"]
+    assert attacks
+    for lb in attacks:
+        assert lb.first_seen == first[(lb.entity_type, lb.entity_id)], lb
+
+
+def test_every_attack_scenario_shows_up_in_a_short_run():
+    """Attack start hours scale to --hours, so a three-hour run still has every attack."""
+    lines, labels = simulate.simulate(seed=3, hours=3, scale=0.05)
+    seen = {(lb.entity_type, lb.entity_id): lb.scenario for lb in labels if lb.kind == "attack"}
+    present = {lb.scenario for lb in labels if lb.kind == "attack" and lb.first_seen}
+    assert present == {s.name for s in simulate.default_scenarios() if s.kind == "attack"} and seen
