@@ -80,3 +80,29 @@ def test_decision_publish_carries_trace_context_only_when_opentelemetry_is_confi
     version, trace_id, span_id, flags = runs["sdk"].split("-")
     assert (version, len(trace_id), len(span_id)) == ("00", 32, 16)
     assert int(flags, 16) & 1  # sampled
+
+
+def test_setup_logging_leaves_one_json_handler_whatever_was_there():
+    """A handler left in place would print lines unmasked, and not as JSON."""
+    from pipelines.logs import setup_logging
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    try:
+        root.addHandler(logging.StreamHandler())
+        setup_logging()
+        assert len(root.handlers) == 1 and isinstance(root.handlers[0].formatter, JsonFormatter)
+    finally:
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+
+
+def test_every_context_key_reaches_the_line_masked():
+    from pipelines.logs import CONTEXT_KEYS
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", (), None)
+    for key in CONTEXT_KEYS:
+        setattr(record, key, f"{key} 203.0.113.7")
+    out = json.loads(JsonFormatter().format(record))
+    assert {key: out[key] for key in CONTEXT_KEYS} == {key: f"{key} <ip>" for key in CONTEXT_KEYS}
+    assert "entity_type" in CONTEXT_KEYS

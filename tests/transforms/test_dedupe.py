@@ -188,3 +188,8 @@ def test_batch_counts_the_copies_it_drops():
 
     counters = result.metrics().query(MetricsFilter().with_name("duplicates_dropped"))["counters"]
     assert sum(c.committed for c in counters) == 2
+
+
+def test_a_negative_ttl_is_refused_when_the_graph_is_built():
+    with pytest.raises(ValueError, match="ttl_sec must be >= 0"):
+        DeduplicateSignals(-1, streaming=True)
