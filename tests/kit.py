@@ -97,3 +97,11 @@ def hourly_stream(batches: list[list[bytes]]) -> TestStream:
         at = (T0_MS + hour * HOUR_MS) / 1000
         stream = stream.advance_watermark_to(at).add_elements([TimestampedValue(x, at) for x in lines])
     return stream.advance_watermark_to_infinity()
+
+
+def default_rule_version(rule_id: str) -> int:
+    """A default-pack rule's version, which its decisions' ids hash: tests follow the pack when it is bumped."""
+    from pipelines.options import DEFAULT_RULES
+    from transforms.rulepack import load_rule_pack
+
+    return {r.id: r.version for r in load_rule_pack(DEFAULT_RULES).rules}[rule_id]

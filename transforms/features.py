@@ -42,6 +42,9 @@ TRACE_SAMPLE = 10
 # most plays per hour. "Near threshold" is [30 s, 40 s).
 ROYALTY_THRESHOLD_MS = 30_000
 NEAR_THRESHOLD_MS = 40_000
+# Paid plays ending within a minute: a farm that stops at 41 to 59 s instead of just past 30 s still earns
+# two paid plays for every minute a listener's one full track takes.
+SHORT_PAID_MS = 60_000
 SMALL_PAYMENT_CENTS = 200
 
 _ENTITY_FIELD = {"user": "user_id", "device": "device_id", "ip": "ip", "track": "track_id", "artist": "artist_id"}
@@ -95,6 +98,8 @@ class Accumulator:
         "playlist_artists",
         "trace_ids",
         "extra",
+        # Added later, so last: state written before it (a list one shorter) still reads (__setstate__).
+        "short_paid",
     )
 
     def __init__(self):
@@ -111,13 +116,19 @@ class Accumulator:
         self.stream_artists = self.stream_tracks = self.playlist_artists = None
         self.trace_ids = None  # list | None: the TRACE_SAMPLE smallest trace ids, sorted
         self.extra = None  # dict | None: extractor name -> its state (transforms.extractors)
+        self.short_paid = 0  # plays in [30 s, 60 s)
 
     def __getstate__(self):
         return [getattr(self, name) for name in self.__slots__]
 
     def __setstate__(self, state):
-        for name, value in zip(self.__slots__, state, strict=True):
+        slots = self.__slots__
+        if len(state) > len(slots):
+            raise ValueError(f"accumulator state has {len(state)} fields, more than this code's {len(slots)}")
+        for name, value in zip(slots, state, strict=False):
             setattr(self, name, value)
+        if len(state) < len(slots):  # written before short_paid was counted: its window counts from here on
+            self.short_paid = 0
 
 
 _DISTINCT_FIELDS = ("users", "devices", "ips", "tracks", "artists", "playlists", "cards", "countries")
@@ -270,7 +281,8 @@ def _fold_stream(accs, s: Signal) -> None:
     """The stream part of ``fold_signal``: nine in ten signals are plays."""
     ms = s.ms_played
     short = ms < ROYALTY_THRESHOLD_MS
-    near = not short and ms < NEAR_THRESHOLD_MS
+    short_paid = not short and ms < SHORT_PAID_MS
+    near = short_paid and ms < NEAR_THRESHOLD_MS
     track, artist = s.track_id, s.artist_id
     cap, top_cap = DISTINCT_CAP, TOP_CAP
     for acc in accs:
@@ -278,8 +290,10 @@ def _fold_stream(accs, s: Signal) -> None:
         acc.stream_ms += ms
         if short:
             acc.short_streams += 1
-        elif near:
-            acc.near_threshold += 1
+        elif short_paid:
+            acc.short_paid += 1
+            if near:
+                acc.near_threshold += 1
         if track is not None:
             v = acc.tracks
             if v is None:
@@ -341,6 +355,7 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
         out.stream_ms += a.stream_ms
         out.near_threshold += a.near_threshold
         out.short_streams += a.short_streams
+        out.short_paid += a.short_paid
         out.logins += a.logins
         out.failed_logins += a.failed_logins
         out.signups += a.signups
@@ -404,6 +419,7 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     c = Accumulator.__new__(Accumulator)
     c.events, c.streams, c.stream_ms, c.near_threshold = a.events, a.streams, a.stream_ms, a.near_threshold
     c.short_streams, c.logins, c.failed_logins, c.signups = a.short_streams, a.logins, a.failed_logins, a.signups
+    c.short_paid = a.short_paid
     c.playlist_adds, c.payments, c.failed_payments = a.playlist_adds, a.payments, a.failed_payments
     c.small_payments, c.first_ms, c.last_ms, c.hours = a.small_payments, a.first_ms, a.last_ms, a.hours
     c.users = a.users.copy() if a.users.__class__ is set else a.users
@@ -450,6 +466,14 @@ _BUILTINS: dict[str, tuple[str, Callable[[Accumulator, int], float]]] = {
         lambda a, w: a.near_threshold / a.streams if a.streams else 0.0,
     ),
     "skip_share": ("Share of plays shorter than 30 s.", lambda a, w: a.short_streams / a.streams if a.streams else 0.0),
+    "paid_streams": (
+        "Plays of 30 s or more, which count for royalties.",
+        lambda a, w: float(a.streams - a.short_streams),
+    ),
+    "short_paid_share": (
+        "Share of paid plays (30 s or more) ending before 60 s; skips do not dilute it.",
+        lambda a, w: a.short_paid / (a.streams - a.short_streams) if a.streams > a.short_streams else 0.0,
+    ),
     "distinct_tracks": (
         "Distinct tracks played or added to playlists.",
         lambda a, w: float(len(a.tracks) if a.tracks.__class__ is set else a.tracks is not None),

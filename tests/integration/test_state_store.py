@@ -23,7 +23,7 @@ from pipelines.options import DEFAULT_RULES
 from pipelines.pipeline import build_pipeline
 from pipelines.provision import provision_bigtable
 from schemas.mitigation_state import FAMILY, GC_MAX_AGE, TABLE_ID, VALUE_FIELDS, row_key
-from tests.kit import HOUR_MS
+from tests.kit import HOUR_MS, default_rule_version
 from tests.pipelines.test_pipeline import farm_and_fan
 from tests.transforms.test_rulepack import rule
 from transforms.rulepack import parse_rule_pack
@@ -57,7 +57,9 @@ def test_the_pipeline_writes_enforced_mitigations_and_not_shadow_ones(gcp_env):
     project = gcp_env["project"]
     provision_bigtable(project, INSTANCE)
     t0 = (int(time.time() * 1000) // HOUR_MS - 2) * HOUR_MS
-    farm_id = decision_id("stream_farm_exclude", 1, "user", "bot1", t0, t0 + HOUR_MS)
+    farm_id = decision_id(
+        "stream_farm_exclude", default_rule_version("stream_farm_exclude"), "user", "bot1", t0, t0 + HOUR_MS
+    )
     shadow_id = decision_id("device_loop_shadow", 1, "device", "dbot", t0, t0 + HOUR_MS)
 
     p = TestPipeline(runner="FnApiRunner")
@@ -88,7 +90,7 @@ def test_the_pipeline_writes_enforced_mitigations_and_not_shadow_ones(gcp_env):
             "entity_id": "bot1",
             "action": "exclude_streams",
             "rule_id": "stream_farm_exclude",
-            "rule_version": 1,
+            "rule_version": default_rule_version("stream_farm_exclude"),
             "reason": value["reason"],
             "decided_at_ms": t0 + HOUR_MS,
             "expires_at_ms": t0 + HOUR_MS + WEEK_MS,

@@ -12,7 +12,7 @@ from apache_beam.transforms.window import TimestampedValue
 from pipelines.options import DEFAULT_RULES
 from pipelines.pipeline import PipelineConfig, build_pipeline
 from schemas.features import EntityFeatures
-from tests.kit import HOUR_MS, T0_MS, payload, streaming_options
+from tests.kit import HOUR_MS, T0_MS, default_rule_version, payload, streaming_options
 from tests.transforms.test_rulepack import pack_text, rule
 from transforms.lines import ReadLineBlocks
 from transforms.rulepack import load_rule_pack, parse_rule_pack
@@ -48,7 +48,14 @@ def test_stream_farm_is_excluded_and_the_fan_is_not():
                         "bot1",
                         "exclude_streams",
                         "enforce",
-                        decision_id("stream_farm_exclude", 1, "user", "bot1", T0_MS, T0_MS + HOUR_MS),
+                        decision_id(
+                            "stream_farm_exclude",
+                            default_rule_version("stream_farm_exclude"),
+                            "user",
+                            "bot1",
+                            T0_MS,
+                            T0_MS + HOUR_MS,
+                        ),
                     )
                 ]
             ),
@@ -75,7 +82,7 @@ def test_decision_carries_evidence_reason_ttl_and_trace_sample():
                 lambda d: (
                     d.evidence["streams"],
                     d.evidence["near_threshold_share"],
-                    d.reason.startswith("45 plays in an hour, 100%"),
+                    d.reason.startswith("45 plays in an hour: 100% ended just past the 30 s royalty threshold"),
                     d.decided_at_ms == T0_MS + HOUR_MS,
                     d.expires_at_ms - d.decided_at_ms,
                     len(d.trace_ids),

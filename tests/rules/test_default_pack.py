@@ -136,6 +136,15 @@ CASES = {
         ("near miss: 55% just past 30 s", mixed_plays(60, 0.55), False),
         ("look-alike: super-fan, 20 full plays of one album", plays(20, 240 * SEC, tracks=10), False),
         ("look-alike: skipper, 90 plays under 30 s", plays(90, 8 * SEC, tracks=90), False),
+        ("fires: a farm stopping at 45 s instead", plays(50, 45 * SEC), True),
+        (
+            "fires: 45 threshold plays padded with 45 skips (50% just past 30 s)",
+            plays(45, 32 * SEC) + plays(45, 2 * SEC),
+            True,
+        ),
+        ("near miss: 50 plays stopped at 65 s", plays(50, 65 * SEC), False),
+        ("near miss: 39 paid plays of 45 s and 10 skips", plays(39, 45 * SEC) + plays(10, 2 * SEC), False),
+        ("look-alike: 50 short tracks of 70 s an hour, in full", plays(50, 70 * SEC, tracks=50), False),
     ],
     "stream_farm_suspend": [
         ("fires: 40 threshold plays an hour for 24 h", around_the_clock(40, 24), True),

@@ -20,7 +20,7 @@ from pipelines.pipeline import build_pipeline
 from pipelines.streaming import WriteRows
 from schemas import AUDIT_SCHEMA, DECISION_SCHEMA
 from schemas.mitigation_state import TABLE_ID
-from tests.kit import HOUR_MS, payload
+from tests.kit import HOUR_MS, default_rule_version, payload
 from tests.service.conftest import DATASET, INSTANCE, OPERATE_TOKEN, OPERATOR, READ_TOKEN, auth
 from transforms.rulepack import load_rule_pack
 from transforms.rules import decision_id
@@ -42,7 +42,9 @@ def test_a_farm_decided_by_the_pipeline_is_served_by_the_api_until_an_operator_r
             f"{project}:{DATASET}.decisions", DECISION_SCHEMA, "STREAMING_INSERTS"
         )
         _ = out.audit | "Audit" >> WriteRows(f"{project}:{DATASET}.audit", AUDIT_SCHEMA, "STREAMING_INSERTS")
-    farm = decision_id("stream_farm_exclude", 1, "user", bot, t0, t0 + HOUR_MS)
+    farm = decision_id(
+        "stream_farm_exclude", default_rule_version("stream_farm_exclude"), "user", bot, t0, t0 + HOUR_MS
+    )
 
     served = client.get(f"/v1/entities/user/{bot}/mitigations", headers=auth(READ_TOKEN))
     assert served.status_code == 200, served.text

@@ -396,6 +396,7 @@ def _reference_fold(acc: Accumulator, s: Signal) -> None:
         acc.stream_ms += s.ms_played
         acc.short_streams += s.ms_played < F.ROYALTY_THRESHOLD_MS
         acc.near_threshold += F.ROYALTY_THRESHOLD_MS <= s.ms_played < F.NEAR_THRESHOLD_MS
+        acc.short_paid += F.ROYALTY_THRESHOLD_MS <= s.ms_played < F.SHORT_PAID_MS
         acc.tracks, acc.artists = distinct(acc.tracks, s.track_id), distinct(acc.artists, s.artist_id)
         acc.stream_tracks, acc.stream_artists = top(acc.stream_tracks, s.track_id), top(acc.stream_artists, s.artist_id)
     elif s.event_type == "login":
@@ -615,3 +616,18 @@ def test_late_signals_count_for_hot_keys_as_for_users():
         for kind in ("user", "ip"):
             picked = rows | f"Only{kind}" >> beam.Filter(lambda r, k=kind: r[0] == k)
             assert_that(picked | f"Panes{kind}" >> beam.Map(lambda r: r[1:]), equal_to(panes), label=kind)
+
+
+def test_accumulator_state_written_before_short_paid_still_reads():
+    """A running job's windows hold pickled accumulators; a Dataflow --update hands them to this code."""
+    acc = F.Accumulator()
+    for s in [signal("stream", ms_played=45_000), signal("stream", ms_played=32_000)]:
+        F.add_signal(acc, s)
+    old = acc.__getstate__()[:-1]  # as the code before short_paid wrote it
+    assert F.Accumulator.__slots__[-1] == "short_paid"
+    restored = F.Accumulator.__new__(F.Accumulator)
+    restored.__setstate__(old)
+    assert (restored.streams, restored.near_threshold, restored.short_paid) == (2, 1, 0)
+    assert pickle.loads(pickle.dumps(acc)).short_paid == 2
+    with pytest.raises(ValueError, match="more than this code's"):
+        restored.__setstate__([*acc.__getstate__(), 0])
