@@ -51,44 +51,31 @@ from transforms.features import GLOBAL_WINDOWS
 from transforms.rules import RuleHit
 
 
-class _DropRepeatsFn(beam.DoFn):
-    """Emit the first value per key; drop repeats until the key's TTL timer clears it."""
+class DropRepeatedSignalsFn(beam.DoFn):
+    """Emit the first signal per event id; drop repeats until the id's TTL timer clears it (0 = off)."""
 
     SEEN = ReadModifyWriteStateSpec("seen", BooleanCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.REAL_TIME)
 
-    def __init__(self, namespace: str):
-        self._namespace = namespace
-        self._dropped = Metrics.counter(namespace, "duplicates_dropped")
-
-    def ttl_sec(self, value) -> float:
-        raise NotImplementedError
+    def __init__(self, ttl_sec: int):
+        self._ttl = ttl_sec
+        self._dropped = Metrics.counter("signals", "duplicates_dropped")
 
     def process(self, element, seen=beam.DoFn.StateParam(SEEN), expiry=beam.DoFn.TimerParam(EXPIRY)):
         _, value = element
-        ttl = self.ttl_sec(value)
-        if ttl <= 0:
+        if self._ttl <= 0:
             yield value
             return
         if seen.read():
             self._dropped.inc()
             return
         seen.write(True)
-        expiry.set(Timestamp.now() + ttl)
+        expiry.set(Timestamp.now() + self._ttl)
         yield value
 
     @on_timer(EXPIRY)
     def expire(self, seen=beam.DoFn.StateParam(SEEN)):
         seen.clear()
-
-
-class DropRepeatedSignalsFn(_DropRepeatsFn):
-    def __init__(self, ttl_sec: int):
-        super().__init__("signals")
-        self._ttl = ttl_sec
-
-    def ttl_sec(self, value) -> float:
-        return self._ttl
 
 
 # Event time a hit is remembered past its window's last possible firing (DropRepeatedHitsFn).
@@ -140,15 +127,11 @@ class DropRepeatedHitsFn(beam.DoFn):
         closed=beam.DoFn.TimerParam(CLOSED),
     ):
         _, hit = element
-        ttl = self.ttl_sec(hit)
-        if ttl <= 0:
-            yield hit
-            return
         if seen.read():
             self._dropped.inc()
             return
         seen.write(True)
-        expiry.set(Timestamp.now() + ttl)
+        expiry.set(Timestamp.now() + self.ttl_sec(hit))  # never 0: at least the window's length
         forget_ms = hit.decision.window_end_ms + self._lateness * 1000 + HELD_HIT_GRACE_MS
         closed.set(Timestamp(micros=forget_ms * 1000))
         yield hit
