@@ -110,6 +110,8 @@ class World:
             track_id=track_id,
             artist_id=self.artist_of(track_id),
             ms_played=int(ms_played),
+            # The ingest fills the track's length from the catalogue (schemas/signal_v1.avsc).
+            track_duration_ms=self.track_length_ms.get(track_id),
             **ctx,
         )
 

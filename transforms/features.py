@@ -45,6 +45,12 @@ NEAR_THRESHOLD_MS = 40_000
 # Paid plays ending within a minute: a farm that stops at 41 to 59 s instead of just past 30 s still earns
 # two paid plays for every minute a listener's one full track takes.
 SHORT_PAID_MS = 60_000
+# A paid play is "cut off" when it stopped more than this before its track's end (``track_duration_ms``,
+# from the catalogue). Players cross-fade into the next track by up to 12 s, so a track played to its end
+# can report that much less, and a little more with the player's latency: 12 s exactly would suspend a
+# nursery speaker cross-fading its sleep sounds by 1 ms of latency. A play of a track whose length is unknown
+# never counts as cut off.
+CUT_SLACK_MS = 20_000
 SMALL_PAYMENT_CENTS = 200
 
 _ENTITY_FIELD = {"user": "user_id", "device": "device_id", "ip": "ip", "track": "track_id", "artist": "artist_id"}
@@ -98,8 +104,10 @@ class Accumulator:
         "playlist_artists",
         "trace_ids",
         "extra",
-        # Added later, so last: state written before it (a list one shorter) still reads (__setstate__).
+        # Added later, so last: state written before them (a shorter list) still reads (__setstate__).
         "short_paid",
+        "cut_paid",
+        "cut_near",
     )
 
     def __init__(self):
@@ -117,6 +125,8 @@ class Accumulator:
         self.trace_ids = None  # list | None: the TRACE_SAMPLE smallest trace ids, sorted
         self.extra = None  # dict | None: extractor name -> its state (transforms.extractors)
         self.short_paid = 0  # plays in [30 s, 60 s)
+        self.cut_paid = 0  # paid plays cut off (CUT_SLACK_MS) before the end of a track of known length
+        self.cut_near = 0  # of those, plays in [30 s, 40 s)
 
     def __getstate__(self):
         return [getattr(self, name) for name in self.__slots__]
@@ -125,11 +135,17 @@ class Accumulator:
         slots = self.__slots__
         if len(state) > len(slots):
             raise ValueError(f"accumulator state has {len(state)} fields, more than this code's {len(slots)}")
+        if len(state) < len(slots) - len(_LATER_SLOTS):
+            raise ValueError(f"accumulator state has {len(state)} fields, fewer than any code wrote")
         for name, value in zip(slots, state, strict=False):
             setattr(self, name, value)
-        if len(state) < len(slots):  # written before short_paid was counted: its window counts from here on
-            self.short_paid = 0
+        for name in slots[len(state) :]:  # written before these were counted: the window counts from here on
+            setattr(self, name, 0)
 
+
+# Counters added after the first release, in the order they were added: state from before them reads as 0.
+_LATER_SLOTS = ("short_paid", "cut_paid", "cut_near")
+assert Accumulator.__slots__[-len(_LATER_SLOTS) :] == _LATER_SLOTS, "new accumulator slots go last"
 
 _DISTINCT_FIELDS = ("users", "devices", "ips", "tracks", "artists", "playlists", "cards", "countries")
 _TOP_FIELDS = ("stream_artists", "stream_tracks", "playlist_artists")
@@ -283,6 +299,8 @@ def _fold_stream(accs, s: Signal) -> None:
     short = ms < ROYALTY_THRESHOLD_MS
     short_paid = not short and ms < SHORT_PAID_MS
     near = short_paid and ms < NEAR_THRESHOLD_MS
+    length = s.track_duration_ms
+    cut = not short and length is not None and ms + CUT_SLACK_MS < length
     track, artist = s.track_id, s.artist_id
     cap, top_cap = DISTINCT_CAP, TOP_CAP
     for acc in accs:
@@ -290,10 +308,15 @@ def _fold_stream(accs, s: Signal) -> None:
         acc.stream_ms += ms
         if short:
             acc.short_streams += 1
-        elif short_paid:
-            acc.short_paid += 1
-            if near:
-                acc.near_threshold += 1
+        else:
+            if short_paid:
+                acc.short_paid += 1
+                if near:
+                    acc.near_threshold += 1
+            if cut:
+                acc.cut_paid += 1
+                if near:
+                    acc.cut_near += 1
         if track is not None:
             v = acc.tracks
             if v is None:
@@ -356,6 +379,8 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
         out.near_threshold += a.near_threshold
         out.short_streams += a.short_streams
         out.short_paid += a.short_paid
+        out.cut_paid += a.cut_paid
+        out.cut_near += a.cut_near
         out.logins += a.logins
         out.failed_logins += a.failed_logins
         out.signups += a.signups
@@ -419,7 +444,7 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     c = Accumulator.__new__(Accumulator)
     c.events, c.streams, c.stream_ms, c.near_threshold = a.events, a.streams, a.stream_ms, a.near_threshold
     c.short_streams, c.logins, c.failed_logins, c.signups = a.short_streams, a.logins, a.failed_logins, a.signups
-    c.short_paid = a.short_paid
+    c.short_paid, c.cut_paid, c.cut_near = a.short_paid, a.cut_paid, a.cut_near
     c.playlist_adds, c.payments, c.failed_payments = a.playlist_adds, a.payments, a.failed_payments
     c.small_payments, c.first_ms, c.last_ms, c.hours = a.small_payments, a.first_ms, a.last_ms, a.hours
     c.users = a.users.copy() if a.users.__class__ is set else a.users
@@ -473,6 +498,14 @@ _BUILTINS: dict[str, tuple[str, Callable[[Accumulator, int], float]]] = {
     "short_paid_share": (
         "Share of paid plays (30 s or more) ending before 60 s; skips do not dilute it.",
         lambda a, w: a.short_paid / (a.streams - a.short_streams) if a.streams > a.short_streams else 0.0,
+    ),
+    "cut_paid_share": (
+        "Share of paid plays stopped more than 20 s before the end of a track of known length (from the catalogue).",
+        lambda a, w: a.cut_paid / (a.streams - a.short_streams) if a.streams > a.short_streams else 0.0,
+    ),
+    "near_threshold_cut_share": (
+        "Of the plays ending in [30 s, 40 s), the share that stopped more than 20 s before a known track end.",
+        lambda a, w: a.cut_near / a.near_threshold if a.near_threshold else 0.0,
     ),
     "distinct_tracks": (
         "Distinct tracks played or added to playlists.",

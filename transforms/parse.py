@@ -114,6 +114,7 @@ _SIGNAL_ORDER = (
     "amount_cents",
     "currency",
     "card_fingerprint",
+    "track_duration_ms",
 )
 if Signal._fields != _SIGNAL_ORDER:  # parse_signal builds a Signal positionally in this order
     raise ImportError(f"signal_v1.avsc field order changed: update parse_signal ({Signal._fields})")
@@ -431,6 +432,15 @@ def parse_signal(
     amount_cents = get("amount_cents")
     if amount_cents.__class__ is not int or not 0 <= amount_cents <= MAX_AMOUNT_CENTS:
         amount_cents = _optional_int(obj, "amount_cents", 0, MAX_AMOUNT_CENTS, event_type)
+    track_duration_ms = get("track_duration_ms")
+    if track_duration_ms is not None and (
+        track_duration_ms.__class__ is not int or not 1 <= track_duration_ms <= MAX_MS_PLAYED
+    ):
+        # The catalogue's enrichment, not the producer's event: a bad one (0 as "unknown", a float) is dropped
+        # and counted, as a bad trace-id attribute is. Dead-lettering the play would blind every stream rule
+        # whenever the catalogue lookup misbehaves; without a length the play is simply never "cut off".
+        track_duration_ms = None
+        Metrics.counter("signals", "invalid_track_duration").inc()
 
     # Positional, in Signal's field order (_SIGNAL_ORDER, checked at import): keywords cost a dict per signal.
     signal = _new_signal(
@@ -452,6 +462,7 @@ def parse_signal(
             amount_cents,
             currency,
             card_fingerprint,
+            track_duration_ms,
         )
     )
     unknown = 0 if KNOWN_FIELDS.issuperset(obj) else len(obj.keys() - KNOWN_FIELDS)

@@ -54,6 +54,7 @@ _OPTIONAL = {"device_id": _ids, "ip": _ips, "country": st.sampled_from(["SE", "U
 _OPTIONAL |= {"user_agent": _user_agents, "track_id": _ids, "artist_id": _ids, "playlist_id": _ids}
 _OPTIONAL |= {"ms_played": st.integers(0, 86_400_000), "amount_cents": st.integers(0, 10**12), "success": st.booleans()}
 _OPTIONAL |= {"card_fingerprint": _ids, "currency": st.from_regex(r"[A-Z]{3}", fullmatch=True)}
+_OPTIONAL |= {"track_duration_ms": st.integers(1, 86_400_000)}
 _fractions = st.none() | st.text(string.digits, min_size=1, max_size=9)
 _DIGITS = {"ascii": string.digits, "arabic-indic": "٠١٢٣٤٥٦٧٨٩", "fullwidth": "０１２３４５６７８９"}
 
@@ -118,9 +119,13 @@ def assert_contract(s: Signal) -> None:
     controls = [c for c in s.user_agent or "" if c < " " or "\x7f" <= c <= "\x9f" or c in "\u2028\u2029"]
     assert s.user_agent is None or (len(s.user_agent) <= 512 and not controls)
     assert s.ip is None or getattr(ipaddress.ip_address(s.ip), "ipv4_mapped", None) is None  # mapped: as IPv4
-    for name, high in (("ms_played", 24 * 3600 * 1000), ("amount_cents", 10**12)):
+    for name, low, high in (
+        ("ms_played", 0, 86_400_000),
+        ("amount_cents", 0, 10**12),
+        ("track_duration_ms", 1, 86_400_000),
+    ):
         v = getattr(s, name)
-        assert v is None or (type(v) is int and 0 <= v <= high), name
+        assert v is None or (type(v) is int and low <= v <= high), name
     assert s.success is None or type(s.success) is bool
     assert all(getattr(s, name) is not None for name in REQUIRED_FOR[s.event_type])
 
@@ -191,7 +196,8 @@ _odd = st.sampled_from(list("._:@+/=-_ \t\n\x00'\"<>%é€"))
 _near_ids = st.builds("{}{}".format, _odd, _ids) | st.builds("{}{}{}".format, _ids, _odd, _ids)
 _near_ints = st.integers(-2, 2) | st.sampled_from([86_400_000, 86_400_001, 10**12, 10**12 + 1, 2**63]) | st.booleans()
 _NEAR = {name: _ids | _near_ids | st.sampled_from([128, 129]).map("a".__mul__) for name in ID_FIELDS}
-_NEAR |= {"ms_played": _near_ints, "amount_cents": _near_ints, "success": _near_ints, "ip": _ip_like}
+_NEAR |= {"ms_played": _near_ints, "amount_cents": _near_ints, "track_duration_ms": _near_ints, "success": _near_ints}
+_NEAR |= {"ip": _ip_like}
 _NEAR |= {"country": st.sampled_from(["SE", "XX", "se", "SE "]), "currency": st.sampled_from(["EUR", "eur", "EURO"])}
 _NEAR |= {"event_time": times().map(lambda t: t[0]), "event_type": st.sampled_from(EVENT_TYPES) | st.text(max_size=8)}
 _NEAR |= {"user_agent": st.text(st.characters(max_codepoint=0xA0)) | st.sampled_from([512, 513]).map("a".__mul__)}
@@ -229,6 +235,8 @@ def test_one_field_mutated(d, mutation):
             elif field == "ip":
                 address = ipaddress.ip_address(value)
                 assert got == (getattr(address, "ipv4_mapped", None) or address).compressed
+            elif field == "track_duration_ms" and not (type(value) is int and 1 <= value <= 86_400_000):
+                assert got is None  # the catalogue's enrichment: a bad one is dropped, never costs the signal
             elif field != "event_time":
                 assert got == value and type(got) is type(value)
 

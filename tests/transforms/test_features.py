@@ -57,6 +57,24 @@ def test_stream_features():
     assert f["span_minutes"] == 3
 
 
+def test_plays_cut_off_before_a_known_track_end():
+    f = features_of(
+        [
+            signal("stream", T0_MS, ms_played=32_000, track_duration_ms=200_000),  # cut off, near the threshold
+            signal("stream", T0_MS, ms_played=32_000, track_duration_ms=52_000),  # 20 s short: a cross-fade, not cut
+            signal("stream", T0_MS, ms_played=32_000, track_duration_ms=52_001),  # cut off
+            signal("stream", T0_MS, ms_played=34_000, track_duration_ms=34_000),  # a short track in full
+            signal("stream", T0_MS, ms_played=33_000),  # length unknown: never cut off
+            signal("stream", T0_MS, ms_played=65_000, track_duration_ms=180_000),  # cut off past a minute
+            signal("stream", T0_MS, ms_played=10_000, track_duration_ms=180_000),  # a skip: not a paid play
+        ]
+    )
+    assert (f["near_threshold_streams"], f["paid_streams"]) == (5, 6)
+    assert f["near_threshold_cut_share"] == 2 / 5
+    assert f["cut_paid_share"] == 3 / 6
+    assert features_of([signal("stream", ms_played=10_000)])["near_threshold_cut_share"] == 0.0
+
+
 def test_login_payment_and_signup_features():
     f = features_of(
         [
@@ -107,12 +125,19 @@ _signals = st.lists(
             kind,
             T0_MS + minute * MIN,
             user_id=f"u{user}",
-            **({"ms_played": ms} if kind == "stream" else {"success": ok} if kind in ("login", "payment") else {}),
+            # A stream's track is 0 to 59 s longer than its play (minute seconds): cut off past 20 s.
+            **(
+                {"ms_played": ms, "track_duration_ms": ms + minute * 1000 or None}
+                if kind == "stream"
+                else {"success": ok}
+                if kind in ("login", "payment")
+                else {}
+            ),
         ),
         st.sampled_from(["stream", "login", "signup", "playlist_add", "payment"]),
         st.integers(0, 5),
         st.integers(0, 59),
-        st.integers(0, 400_000),
+        st.integers(0, 400_000) | st.integers(30_000, 39_999),  # a third just past the royalty threshold
         st.booleans(),
     ),
     max_size=40,
@@ -228,7 +253,16 @@ def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable():
     acc = Accumulator()
     for n in (1, 2):  # two of everything: every distinct-value field a set, every counter and sample filled
         for s in [
-            signal("stream", ms_played=35_000, user_id=f"u{n}", device_id=f"d{n}", ip=f"10.0.0.{n}", country="SE"),
+            signal(
+                "stream",
+                ms_played=35_000,
+                track_duration_ms=200_000,  # cut off near the threshold
+                user_id=f"u{n}",
+                device_id=f"d{n}",
+                ip=f"10.0.0.{n}",
+                country="SE",
+            ),
+            signal("stream", ms_played=50_000, track_duration_ms=200_000 * n),  # cut off, not near: counts differ
             signal("login", success=False, user_agent="python-requests/2.31", trace_id=f"tr{n}", country="US"),
             signal("playlist_add", playlist_id=f"p{n}", track_id=f"t{n}", artist_id=f"a{n}"),
             signal("payment", success=True, amount_cents=150, currency="EUR", card_fingerprint=f"c{n}"),
@@ -397,6 +431,10 @@ def _reference_fold(acc: Accumulator, s: Signal) -> None:
         acc.short_streams += s.ms_played < F.ROYALTY_THRESHOLD_MS
         acc.near_threshold += F.ROYALTY_THRESHOLD_MS <= s.ms_played < F.NEAR_THRESHOLD_MS
         acc.short_paid += F.ROYALTY_THRESHOLD_MS <= s.ms_played < F.SHORT_PAID_MS
+        length = s.track_duration_ms
+        cut = s.ms_played >= F.ROYALTY_THRESHOLD_MS and length is not None and length - s.ms_played > F.CUT_SLACK_MS
+        acc.cut_paid += cut
+        acc.cut_near += cut and s.ms_played < F.NEAR_THRESHOLD_MS
         acc.tracks, acc.artists = distinct(acc.tracks, s.track_id), distinct(acc.artists, s.artist_id)
         acc.stream_tracks, acc.stream_artists = top(acc.stream_tracks, s.track_id), top(acc.stream_artists, s.artist_id)
     elif s.event_type == "login":
@@ -424,7 +462,7 @@ def _reference_fold(acc: Accumulator, s: Signal) -> None:
 _pool = st.sampled_from
 _rich_signals = st.lists(
     st.builds(
-        lambda kind, minute, ids, ms, ok, cents, agent: signal(
+        lambda kind, minute, ids, ms, ok, cents, agent, past_end: signal(
             kind,
             T0_MS + minute * MIN,
             user_id=ids[0],
@@ -434,7 +472,12 @@ _rich_signals = st.lists(
             trace_id=ids[4],
             user_agent=agent,
             **{
-                "stream": {"track_id": ids[5], "artist_id": ids[6], "ms_played": ms},
+                "stream": {
+                    "track_id": ids[5],
+                    "artist_id": ids[6],
+                    "ms_played": ms,
+                    "track_duration_ms": None if past_end is None else max(1, ms + past_end),
+                },
                 "login": {"success": ok},
                 "signup": {},
                 "playlist_add": {"track_id": ids[5], "artist_id": ids[6], "playlist_id": ids[7]},
@@ -457,6 +500,7 @@ _rich_signals = st.lists(
         st.booleans(),
         st.integers(0, 500),
         _pool([None, "Mozilla/5.0", "python-requests/2.31"]),
+        st.none() | st.integers(-5_000, 60_000),  # the track's length past the play, when known
     ),
     max_size=60,
 )
@@ -618,16 +662,25 @@ def test_late_signals_count_for_hot_keys_as_for_users():
             assert_that(picked | f"Panes{kind}" >> beam.Map(lambda r: r[1:]), equal_to(panes), label=kind)
 
 
-def test_accumulator_state_written_before_short_paid_still_reads():
+@pytest.mark.parametrize(
+    "missing",
+    [("short_paid", "cut_paid", "cut_near"), ("cut_paid", "cut_near")],
+    ids=["before short_paid", "before cut"],
+)
+def test_accumulator_state_written_before_later_counters_still_reads(missing):
     """A running job's windows hold pickled accumulators; a Dataflow --update hands them to this code."""
     acc = F.Accumulator()
-    for s in [signal("stream", ms_played=45_000), signal("stream", ms_played=32_000)]:
-        F.add_signal(acc, s)
-    old = acc.__getstate__()[:-1]  # as the code before short_paid wrote it
-    assert F.Accumulator.__slots__[-1] == "short_paid"
+    for ms in (45_000, 32_000):
+        F.add_signal(acc, signal("stream", ms_played=ms, track_duration_ms=200_000))
+    assert F.Accumulator.__slots__[-len(missing) :] == missing
+    old = acc.__getstate__()[: -len(missing)]  # as the code before these counters wrote it
     restored = F.Accumulator.__new__(F.Accumulator)
     restored.__setstate__(old)
-    assert (restored.streams, restored.near_threshold, restored.short_paid) == (2, 1, 0)
-    assert pickle.loads(pickle.dumps(acc)).short_paid == 2
+    assert (restored.streams, restored.near_threshold) == (2, 1)
+    assert all(getattr(restored, name) == 0 for name in missing)
+    copied = pickle.loads(pickle.dumps(acc))
+    assert (copied.short_paid, copied.cut_paid, copied.cut_near) == (2, 2, 1)
     with pytest.raises(ValueError, match="more than this code's"):
         restored.__setstate__([*acc.__getstate__(), 0])
+    with pytest.raises(ValueError, match="fewer than any code wrote"):
+        restored.__setstate__(acc.__getstate__()[:-4])

@@ -189,6 +189,22 @@ INVALID = [
 ]
 
 
+def test_a_tracks_length_is_optional_and_kept():
+    assert parse_signal(payload("stream", track_duration_ms=180_000)).signal.track_duration_ms == 180_000
+    assert parse_signal(payload("stream", track_duration_ms=24 * 3600 * 1000)).signal.track_duration_ms == 86_400_000
+    assert parse_signal(payload("stream", track_duration_ms=1)).signal.track_duration_ms == 1
+    assert parse_signal(payload("stream")).signal.track_duration_ms is None
+    assert parse_signal(payload("stream", track_duration_ms=None)).signal.track_duration_ms is None
+
+
+@pytest.mark.parametrize("bad", [0, -5, 86_400_001, 2**63, 180_000.5, 180_000.0, "180000", True, [1]])
+def test_a_bad_track_length_is_dropped_and_the_play_kept(bad):
+    """The catalogue's enrichment, not the producer's event: a bad one must not cost the play (counted in
+    the composite's test below)."""
+    parsed = parse_signal(payload("stream", track_duration_ms=bad, ms_played=31_000))
+    assert parsed.signal.track_duration_ms is None and parsed.signal.ms_played == 31_000
+
+
 @pytest.mark.parametrize("raw, reason, field", INVALID)
 def test_invalid_signals_name_reason_and_field(raw, reason, field):
     with pytest.raises(InvalidSignal) as info:
@@ -344,11 +360,12 @@ def test_a_batch_is_validated_as_its_elements_one_by_one():
 def test_the_batched_composite_gives_the_signals_dead_letters_and_counts(tmp_path):
     lines = [payload("signup", event_id=f"e{i}") for i in range(6)] + [b"\xff", b"{}"]
     lines.append(payload("stream", event_id="e6", new_field=1, other_new_field="x"))
+    lines.append(payload("stream", event_id="e7", track_duration_ms=0))
     (tmp_path / "signals.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     p = TestPipeline()
     batches = p | ReadLineBlocks(str(tmp_path / "*.jsonl"), block_bytes=1000, lines_per_batch=3)
     out = batches | ParseSignals(source="test", batched=True)
-    ids = [f"e{i}" for i in range(7)]
+    ids = [f"e{i}" for i in range(8)]
     assert_that(out.signals | "Ids" >> beam.Map(lambda s: s.event_id), equal_to(ids), label="Signals")
     assert_that(
         out.dead_letters | "Raw" >> beam.Map(lambda d: (d.raw_payload, d.reason)),
@@ -358,11 +375,12 @@ def test_the_batched_composite_gives_the_signals_dead_letters_and_counts(tmp_pat
     result = p.run()
     result.wait_until_finish()
     counters = {c.key.metric.name: c.committed for c in result.metrics().query()["counters"]}
-    assert counters["read_signup"] == 6 and counters["read_stream"] == 1
+    assert counters["read_signup"] == 6 and counters["read_stream"] == 2
     assert counters["unknown_fields"] == 2 and counters["dead_lettered"] == 2
+    assert counters["invalid_track_duration"] == 1
     assert counters["invalid_utf8"] == 1 and counters["missing_field"] == 1
     lag = next(d for d in result.metrics().query()["distributions"] if d.key.metric.name == "event_lag_ms")
-    assert lag.committed.count == 7
+    assert lag.committed.count == 8
 
 
 @settings(max_examples=300, deadline=None)
