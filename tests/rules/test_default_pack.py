@@ -20,7 +20,8 @@ RULES = {r.id: r for r in PACK.rules}
 SEC = 1000
 
 
-def plays(n, ms_played, *, users=1, hours=1.0, tracks=5, artist="a1", device="d1", start=T0_MS):
+def plays(n, ms_played, *, users=1, hours=1.0, tracks=5, artist="a1", device="d1", start=T0_MS, length=None):
+    """``n`` plays of ``ms_played`` each; ``length`` is the tracks' length from the catalogue (None: unknown)."""
     step = int(hours * HOUR_MS / max(n, 1))
     return [
         signal(
@@ -31,6 +32,7 @@ def plays(n, ms_played, *, users=1, hours=1.0, tracks=5, artist="a1", device="d1
             ms_played=ms_played,
             track_id=f"t{i % tracks}",
             artist_id=artist,
+            track_duration_ms=length,
         )
         for i in range(n)
     ]
@@ -41,8 +43,8 @@ def mixed_plays(n, near_share, **kw):
     return plays(near, 32 * SEC, **kw) + plays(n - near, 210 * SEC, **kw)
 
 
-def around_the_clock(per_hour, hours):
-    return [s for h in range(hours) for s in plays(per_hour, 32 * SEC, start=T0_MS + h * HOUR_MS)]
+def around_the_clock(per_hour, hours, ms_played=32 * SEC, length=200 * SEC):
+    return [s for h in range(hours) for s in plays(per_hour, ms_played, start=T0_MS + h * HOUR_MS, length=length)]
 
 
 def logins(n, users, fail_share, ip="203.0.113.9", agent=None, scripted_share=1.0):
@@ -145,14 +147,63 @@ CASES = {
         ("near miss: 50 plays stopped at 65 s", plays(50, 65 * SEC), False),
         ("near miss: 39 paid plays of 45 s and 10 skips", plays(39, 45 * SEC) + plays(10, 2 * SEC), False),
         ("look-alike: 50 short tracks of 70 s an hour, in full", plays(50, 70 * SEC, tracks=50), False),
+        ("look-alike: the same with their length known", plays(50, 70 * SEC, tracks=50, length=70 * SEC), False),
+        ("fires: 50 plays of 3-minute tracks stopped at 65 s", plays(50, 65 * SEC, length=180 * SEC), True),
+        (
+            "look-alike: 42 tracks of 85 s, each cross-faded 12 s before its end, with 200 ms of latency",
+            plays(42, 72_800, tracks=42, length=85 * SEC),
+            False,
+        ),
+        (
+            "fires: 40 plays stopped at 65 s of 3 minutes, padded with 11 full plays of its own 65 s tracks",
+            plays(40, 65 * SEC, length=180 * SEC) + plays(11, 65 * SEC, length=65 * SEC),
+            True,
+        ),
+        (
+            "near miss: 40 paid plays, half stopped at 65 s of 3 minutes",
+            plays(20, 65 * SEC, length=180 * SEC) + plays(20, 180 * SEC, length=180 * SEC),
+            False,
+        ),
+        (
+            "near miss: 39 paid plays stopped at 65 s of 3 minutes and 10 skips",
+            plays(39, 65 * SEC, length=180 * SEC) + plays(10, 2 * SEC, length=180 * SEC),
+            False,
+        ),
+        # Royalties only (the listener never sees it): short tracks on a loop match on their length alone.
+        ("fires: 34 s sleep sounds played in full on a loop", plays(100, 34 * SEC, length=34 * SEC), True),
     ],
     "stream_farm_suspend": [
-        ("fires: 40 threshold plays an hour for 24 h", around_the_clock(40, 24), True),
+        ("fires: 40 plays an hour cut off at 32 s of 200 s tracks, for 24 h", around_the_clock(40, 24), True),
         ("near miss: the same for only 19 h", around_the_clock(45, 19), False),
         ("look-alike: sleep loop, one track all night", plays(160, 180 * SEC, tracks=1, hours=8), False),
         ("look-alike: super-fan all day", plays(250, 220 * SEC, tracks=10, hours=15), False),
-        # It matches a nursery speaker looping 34 s sleep tracks for 22 h too, which is why it runs in shadow
-        # (test_the_suspend_rule_matches_short_sleep_tracks_so_it_does_not_enforce).
+        # Version 2 matched this one (and ran in shadow for it): 34 s sleep-sound tracks played in full.
+        (
+            "look-alike: nursery speaker looping 34 s sleep tracks in full for 22 h",
+            around_the_clock(80, 22, ms_played=34 * SEC, length=34 * SEC),
+            False,
+        ),
+        ("near miss: a farm's day without track lengths", around_the_clock(40, 24, length=None), False),
+        (
+            "look-alike: the nursery speaker cross-fading 12 s, with 100 ms of latency, on 44 s tracks",
+            around_the_clock(40, 22, ms_played=31_900, length=44 * SEC),
+            False,
+        ),
+        (
+            "fires: a farm's day padded with 22% full plays of its own 32 s tracks",
+            [*around_the_clock(40, 24), *around_the_clock(11, 24, length=32 * SEC)],
+            True,
+        ),
+        (
+            "near miss: 40% of a day's plays just past 30 s cut off, the rest short tracks in full",
+            [*around_the_clock(16, 24), *around_the_clock(24, 24, length=32 * SEC)],
+            False,
+        ),
+        (
+            "near miss: a farm's day padded with skips to 78% just past 30 s (as version 2)",
+            [*around_the_clock(40, 24), *around_the_clock(11, 24, ms_played=2 * SEC)],
+            False,
+        ),
     ],
     "stream_farm_device": [
         ("fires: 4 accounts, 120 threshold plays", plays(120, 32 * SEC, users=4), True),
@@ -248,14 +299,15 @@ def test_default_rule(rule_id, signals, should_fire):
     assert all(h.decision.mode == RULES[rule_id].mode for h in hits)
 
 
-def test_the_suspend_rule_matches_short_sleep_tracks_so_it_does_not_enforce():
-    """Sleep-sound tracks of 31-38 s played in full on a nursery speaker for 22 hours look like a farm's day
-    to every feature signals give (no track length): the rule matches, so it runs in shadow. Enforce it only
-    once it can tell a finished short track from a play cut off at 31 s."""
-    nursery = [s for h in range(22) for s in plays(80, 34 * SEC, tracks=6, start=T0_MS + h * HOUR_MS)]
-    hits = _issued("stream_farm_suspend", nursery)
-    assert hits, "if this no longer matches, the rule can tell them apart: reconsider enforcing it"
-    assert RULES["stream_farm_suspend"].mode == "shadow" and all(h.decision.mode == "shadow" for h in hits)
+def test_the_suspend_rule_enforces_because_it_tells_sleep_tracks_from_cut_off_plays():
+    """Version 2 ran in shadow: a nursery speaker's 31-38 s sleep tracks, played in full for 22 hours, looked
+    like a farm's day. Version 3 counts only plays cut off before the track's end, so it may enforce; the
+    farm it catches and the nursery it spares differ only in the catalogue's track length."""
+    assert RULES["stream_farm_suspend"].mode == "enforce"
+    farm = around_the_clock(40, 22, ms_played=34 * SEC, length=200 * SEC)
+    nursery = around_the_clock(40, 22, ms_played=34 * SEC, length=34 * SEC)
+    assert [h.decision.mode for h in _issued("stream_farm_suspend", farm)] == ["enforce"]
+    assert not _issued("stream_farm_suspend", nursery)
 
 
 def test_no_rule_enforces_against_content_or_creators():
