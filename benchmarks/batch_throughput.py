@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -44,9 +45,17 @@ DEFAULT_RUNNER_CONFIG = "backtest_local_parallel.yaml"
 KINDS = ("bare", "full", "bare_blocks")
 
 
+def input_path(events: int) -> pathlib.Path:
+    """Where the input of about ``events`` signals is kept: named after the simulator's source as well as the
+    size, so a changed simulator (a new signal field, say) generates afresh rather than a benchmark measuring
+    the old traffic."""
+    simulator = hashlib.sha256((PROJECT_ROOT / "pipelines" / "simulate.py").read_bytes()).hexdigest()[:12]
+    return WORK_DIR / f"signals_{events}_{simulator}.jsonl"
+
+
 def ensure_input(events: int) -> tuple[pathlib.Path, int]:
     """Simulated traffic of about ``events`` signals (generated once, then reused); returns path and line count."""
-    path = WORK_DIR / f"signals_{events}.jsonl"
+    path = input_path(events)
     if not path.exists():
         WORK_DIR.mkdir(parents=True, exist_ok=True)
         scale = events / SIGNALS_PER_SCALE

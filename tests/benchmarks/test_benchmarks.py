@@ -105,3 +105,14 @@ def test_memory_benchmark_bare_graph_counts_every_user_once():
     figures = memory_keys.run_child(300, per_tick=100, events_per_hour=100, bare=True)
     assert figures["signals"] == 600
     assert figures["panes"] == figures["users"]  # one on-time pane per user-hour: each user's signals are in one
+
+
+def test_benchmark_input_is_generated_afresh_when_the_simulator_changes(tmp_path, monkeypatch):
+    simulator = tmp_path / "pipelines" / "simulate.py"
+    simulator.parent.mkdir()
+    simulator.write_bytes((batch_throughput.PROJECT_ROOT / "pipelines" / "simulate.py").read_bytes())
+    monkeypatch.setattr(batch_throughput, "PROJECT_ROOT", tmp_path)
+    before = batch_throughput.input_path(100_000)
+    assert batch_throughput.input_path(100_000) == before and before.name.startswith("signals_100000_")
+    simulator.write_bytes(simulator.read_bytes() + b"\n# a new signal field\n")
+    assert batch_throughput.input_path(100_000) != before
