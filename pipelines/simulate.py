@@ -248,6 +248,7 @@ class StreamFarm(Scenario):
     devices: int = 3
     ips: int = 2
     tracks: int = 5
+    play_ms: tuple[int, int] = (30_500, 38_000)  # each play stops somewhere in this range
     name = "stream_farm"
     kind = "attack"
 
@@ -263,7 +264,7 @@ class StreamFarm(Scenario):
             device, ip = self.device_ids[i % self.devices], self.ip_list[i % self.ips]
             t = world.start_ms + rng.randint(0, 600_000)
             while t < world.end_ms:
-                played = rng.randint(30_500, 38_000)
+                played = rng.randint(*self.play_ms)
                 yield world.stream(t, user, rng.choice(catalogue), played, device_id=device, ip=ip, country="US")
                 t += played + rng.randint(500, 3_000)
 
@@ -273,6 +274,20 @@ class StreamFarm(Scenario):
             + [Label("device", d, self.name, self.kind) for d in self.device_ids]
             + [Label("artist", self.artist_id, self.name, self.kind)]
         )
+
+
+@dataclasses.dataclass
+class StreamFarmPastAMinute(StreamFarm):
+    """A farm that stops its plays just past a minute: half the paid plays an hour of one stopping at 31 s,
+    and nothing just past the threshold for the features that count that. Only its tracks' lengths give
+    it away (most plays cut off minutes before the end). Its accounts are labelled; its devices and artist
+    are not, since no rule reads them for this (the device and artist rules count plays just past 30 s)."""
+
+    play_ms: tuple[int, int] = (61_000, 75_000)
+    name = "stream_farm_minute"
+
+    def labels(self):
+        return [Label("user", u, self.name, self.kind) for u in self.user_ids]
 
 
 @dataclasses.dataclass
@@ -573,6 +588,8 @@ def default_scenarios(scale: float = 1.0, hours: int = 24) -> list[Scenario]:
         SleepLoop(sleepers=n(5)),
         Dormitory(students=n(200)),
         ViralTrack(listeners=n(1500), start_hour=at(20)),
+        # Last, so the scenarios above draw the same random numbers as before it was added.
+        StreamFarmPastAMinute(accounts=n(6), devices=max(1, n(6) // 3)),
     ]
 
 
