@@ -17,7 +17,11 @@ Run against production::
     python -m pipelines.reverse --decision_id 0123abcd... --actor alice@example.com \\
         --reason "Appeal 4411: family account, plays verified" --project PROJECT \\
         --decisions_table PROJECT:mitigation.decisions --audit_table PROJECT:mitigation.audit \\
-        --decisions_topic projects/PROJECT/topics/decisions
+        --decisions_topic projects/PROJECT/topics/decisions --bigtable_instance INSTANCE
+
+``--bigtable_instance`` is required: without it the mitigation would stay active in the job's state store,
+which enforcement services read, while the command reported success. Pass ``--bigtable_instance ''`` only for
+a job that runs without a state store.
 
 Against the emulators, set PUBSUB_EMULATOR_HOST and BIGQUERY_EMULATOR_HOST first.
 """
@@ -159,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decisions_topic", required=True, help="projects/P/topics/T decisions are published to.")
     parser.add_argument(
         "--bigtable_instance",
-        default="",
+        required=True,
         help="Bigtable instance of the job's active mitigations (its --bigtable_instance): the reversed one is "
-        "lifted there too. Empty: the state store is not used.",
+        "lifted there, for good. '' only for a job that runs without a state store.",
     )
     parser.add_argument("--bigtable_table", default=TABLE_ID, help="Bigtable table of active mitigations.")
     args = parser.parse_args(argv)
@@ -199,7 +203,7 @@ def _lift(args, entity_type: str, entity_id: str) -> bool:
     """Delete the mitigation's column from the job's state store; False (and a message) if it is still there."""
     table = bigtable.Client(project=args.project).instance(args.bigtable_instance).table(args.bigtable_table)
     try:
-        [status] = table.mutate_rows([lift_row(entity_type, entity_id, args.decision_id)])
+        [status] = table.mutate_rows([lift_row(entity_type, entity_id, args.decision_id, int(time.time() * 1000))])
     except Exception as err:  # the client raises for a missing table or an outage, as well as returning a status
         status_message = f"{type(err).__name__}: {err}"
     else:

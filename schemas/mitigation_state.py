@@ -13,11 +13,21 @@ mitigation's expiry, and the family's garbage-collection rule is a maximum age
 of one second, so Bigtable deletes a cell once its expiry has passed. GC is
 lazy, so readers also filter cells by timestamp >= now: an expired mitigation is
 never served. Only enforce decisions are written (a shadow decision never
-becomes active state); a reversal deletes the column.
+becomes active state).
+
+A reversal deletes the column and, in the same row mutation, writes a
+tombstone: column ``reversed:{decision_id}``, stamped ``REVERSAL_MEMORY`` ahead.
+Readers never serve a decision with a tombstone. The delete alone was not
+durable: the pipeline writing the same decision again (a retried bundle, a
+restarted or replayed job, a write that reached Bigtable after the reversal)
+brought the mitigation back, and so did the same id arriving in enforce mode
+after a shadow decision of it was reversed. Decision ids are hex, so no
+decision's column starts with ``reversed:``.
 
 Timeline for one user: T0 a decision (expiry T0+7d) writes column ``d1``;
 T1 a second rule's decision adds column ``d2``; T2 an operator reverses ``d1``,
-deleting that column; T0+7d ``d2`` stops being served and is collected.
+deleting that column and writing ``reversed:d1``; T3 a replay writes ``d1``
+again, which is not served; T0+7d ``d2`` stops being served and is collected.
 """
 
 from __future__ import annotations
@@ -31,6 +41,10 @@ import orjson
 TABLE_ID = "mitigations"
 FAMILY = "m"
 GC_MAX_AGE = dt.timedelta(seconds=1)
+REVERSED_PREFIX = b"reversed:"
+# How long a tombstone outlives its reversal: the longest ttl a rule may have (transforms.rulepack), so a replay
+# of the decision, which is stamped afresh, cannot outlive it. Reversals are operator actions: few cells.
+REVERSAL_MEMORY = dt.timedelta(days=3650)
 VALUE_FIELDS = (
     "decision_id",
     "entity_type",
@@ -55,6 +69,11 @@ def row_key(entity_type: str, entity_id: str) -> bytes:
 def cell_value(decision: typing.NamedTuple) -> bytes:
     """The JSON kept for one mitigation (a subset of the decision: what a caller needs to act and explain)."""
     return orjson.dumps({name: getattr(decision, name) for name in VALUE_FIELDS})
+
+
+def tombstone_qualifier(decision_id: str) -> bytes:
+    """The column that records a reversal of ``decision_id``."""
+    return REVERSED_PREFIX + decision_id.encode("utf-8")
 
 
 def cell_timestamp(expires_at_ms: int) -> dt.datetime:

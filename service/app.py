@@ -11,9 +11,15 @@ reversals, ``parse_allowlist`` and ``parse_rule_overrides`` to validate a file
 before it replaces the old one, so the streaming job never reads a file the
 API made invalid.
 
-Order of an operator write: validate, write the audit row, then replace the
-file. If the audit table is unavailable nothing changes (503): an unaudited
-change is worse than a delayed one. Files are rewritten from parsed YAML, so
+Order of a write to a policy file: validate, write the new file beside the
+old, write the audit row, then replace the old file in one step. If the audit
+table is unavailable, or the new file cannot be written, nothing changes
+(503): an unaudited change is worse than a delayed one, and an audited change
+that never happened misleads. A reversal (``pipelines.reverse``) publishes,
+writes the decisions row and then the audit row, which marks it done; only
+then is the mitigation lifted. If any step fails the API answers 503, the
+mitigation stays active, and calling again completes the reversal (its id is
+fixed, so consumers see it once). Files are rewritten from parsed YAML, so
 only their leading comment block survives; comments between entries are lost.
 Writes to one file are serialised in this process; run one process per file.
 
@@ -41,6 +47,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Path, Re
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from google.api_core import exceptions as api_exceptions
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,6 +68,15 @@ if typing.TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+# BigQuery and Pub/Sub failures worth a 503 and a retry.
+_TRANSIENT = (
+    api_exceptions.ServiceUnavailable,
+    api_exceptions.DeadlineExceeded,
+    api_exceptions.TooManyRequests,
+    api_exceptions.InternalServerError,
+    api_exceptions.RetryError,
+    TimeoutError,
+)
 MAX_BATCH = 100
 MAX_REASON = 500
 # The id grammar of signals (transforms.parse), anchored: pydantic's pattern is a search, not a full match.
@@ -69,7 +85,13 @@ ID_PATTERN = f"^{_ID_RE.pattern}$"
 ENTITY_ID_PATTERN = f"^(?:{_ID_RE.pattern}|:[0-9A-Fa-f:.]{{1,45}})$"
 RULE_ID_PATTERN = f"^{_RULE_ID_RE.pattern}$"
 # One human sentence: no control characters (no newlines), at least one visible character.
-REASON_PATTERN = r"^[^\x00-\x1f\x7f]*\S[^\x00-\x1f\x7f]*$"
+# No control characters (C0, DEL, C1: U+009B is a terminal's escape introducer, U+0085 a line break) and no line
+# or paragraph separators: the same set parsing refuses in a user agent (transforms.parse._CONTROL_RE).
+# The middle character is any non-space that is not one of them either: "\S" there let a lone control
+# character through ("\x9b31m", "\x01").
+REASON_PATTERN = (
+    r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*[^\s\x00-\x1f\x7f-\x9f\u2028\u2029][^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
+)
 OPERATOR_PACK = "operator"
 # Audit statuses of operators' changes (reversals keep pipelines.reverse's own status, "reversal").
 OPERATOR_ALLOWLIST_ADD = "operator_allowlist_add"
@@ -403,17 +425,32 @@ def _rewrite(text: str, key: str, entries: list) -> str:
     return _leading_comments(text) + dumped
 
 
-def _atomic_write(path: str, text: str) -> None:
-    """Replace the file in one step (temp file in the same directory, then rename): readers see old or new."""
+class PolicyFileUnwritable(RuntimeError):
+    """The new file could not be written next to the old one: nothing was audited or changed (503)."""
+
+
+def _audited_write(service: _Service, row: AuditRow, path: str, text: str) -> None:
+    """Audit a change to a policy file and make it, in an order that never audits a change that cannot happen:
+    write the new file beside the old one (a temp file in the same directory), then the audit row, then
+    replace the old file in one step (a rename: readers see old or new). If the new file cannot be written
+    (a missing directory, a full disk) nothing is audited; if the audit fails the temp file is removed."""
     target = pathlib.Path(path)
-    mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as err:
+        raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
+    except OSError as err:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
+    try:
+        service.audit(row)
         os.replace(tmp, target)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -630,6 +667,11 @@ def reverse_decision(
         original = find_decision(service.bigquery, settings.decisions_table, decision_id)
     except ReversalError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such decision") from None
+    except _TRANSIENT as err:  # a missing table or a bad query is a bug or a misconfiguration: 500, logged
+        _LOGGER.error("decision lookup failed: %s", type(err).__name__)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, "the decisions table is unavailable; try again"
+        ) from None
     try:
         reversal = reverse(
             service.bigquery,
@@ -645,6 +687,14 @@ def reverse_decision(
         if not original.reverses_decision_id:
             service.store.remove(original.entity_type, original.entity_id, original.decision_id)
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as err:
+        # A row refused, the topic or a table unreachable: the audit row (written last) is missing, so calling
+        # again does the reversal's remaining steps; until then the mitigation stays active (module docstring).
+        _LOGGER.error("reversal incomplete: %s", type(err).__name__, extra={"decision_id": original.decision_id})
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the reversal did not complete and the mitigation is still active; try again",
+        ) from None
     service.store.remove(original.entity_type, original.entity_id, original.decision_id)
     _LOGGER.info("decision reversed", extra={"decision_id": original.decision_id, "rule_id": original.rule_id})
     return ReversalResponse(
@@ -705,8 +755,7 @@ def add_allowlist_entry(
         new_text = _rewrite(text, "allowlist", [*_raw_entries(text, "allowlist"), raw])
         entry = _changed_allowlist(new_text, known, now_ms)[-1]
         row = _allowlist_audit(OPERATOR_ALLOWLIST_ADD, entry, body.reason.strip(), caller.actor, now_ms)
-        service.audit(row)
-        _atomic_write(path, new_text)
+        _audited_write(service, row, path, new_text)
     _LOGGER.info("allowlist entry %d added", entry.index, extra={"decision_id": row.decision_id})
     return AllowlistChange(version=_version(new_text), entry=entry, audit_id=row.decision_id)
 
@@ -714,7 +763,7 @@ def add_allowlist_entry(
 @router.post(
     "/v1/allowlist/{index}/expire",
     tags=["allowlist"],
-    responses=_errors(401, 403, 404, 409, 412, 413, 422, 503),
+    responses=_errors(401, 403, 404, 409, 412, 413, 422, 428, 503),
     operation_id="expireAllowlistEntry",
 )
 def expire_allowlist_entry(
@@ -723,8 +772,15 @@ def expire_allowlist_entry(
     """End an entry today: it still applies until the end of today (UTC), as any ``expires`` day does.
 
     The entry stays in the file, so the file keeps its history. An entry that already ends today or earlier is
-    a conflict (409): setting today would extend it.
+    a conflict (409): setting today would extend it. If-Match is required (428 without it; ``*`` accepts any
+    version): an index names an entry only in the version of the file the caller read, and after a hand edit
+    in between, index 0 may be another entry.
     """
+    if if_match is None:
+        raise HTTPException(
+            status.HTTP_428_PRECONDITION_REQUIRED,
+            "send the version from GET /v1/allowlist as If-Match (* for any): an index names an entry in one version",
+        )
     now_ms = _now_ms()
     today = _today(now_ms)
     path = service.settings.allowlist_path
@@ -742,8 +798,7 @@ def expire_allowlist_entry(
         new_text = _rewrite(text, "allowlist", raw)
         entry = _changed_allowlist(new_text, known, now_ms)[index]
         row = _allowlist_audit(OPERATOR_ALLOWLIST_EXPIRE, entry, body.reason.strip(), caller.actor, now_ms)
-        service.audit(row)
-        _atomic_write(path, new_text)
+        _audited_write(service, row, path, new_text)
     _LOGGER.info("allowlist entry %d expired", index, extra={"decision_id": row.decision_id})
     return AllowlistChange(version=_version(new_text), entry=entry, audit_id=row.decision_id)
 
@@ -806,8 +861,7 @@ def _set_paused(service: _Service, rule_id: str, pause: bool, reason: str, actor
             raise HTTPException(status.HTTP_409_CONFLICT, f"the job would refuse the new file: {err}") from None
         status_ = OPERATOR_RULE_PAUSE if pause else OPERATOR_RULE_RESUME
         row = _rule_audit(status_, rules.get(rule_id), rule_id, reason, actor, now_ms)
-        service.audit(row)
-        _atomic_write(path, new_text)
+        _audited_write(service, row, path, new_text)
     _LOGGER.info(
         "rule %s", "paused" if pause else "resumed", extra={"rule_id": rule_id, "decision_id": row.decision_id}
     )
@@ -967,6 +1021,11 @@ async def _audit_unavailable(request: Request, exc: AuditUnavailable) -> JSONRes
     return JSONResponse({"error": "the audit table is unavailable; nothing was changed"}, status_code=503)
 
 
+async def _policy_file_unwritable(request: Request, exc: PolicyFileUnwritable) -> JSONResponse:
+    _LOGGER.error("policy file cannot be written: %s", exc)
+    return JSONResponse({"error": "the policy file cannot be written; nothing was changed"}, status_code=503)
+
+
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     _LOGGER.error("mitigation store unavailable: %s", exc)
     return JSONResponse({"error": "the mitigation store is unavailable; try again"}, status_code=503)
@@ -992,6 +1051,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(AuditUnavailable, _audit_unavailable)
     app.add_exception_handler(RulePackError, _policy_unreadable)
+    app.add_exception_handler(PolicyFileUnwritable, _policy_file_unwritable)
     from service.store import StoreUnavailable  # noqa: PLC0415 - the Bigtable client library, only with an app
 
     app.add_exception_handler(StoreUnavailable, _store_unavailable)

@@ -120,7 +120,8 @@ def parse_tokens(text: str, source: str) -> TokenVerifier:
 
 
 def load_tokens(path: str | None) -> TokenVerifier:
-    """The token file at ``path``; no path means no token is accepted (every call but /healthz gets 401)."""
+    """The token file at ``path``; no path means no token is accepted (every call but /healthz and /openapi.json gets
+    401). The file is read once, at start: revoking a token takes a restart."""
     if not path:
         return TokenVerifier()
     try:

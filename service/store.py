@@ -4,12 +4,15 @@ The streaming job writes one column per enforce decision, with the decision's
 expiry as the cell timestamp. Garbage collection removes expired cells only
 eventually, so every read here filters by timestamp: a cell is served while its
 expiry is still ahead (``expires_at_ms > now``), the same test the action
-ladder uses for "active". A reversal deletes the column.
+ladder uses for "active". A reversal deletes the column and leaves a tombstone
+(``reversed:{decision_id}``), and a decision with a tombstone is never served,
+whatever writes it again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import typing
 
 import orjson
@@ -18,7 +21,7 @@ from google.cloud import bigtable
 from google.cloud.bigtable.data import BigtableDataClient, ReadRowsQuery, row_filters
 from google.cloud.bigtable.table import DEFAULT_RETRY
 
-from schemas.mitigation_state import FAMILY, TABLE_ID, VALUE_FIELDS, cell_timestamp, row_key
+from schemas.mitigation_state import FAMILY, REVERSED_PREFIX, TABLE_ID, VALUE_FIELDS, cell_timestamp, row_key
 from transforms.state_store import lift_row
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,7 +80,13 @@ class MitigationStore:
             entity = by_key.get(row.row_key)
             if entity is None:
                 continue
-            for cell in row.get_cells(family=FAMILY):  # one per column: the filter keeps the newest
+            cells = row.get_cells(family=FAMILY)  # one per column: the filter keeps the newest
+            reversed_ids = {
+                c.qualifier[len(REVERSED_PREFIX) :] for c in cells if c.qualifier.startswith(REVERSED_PREFIX)
+            }
+            for cell in cells:
+                if cell.qualifier.startswith(REVERSED_PREFIX) or cell.qualifier in reversed_ids:
+                    continue
                 value = _parse_cell(cell.qualifier, cell.value, entity)
                 if value is not None:
                     found[entity].append(value)
@@ -86,11 +95,11 @@ class MitigationStore:
         return found
 
     def remove(self, entity_type: str, entity_id: str, decision_id: str) -> None:
-        """Delete one mitigation's column (every version of it). Deleting a missing column is not an error."""
+        """Lift one mitigation for good: delete its column (every version) and write its tombstone. Lifting a
+        missing column is not an error, and its tombstone still stops the decision being served later."""
+        row = lift_row(entity_type, entity_id, decision_id, int(time.time() * 1000))
         try:
-            [status] = self._table.mutate_rows(
-                [lift_row(entity_type, entity_id, decision_id)], retry=_WRITE_RETRY, timeout=DEADLINE_SEC
-            )
+            [status] = self._table.mutate_rows([row], retry=_WRITE_RETRY, timeout=DEADLINE_SEC)
         except api_exceptions.GoogleAPIError as err:
             raise StoreUnavailable(f"lifting {decision_id} failed: {type(err).__name__}: {err}") from err
         if status.code != 0:

@@ -11,7 +11,9 @@ Only active mitigations are written:
   never becomes state anyone acts on;
 * not reversals: a reversal (``pipelines.reverse``) carries ``mode=enforce``
   and the original's expiry, so writing it would add an active-looking column
-  instead of lifting one. The API deletes the original's column on reversal.
+  instead of lifting one. The API (or ``pipelines.reverse``) lifts the original
+  with ``lift_row``: its column deleted and a tombstone written, so writing the
+  same decision again here never brings it back.
 
 Retries are idempotent: the cell timestamp is the decision's expiry (never the
 server's clock) and the qualifier is the deterministic decision id, so a
@@ -24,7 +26,8 @@ column, which is the one readers take.) Timeline for one user (7-day TTL)::
     T0+1s   the bundle is retried after a failed flush: the same cell is overwritten
     T0+1h   shadow decision d2 (a new rule under evaluation): not written
     T0+2d   an operator reverses d1: the reversal decision is not written; the
-            API deletes column m:d1
+            API deletes column m:d1 and writes the tombstone m:reversed:d1
+    T0+3d   the job is replayed and writes m:d1 again: readers skip it (tombstone)
     T0+7d   (had d1 not been reversed) readers stop serving it (timestamp <=
             now); the 1 s max-age GC rule lets Bigtable collect it later
 
@@ -37,12 +40,21 @@ idempotent cells make that safe.
 from __future__ import annotations
 
 import apache_beam as beam
+import orjson
 from apache_beam.io.gcp.bigtableio import WriteToBigTable
 from apache_beam.metrics import Metrics
 from google.cloud.bigtable.row import DirectRow
 
 from schemas import Decision
-from schemas.mitigation_state import FAMILY, TABLE_ID, cell_timestamp, cell_value, row_key
+from schemas.mitigation_state import (
+    FAMILY,
+    REVERSAL_MEMORY,
+    TABLE_ID,
+    cell_timestamp,
+    cell_value,
+    row_key,
+    tombstone_qualifier,
+)
 
 METRICS_NAMESPACE = "state_store"
 
@@ -67,10 +79,14 @@ def to_direct_row(decision: Decision) -> DirectRow:
     return row
 
 
-def lift_row(entity_type: str, entity_id: str, decision_id: str) -> DirectRow:
-    """The mutation that lifts one mitigation (a reversal): delete its column, every version."""
+def lift_row(entity_type: str, entity_id: str, decision_id: str, now_ms: int) -> DirectRow:
+    """The mutation that lifts one mitigation (a reversal), atomic in its row: delete its column, every version,
+    and write its tombstone, so the decision written again is not served (``schemas.mitigation_state``)."""
     row = DirectRow(row_key(entity_type, entity_id))
     row.delete_cell(FAMILY, decision_id.encode("utf-8"))
+    remember_until_ms = now_ms + int(REVERSAL_MEMORY.total_seconds() * 1000)
+    tombstone = orjson.dumps({"decision_id": decision_id, "reversed_at_ms": now_ms})
+    row.set_cell(FAMILY, tombstone_qualifier(decision_id), tombstone, timestamp=cell_timestamp(remember_until_ms))
     return row
 
 

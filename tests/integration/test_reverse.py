@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 from google.api_core.client_options import ClientOptions
@@ -13,6 +14,7 @@ from pipelines import provision
 from pipelines.options import PROJECT_ROOT
 from schemas import DECISION_SCHEMA, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID, row_key
+from service.store import MitigationStore
 from tests.schemas.test_schemas import _decision
 from transforms.state_store import to_direct_row
 
@@ -71,7 +73,14 @@ def test_reversal_is_published_audited_and_the_original_kept(env):
     assert "Appeal 4411 upheld" in audit[0]["reason"]
     ids = sorted(r["decision_id"] for r in env["bq"].query(f"SELECT decision_id FROM `{DATASET}.decisions`").result())
     assert "orig-1" in ids and len(ids) == 2  # the original row stays; the reversal is added
-    assert _state_columns(env) == []  # lifted from the state store
+    assert _state_columns(env) == [b"reversed:orig-1"]  # lifted from the state store, for good (a tombstone)
+    # The job writes it again (a replay stamps a fresh expiry): not served, while another decision still is.
+    now_ms = int(time.time() * 1000)
+    replayed = _decision()._replace(decision_id="orig-1", entity_id="u77", expires_at_ms=now_ms + 3_600_000)
+    other = replayed._replace(decision_id="other-1")
+    assert [s.code for s in env["table"].mutate_rows([to_direct_row(replayed), to_direct_row(other)])] == [0, 0]
+    served = MitigationStore(env["project"], INSTANCE).lookup([("user", "u77")], now_ms)[("user", "u77")]
+    assert [m["decision_id"] for m in served] == ["other-1"]
 
 
 def test_reversing_twice_or_an_unknown_decision_is_refused(env):
@@ -99,7 +108,7 @@ def test_running_the_command_again_lifts_what_a_failed_lift_left_active(env):
     assert columns() == [b"orig-2"]
     again = _reverse(env, "orig-2")
     assert again.returncode == 2 and "already reversed" in again.stderr
-    assert "lifted orig-2" in again.stdout and columns() == []
+    assert "lifted orig-2" in again.stdout and columns() == [b"reversed:orig-2"]
 
 
 def test_of_a_shadow_and_an_enforce_decision_with_one_id_the_enforcement_is_found(env):

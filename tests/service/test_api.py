@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from google.cloud import pubsub_v1
+from google.cloud import bigquery, pubsub_v1
 
 from pipelines.reverse import reverse
 from schemas import DECISION_SCHEMA, to_bigquery_row
@@ -29,6 +29,7 @@ from tests.service.conftest import (
 )
 from transforms.rulepack import load_rule_pack, parse_rule_overrides
 from transforms.safeguards import parse_allowlist
+from transforms.state_store import to_direct_row
 
 READ, OPERATE = auth(READ_TOKEN), auth(OPERATE_TOKEN)
 IP_HOSTS = itertools.count(0x7000 + os.getpid() % 0x1000)
@@ -185,7 +186,9 @@ def test_an_oversized_body_is_413_declared_or_chunked(client):
     assert chunked.json() == {"error": "request body over 65536 bytes"}
 
 
-@pytest.mark.parametrize("reason", ["", "   ", "x" * 501, "two\nlines", None])
+@pytest.mark.parametrize(
+    "reason", ["", "   ", "x" * 501, "two\nlines", None, "\x9b31m red", "\x01", "a\x85b", "a\u2028b"]
+)
 def test_a_reversal_needs_a_sensible_reason(client, reason):
     body = {} if reason is None else {"reason": reason}
     assert client.post("/v1/decisions/d1/reversal", json=body, headers=OPERATE).status_code == 422
@@ -270,6 +273,45 @@ def test_reversal_end_to_end(client, backends):
     again = client.post(f"/v1/decisions/{original.decision_id}/reversal", json={"reason": "again"}, headers=OPERATE)
     assert again.status_code == 409 and "already reversed" in again.json()["error"]
 
+    # The job writes the same decision again (a retried bundle, a replay): the reversal holds.
+    assert [s.code for s in backends["table"].mutate_rows([to_direct_row(original)])] == [0]
+    assert _ids(client.get(lookup, headers=READ).json()) == [sibling.decision_id]
+
+
+def test_a_shadow_decision_reversed_is_not_served_when_it_comes_in_enforce_mode(client, backends):
+    """One id comes once per mode (a rule promoted or resumed mid-window): the reversal covers both."""
+    user = unique("u")
+    enforce = mitigation("user", user, expires_in_sec=3600)
+    _seed_decision(backends, enforce._replace(mode="shadow"))
+
+    response = client.post(
+        f"/v1/decisions/{enforce.decision_id}/reversal", json={"reason": "Appeal 5"}, headers=OPERATE
+    )
+    assert response.status_code == 200, response.text
+    assert [s.code for s in backends["table"].mutate_rows([to_direct_row(enforce)])] == [0]  # the job, later
+
+    assert _ids(client.get(f"/v1/entities/user/{user}/mitigations", headers=READ).json()) == []
+
+
+def test_a_reversal_that_cannot_be_audited_is_a_503_and_a_retry_completes_it(backends, settings, client):
+    """The audit row is written last and marks the reversal done: until it is written the mitigation stays
+    active, and calling again completes what the first call started."""
+    user = unique("u")
+    original = mitigation("user", user, expires_in_sec=3600)
+    _seed_decision(backends, original)
+    put_cell(backends["table"], original)
+    lookup, path = f"/v1/entities/user/{user}/mitigations", f"/v1/decisions/{original.decision_id}/reversal"
+    broken = dataclasses.replace(settings, audit_table=f"{backends['project']}:{DATASET}.no_such_table")
+    with TestClient(create_app(broken)) as unaudited:
+        failed = unaudited.post(path, json={"reason": "Appeal 6"}, headers=OPERATE)
+
+    assert failed.status_code == 503 and "still active" in failed.json()["error"]
+    assert _ids(client.get(lookup, headers=READ).json()) == [original.decision_id]
+    retried = client.post(path, json={"reason": "Appeal 6"}, headers=OPERATE)
+    assert retried.status_code == 200, retried.text
+    assert _ids(client.get(lookup, headers=READ).json()) == []
+    assert [row["status"] for row in audit_rows(backends["bq"], retried.json()["reversal_decision_id"])] == ["reversal"]
+
 
 def test_reversing_an_unknown_decision_is_404(client):
     response = client.post(f"/v1/decisions/{unique('missing')}/reversal", json={"reason": "Appeal 9"}, headers=OPERATE)
@@ -311,7 +353,10 @@ def test_allowlist_add_list_and_expire_are_audited(client, settings, backends):
     assert listed.json()["entries"][-1]["id"] == "partner-loadtest-7"
 
     index = change["entry"]["index"]
-    expired = client.post(f"/v1/allowlist/{index}/expire", json={"reason": "Load test over"}, headers=OPERATE)
+    version = {**OPERATE, "If-Match": listed.headers["ETag"]}
+    blind = client.post(f"/v1/allowlist/{index}/expire", json={"reason": "Load test over"}, headers=OPERATE)
+    assert blind.status_code == 428  # an index names an entry only in the version the caller read
+    expired = client.post(f"/v1/allowlist/{index}/expire", json={"reason": "Load test over"}, headers=version)
 
     assert expired.status_code == 200, expired.text
     today = dt.datetime.now(tz=dt.UTC).date()
@@ -325,7 +370,7 @@ def test_allowlist_add_list_and_expire_are_audited(client, settings, backends):
         "Load test over",
     )
 
-    again = client.post(f"/v1/allowlist/{index}/expire", json={"reason": "twice"}, headers=OPERATE)
+    again = client.post(f"/v1/allowlist/{index}/expire", json={"reason": "twice"}, headers={**OPERATE, "If-Match": "*"})
     assert again.status_code == 409
 
 
@@ -354,7 +399,7 @@ def test_a_stale_version_or_index_is_refused(client, settings):
     reason = {"reason": "cleanup"}
     stale = client.post("/v1/allowlist/0/expire", json=reason, headers={**OPERATE, "If-Match": '"' + "0" * 64 + '"'})
     assert stale.status_code == 412
-    assert client.post("/v1/allowlist/99/expire", json=reason, headers=OPERATE).status_code == 404
+    assert client.post("/v1/allowlist/99/expire", json=reason, headers={**OPERATE, "If-Match": "*"}).status_code == 404
     assert open(settings.allowlist_path).read() == before
 
 
@@ -454,3 +499,17 @@ def test_without_the_audit_table_an_operator_write_changes_nothing(backends, set
     assert added.json() == {"error": "the audit table is unavailable; nothing was changed"}
     assert open(settings.allowlist_path).read() == before
     assert not os.path.exists(settings.rule_overrides_path)
+
+
+def test_a_policy_file_that_cannot_be_written_is_a_503_and_nothing_is_audited(backends, settings):
+    """The new file is written beside the old before the audit row: an audited change must have happened."""
+    entity_id = unique("dev-nowhere")
+    nowhere = dataclasses.replace(settings, allowlist_path=str(settings.allowlist_path) + ".d/missing/allowlist.yaml")
+    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
+    with TestClient(create_app(nowhere)) as client:
+        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    assert added.status_code == 503
+    assert added.json() == {"error": "the policy file cannot be written; nothing was changed"}
+    query = f"SELECT COUNT(*) AS n FROM `{DATASET}.audit` WHERE entity_id = @id"
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", entity_id)])
+    assert next(iter(backends["bq"].query(query, job_config=config).result()))["n"] == 0

@@ -7,6 +7,7 @@ import pytest
 from schemas.mitigation_state import FAMILY, cell_timestamp, row_key
 from service.store import MitigationStore
 from tests.service.conftest import INSTANCE, mitigation, put_cell, unique
+from transforms.state_store import to_direct_row
 
 
 def _now_ms() -> int:
@@ -54,6 +55,25 @@ def test_remove_deletes_one_column(backends):
     store.remove("user", user, lift.decision_id)
     store.remove("user", user, "never-existed")  # not an error
 
+    assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [keep.decision_id]
+
+
+def test_a_reversed_decision_written_again_is_never_served(backends):
+    """A reversal must be durable: the pipeline writing the same decision again (a retried bundle, a replayed
+    job, a write that reached Bigtable after the reversal) must not bring it back, nor may the same id arriving
+    in enforce mode after its shadow decision was reversed."""
+    table = backends["table"]
+    user = unique("u")
+    keep, lifted, shadow_first = (mitigation("user", user, expires_in_sec=3600) for _ in range(3))
+    for decision in (keep, lifted):
+        table.mutate_rows([to_direct_row(decision)])
+    store = MitigationStore(backends["project"], INSTANCE)
+
+    store.remove("user", user, lifted.decision_id)
+    store.remove("user", user, shadow_first.decision_id)  # reversed while it was only a shadow decision
+    statuses = table.mutate_rows([to_direct_row(lifted), to_direct_row(shadow_first)])  # the pipeline's writes
+
+    assert [s.code for s in statuses] == [0, 0]
     assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [keep.decision_id]
 
 
