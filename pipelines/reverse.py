@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _lift(args, entity_type: str, entity_id: str) -> bool:
-    """Delete the mitigation's column from the job's state store; False (and a message) if it is still there."""
+    """Lift the mitigation in the job's state store (its column deleted, its tombstone written); False (and a
+    message) if that failed."""
     table = bigtable.Client(project=args.project).instance(args.bigtable_instance).table(args.bigtable_table)
     try:
         [status] = table.mutate_rows([lift_row(entity_type, entity_id, args.decision_id, int(time.time() * 1000))])
