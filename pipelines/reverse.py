@@ -8,9 +8,13 @@ the same places as every decision: the decisions topic (with the attribute
 decisions table and the audit table (status ``reversal``). The original rows
 are never changed or deleted.
 
-The reversal's id is derived from the original's, so running the command
-twice publishes the same id (consumers de-duplicate), and it refuses when the
-audit table already holds that reversal.
+The decisions row and the audit row are written first; the audit row marks
+the reversal made, and only then is it published. The reversal's id is
+derived from the original's, so running the command again is the same
+reversal: refused (exit 2) when the audit table already holds it, but it
+then publishes the recorded reversal again (consumers de-duplicate by id)
+and lifts the mitigation, which completes a reversal whose publishing or
+lift failed the first time (exit 1, with a message saying to run it again).
 
 Run against production::
 
@@ -53,6 +57,15 @@ class ReversalError(RuntimeError):
 
 class ReversalRefused(ReversalError):
     """A refusal, not a failure: the decision is already reversed, or is itself a reversal."""
+
+
+class ReversalUndelivered(ReversalError):
+    """The reversal is recorded (decisions and audit rows) but publishing it failed: ``redeliver`` publishes it."""
+
+
+def reversal_id(decision_id: str) -> str:
+    """The id of the reversal of ``decision_id``: derived, so a second attempt is the same reversal."""
+    return hashlib.sha256(f"reversal\x1f{decision_id}".encode()).hexdigest()[:32]
 
 
 def _table_id(spec: str) -> str:
@@ -103,7 +116,7 @@ def reversal_of(original: Decision, reason: str, actor: str, now_ms: int) -> Dec
     if original.reverses_decision_id:
         raise ReversalRefused(f"{original.decision_id} is itself a reversal")
     return original._replace(
-        decision_id=hashlib.sha256(f"reversal\x1f{original.decision_id}".encode()).hexdigest()[:32],
+        decision_id=reversal_id(original.decision_id),
         mode="enforce",
         reason=f"Reversal of {original.action} ({original.rule_id}): {reason}",
         evidence={},
@@ -140,8 +153,11 @@ def reverse(
     )
     if next(iter(client.query(done, job_config=config).result()))["n"]:
         raise ReversalRefused(f"{decision_id} is already reversed (reversal {reversal.decision_id})")
-    message = decision_message(reversal)
-    publisher.publish(decisions_topic, message.data, **message.attributes).result(timeout=60)
+    # The record first, the audit row last of it (it marks the reversal made), then the topic. A failure before
+    # the audit row leaves nothing a consumer acted on, and calling again makes the reversal; a failure to
+    # publish leaves a recorded reversal, which calling again (refused: already reversed) publishes with
+    # ``redeliver``. Publishing first left a reversal consumers had acted on with no audit row when the audit
+    # insert failed.
     for table, rows in (
         (decisions_table, [to_bigquery_row(DECISION_SCHEMA, reversal)]),
         (audit_table, [to_bigquery_row(AUDIT_SCHEMA, audit_row(reversal, original))]),
@@ -149,7 +165,31 @@ def reverse(
         errors = client.insert_rows_json(_table_id(table), rows, row_ids=[reversal.decision_id])
         if errors:
             raise ReversalError(f"{table} rejected the reversal row: {errors}")
+    try:
+        _publish(publisher, decisions_topic, reversal)
+    except Exception as err:  # any client or transport failure: recorded, not delivered
+        raise ReversalUndelivered(f"recorded, but publishing failed: {type(err).__name__}: {err}") from err
     return reversal
+
+
+def redeliver(
+    client: bigquery.Client,
+    publisher: pubsub_v1.PublisherClient,
+    *,
+    decision_id: str,
+    decisions_table: str,
+    decisions_topic: str,
+) -> Decision:
+    """Publish the recorded reversal of ``decision_id`` again, as it was recorded (consumers de-duplicate by
+    id): what completes a reversal whose publishing failed."""
+    recorded = find_decision(client, decisions_table, reversal_id(decision_id))
+    _publish(publisher, decisions_topic, recorded)
+    return recorded
+
+
+def _publish(publisher: pubsub_v1.PublisherClient, topic: str, reversal: Decision) -> None:
+    message = decision_message(reversal)
+    publisher.publish(topic, message.data, **message.attributes).result(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,13 +223,31 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ReversalRefused as err:
         print(f"error: {err}", file=sys.stderr)
-        # Already reversed: still lift it, so running the command again heals a lift that failed the first
-        # time (the Mitigation API does the same). A reversal itself is never a mitigation to lift.
-        if args.bigtable_instance:
-            original = find_decision(client, args.decisions_table, args.decision_id)
-            if not original.reverses_decision_id and not _lift(args, original.entity_type, original.entity_id):
-                return 1
+        # Already reversed: publish it again and lift it, so running the command again completes a reversal
+        # whose publishing or lift failed the first time (the Mitigation API does the same). A reversal itself
+        # is never a mitigation to lift.
+        original = find_decision(client, args.decisions_table, args.decision_id)
+        if original.reverses_decision_id:
+            return 2
+        try:
+            redeliver(
+                client,
+                pubsub_v1.PublisherClient(),
+                decision_id=args.decision_id,
+                decisions_table=args.decisions_table,
+                decisions_topic=args.decisions_topic,
+            )
+        except Exception as publish_err:  # noqa: BLE001 - reported, and the command can be run again
+            print(f"error: the reversal is recorded but still not published: {publish_err}", file=sys.stderr)
+            return 1
+        print(f"published the recorded reversal of {args.decision_id} again")
+        if args.bigtable_instance and not _lift(args, original.entity_type, original.entity_id):
+            return 1
         return 2
+    except ReversalUndelivered as err:
+        print(f"error: {err}", file=sys.stderr)
+        print("the reversal is recorded; run the same command again to publish it and lift it", file=sys.stderr)
+        return 1
     except ReversalError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ never served. Only enforce decisions are written (a shadow decision never
 becomes active state).
 
 A reversal deletes the column and, in the same row mutation, writes a
-tombstone: column ``reversed:{decision_id}``, stamped ``REVERSAL_MEMORY`` ahead.
+tombstone: column ``reversed:{decision_id}``, stamped ``REVERSAL_MEMORY`` (twenty years) ahead.
 Readers never serve a decision with a tombstone. The delete alone was not
 durable: the pipeline writing the same decision again (a retried bundle, a
 restarted or replayed job, a write that reached Bigtable after the reversal)
@@ -42,9 +42,11 @@ TABLE_ID = "mitigations"
 FAMILY = "m"
 GC_MAX_AGE = dt.timedelta(seconds=1)
 REVERSED_PREFIX = b"reversed:"
-# How long a tombstone outlives its reversal: the longest ttl a rule may have (transforms.rulepack), so a replay
-# of the decision, which is stamped afresh, cannot outlive it. Reversals are operator actions: few cells.
-REVERSAL_MEMORY = dt.timedelta(days=3650)
+# How long a tombstone outlives its reversal: twice the longest ttl a rule may have (transforms.rulepack's ten
+# years). A decision written again is stamped afresh, so it expires up to a ttl after it is written: any
+# written again within ten years of the reversal expires before its tombstone. Reversals are operator
+# actions: few cells.
+REVERSAL_MEMORY = dt.timedelta(days=2 * 3650)
 VALUE_FIELDS = (
     "decision_id",
     "entity_type",

@@ -15,11 +15,13 @@ Order of a write to a policy file: validate, write the new file beside the
 old, write the audit row, then replace the old file in one step. If the audit
 table is unavailable, or the new file cannot be written, nothing changes
 (503): an unaudited change is worse than a delayed one, and an audited change
-that never happened misleads. A reversal (``pipelines.reverse``) publishes,
-writes the decisions row and then the audit row, which marks it done; only
-then is the mitigation lifted. If any step fails the API answers 503, the
-mitigation stays active, and calling again completes the reversal (its id is
-fixed, so consumers see it once). Files are rewritten from parsed YAML, so
+that never happened misleads. A reversal (``pipelines.reverse``) writes the
+decisions row and then the audit row, which marks it made, then publishes it;
+only then is the mitigation lifted. If a step fails the API answers 503 and
+the mitigation stays active: before the audit row nothing was published, and
+calling again makes the reversal; after it, calling again (a 409: already
+reversed) publishes the recorded reversal again and lifts the mitigation. Its
+id is fixed, so consumers de-duplicate a second delivery. Files are rewritten from parsed YAML, so
 only their leading comment block survives; comments between entries are lost.
 Writes to one file are serialised in this process; run one process per file.
 
@@ -52,7 +54,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.reverse import ReversalError, ReversalRefused, _table_id, find_decision, reverse
+from pipelines.reverse import (
+    ReversalError,
+    ReversalRefused,
+    ReversalUndelivered,
+    _table_id,
+    find_decision,
+    redeliver,
+    reverse,
+)
 from schemas import AUDIT_SCHEMA, ENTITY_TYPES, AuditRow, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID
 from service.auth import CHALLENGE, OPERATE, READ, UNAUTHENTICATED, Principal, load_tokens
@@ -84,20 +94,23 @@ ID_PATTERN = f"^{_ID_RE.pattern}$"
 # An entity id: that grammar, or an IPv6 address starting with "::" (::ffff:192.0.2.9), which only an ip may be.
 ENTITY_ID_PATTERN = f"^(?:{_ID_RE.pattern}|:[0-9A-Fa-f:.]{{1,45}})$"
 RULE_ID_PATTERN = f"^{_RULE_ID_RE.pattern}$"
-# One human sentence: no control characters (no newlines), at least one visible character.
-# No control characters (C0, DEL, C1: U+009B is a terminal's escape introducer, U+0085 a line break) and no line
-# or paragraph separators: the same set parsing refuses in a user agent (transforms.parse._CONTROL_RE).
-# The middle character is any non-space that is not one of them either: "\S" there let a lone control
+# One human sentence, at least one visible character. No control characters (C0, DEL, C1: U+009B is a
+# terminal's escape introducer, U+0085 a line break), no line or paragraph separators (the set parsing
+# refuses in a user agent, transforms.parse._CONTROL_RE), and no invisible format characters (zero-width
+# spaces and joiners, bidirectional overrides that make a reason read differently from what it holds, the
+# byte-order mark). At least one character must be none of these nor a space: "\S" there let a lone control
 # character through ("\x9b31m", "\x01").
-REASON_PATTERN = (
-    r"^[^\x00-\x1f\x7f-\x9f\u2028\u2029]*[^\s\x00-\x1f\x7f-\x9f\u2028\u2029][^\x00-\x1f\x7f-\x9f\u2028\u2029]*$"
-)
+_UNPRINTABLE = r"\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u2069\ufeff"
+REASON_PATTERN = rf"^[^{_UNPRINTABLE}]*[^\s{_UNPRINTABLE}][^{_UNPRINTABLE}]*$"
 OPERATOR_PACK = "operator"
 # Audit statuses of operators' changes (reversals keep pipelines.reverse's own status, "reversal").
 OPERATOR_ALLOWLIST_ADD = "operator_allowlist_add"
 OPERATOR_ALLOWLIST_EXPIRE = "operator_allowlist_expire"
 OPERATOR_RULE_PAUSE = "operator_rule_pause"
 OPERATOR_RULE_RESUME = "operator_rule_resume"
+# The file could not be replaced after its change was audited: this row, naming the first in
+# reverses_decision_id, records that the change did not happen.
+OPERATOR_CHANGE_FAILED = "operator_change_failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,10 +443,12 @@ class PolicyFileUnwritable(RuntimeError):
 
 
 def _audited_write(service: _Service, row: AuditRow, path: str, text: str) -> None:
-    """Audit a change to a policy file and make it, in an order that never audits a change that cannot happen:
-    write the new file beside the old one (a temp file in the same directory), then the audit row, then
-    replace the old file in one step (a rename: readers see old or new). If the new file cannot be written
-    (a missing directory, a full disk) nothing is audited; if the audit fails the temp file is removed."""
+    """Audit a change to a policy file and make it: write the new file beside the old one (a temp file in the
+    same directory), then the audit row, then replace the old file in one step (a rename: readers see old or
+    new). If the new file cannot be written (a missing directory, a full disk) nothing is audited; if the
+    audit fails the temp file is removed. If the rename fails after the audit (a file bind-mounted on its
+    own refuses it), a second row, ``operator_change_failed``, records that the audited change did not
+    happen; either way the answer is a 503 and the file is unchanged."""
     target = pathlib.Path(path)
     try:
         mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
@@ -451,10 +466,26 @@ def _audited_write(service: _Service, row: AuditRow, path: str, text: str) -> No
         raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
     try:
         service.audit(row)
-        os.replace(tmp, target)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+    try:
+        os.replace(tmp, target)
+    except OSError as err:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        failed = row._replace(
+            decision_id=hashlib.sha256(f"{OPERATOR_CHANGE_FAILED}\x1f{row.decision_id}".encode()).hexdigest()[:32],
+            status=OPERATOR_CHANGE_FAILED,
+            safeguard_note=f"not applied: the file could not be replaced ({type(err).__name__}); {row.safeguard_note}",
+            reverses_decision_id=row.decision_id,
+        )
+        try:
+            service.audit(failed)
+        except AuditUnavailable:
+            _LOGGER.error(
+                "an audited change was not made, and that could not be audited", extra={"decision_id": row.decision_id}
+            )
+        raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
     directory = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(directory)
@@ -586,6 +617,14 @@ IfMatch = typing.Annotated[
     str | None,
     Header(max_length=200, description="The version from GET /v1/allowlist; the write is refused (412) if stale."),
 ]
+RequiredIfMatch = typing.Annotated[
+    str,
+    Header(
+        max_length=200,
+        description="Required: the version from GET /v1/allowlist (* for any); refused (412) if stale. An index "
+        "names an entry only in the version of the file the caller read.",
+    ),
+]
 Service = typing.Annotated[_Service, Depends(_service)]
 Reader = typing.Annotated[Principal, Depends(reader)]
 Operator = typing.Annotated[Principal, Depends(operator)]
@@ -658,9 +697,10 @@ def batch_lookup(body: BatchLookupRequest, service: Service, _: Reader) -> Batch
 def reverse_decision(
     decision_id: DecisionIdPath, body: ReasonRequest, service: Service, caller: Operator
 ) -> ReversalResponse:
-    """Reverse a decision (pipelines.reverse: published, written and audited), then lift its active mitigation.
+    """Reverse a decision (pipelines.reverse: written, audited and published), then lift its active mitigation.
 
-    A second call is refused (409) but still lifts the mitigation, so a retry after a failed Bigtable delete heals.
+    A second call is refused (409) but publishes the recorded reversal again and lifts the mitigation, so a retry
+    after a failed publish or a failed Bigtable write completes the reversal.
     """
     settings, reason = service.settings, body.reason.strip()
     try:
@@ -685,15 +725,35 @@ def reverse_decision(
         )
     except ReversalRefused as err:
         if not original.reverses_decision_id:
+            try:
+                redeliver(
+                    service.bigquery,
+                    service.publisher,
+                    decision_id=original.decision_id,
+                    decisions_table=settings.decisions_table,
+                    decisions_topic=settings.decisions_topic,
+                )
+            except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as publish_err:
+                _LOGGER.error("redelivery failed: %s", type(publish_err).__name__, extra={"decision_id": decision_id})
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE,
+                    "the reversal is recorded but not yet published, and the mitigation is still active; try again",
+                ) from None
             service.store.remove(original.entity_type, original.entity_id, original.decision_id)
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
-    except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as err:
-        # A row refused, the topic or a table unreachable: the audit row (written last) is missing, so calling
-        # again does the reversal's remaining steps; until then the mitigation stays active (module docstring).
-        _LOGGER.error("reversal incomplete: %s", type(err).__name__, extra={"decision_id": original.decision_id})
+    except ReversalUndelivered:
+        _LOGGER.error("reversal recorded, not published", extra={"decision_id": original.decision_id})
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the reversal did not complete and the mitigation is still active; try again",
+            "the reversal is recorded but not yet published, and the mitigation is still active; try again",
+        ) from None
+    except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as err:
+        # A row refused or a table unreachable before the audit row: nothing was published and the mitigation
+        # stays active; calling again makes the reversal (module docstring).
+        _LOGGER.error("reversal not made: %s", type(err).__name__, extra={"decision_id": original.decision_id})
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the reversal was not made: nothing was published and the mitigation is still active; try again",
         ) from None
     service.store.remove(original.entity_type, original.entity_id, original.decision_id)
     _LOGGER.info("decision reversed", extra={"decision_id": original.decision_id, "rule_id": original.rule_id})
@@ -763,24 +823,19 @@ def add_allowlist_entry(
 @router.post(
     "/v1/allowlist/{index}/expire",
     tags=["allowlist"],
-    responses=_errors(401, 403, 404, 409, 412, 413, 422, 428, 503),
+    responses=_errors(401, 403, 404, 409, 412, 413, 422, 503),
     operation_id="expireAllowlistEntry",
 )
 def expire_allowlist_entry(
-    index: IndexPath, body: ReasonRequest, service: Service, caller: Operator, if_match: IfMatch = None
+    index: IndexPath, body: ReasonRequest, service: Service, caller: Operator, if_match: RequiredIfMatch
 ) -> AllowlistChange:
     """End an entry today: it still applies until the end of today (UTC), as any ``expires`` day does.
 
     The entry stays in the file, so the file keeps its history. An entry that already ends today or earlier is
-    a conflict (409): setting today would extend it. If-Match is required (428 without it; ``*`` accepts any
+    a conflict (409): setting today would extend it. If-Match is required (422 without it; ``*`` accepts any
     version): an index names an entry only in the version of the file the caller read, and after a hand edit
     in between, index 0 may be another entry.
     """
-    if if_match is None:
-        raise HTTPException(
-            status.HTTP_428_PRECONDITION_REQUIRED,
-            "send the version from GET /v1/allowlist as If-Match (* for any): an index names an entry in one version",
-        )
     now_ms = _now_ms()
     today = _today(now_ms)
     path = service.settings.allowlist_path

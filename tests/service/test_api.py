@@ -187,7 +187,20 @@ def test_an_oversized_body_is_413_declared_or_chunked(client):
 
 
 @pytest.mark.parametrize(
-    "reason", ["", "   ", "x" * 501, "two\nlines", None, "\x9b31m red", "\x01", "a\x85b", "a\u2028b"]
+    "reason",
+    [
+        "",
+        "   ",
+        "x" * 501,
+        "two\nlines",
+        None,
+        "\x9b31m red",
+        "\x01",
+        "a\x85b",
+        "a\u2028b",
+        "\u200b",
+        "Appeal \u202egnp.exe",
+    ],
 )
 def test_a_reversal_needs_a_sensible_reason(client, reason):
     body = {} if reason is None else {"reason": reason}
@@ -294,8 +307,8 @@ def test_a_shadow_decision_reversed_is_not_served_when_it_comes_in_enforce_mode(
 
 
 def test_a_reversal_that_cannot_be_audited_is_a_503_and_a_retry_completes_it(backends, settings, client):
-    """The audit row is written last and marks the reversal done: until it is written the mitigation stays
-    active, and calling again completes what the first call started."""
+    """The audit row marks the reversal made, and it is published only after it: a failed audit insert leaves
+    nothing a consumer acted on and the mitigation active, and calling again makes the reversal, once."""
     user = unique("u")
     original = mitigation("user", user, expires_in_sec=3600)
     _seed_decision(backends, original)
@@ -305,12 +318,35 @@ def test_a_reversal_that_cannot_be_audited_is_a_503_and_a_retry_completes_it(bac
     with TestClient(create_app(broken)) as unaudited:
         failed = unaudited.post(path, json={"reason": "Appeal 6"}, headers=OPERATE)
 
-    assert failed.status_code == 503 and "still active" in failed.json()["error"]
+    assert failed.status_code == 503 and "nothing was published" in failed.json()["error"]
     assert _ids(client.get(lookup, headers=READ).json()) == [original.decision_id]
+    assert _published_reversals(backends, original.decision_id, wait_sec=2) == []
     retried = client.post(path, json={"reason": "Appeal 6"}, headers=OPERATE)
     assert retried.status_code == 200, retried.text
     assert _ids(client.get(lookup, headers=READ).json()) == []
     assert [row["status"] for row in audit_rows(backends["bq"], retried.json()["reversal_decision_id"])] == ["reversal"]
+    assert len(_published_reversals(backends, original.decision_id)) == 1
+
+
+def test_a_reversal_that_cannot_be_published_is_a_503_and_a_retry_delivers_it(backends, settings, client):
+    """Recorded but not published: the mitigation stays active, and calling again (refused: already reversed)
+    publishes the recorded reversal and lifts the mitigation."""
+    user = unique("u")
+    original = mitigation("user", user, expires_in_sec=3600)
+    _seed_decision(backends, original)
+    put_cell(backends["table"], original)
+    lookup, path = f"/v1/entities/user/{user}/mitigations", f"/v1/decisions/{original.decision_id}/reversal"
+    broken = dataclasses.replace(settings, decisions_topic=f"projects/{backends['project']}/topics/no-such-topic")
+    with TestClient(create_app(broken)) as unpublished:
+        failed = unpublished.post(path, json={"reason": "Appeal 7"}, headers=OPERATE)
+
+    assert failed.status_code == 503 and "recorded but not yet published" in failed.json()["error"]
+    assert _ids(client.get(lookup, headers=READ).json()) == [original.decision_id]
+    retried = client.post(path, json={"reason": "Appeal 7, again"}, headers=OPERATE)
+    assert retried.status_code == 409 and "already reversed" in retried.json()["error"]
+    [published] = _published_reversals(backends, original.decision_id)
+    assert "Appeal 7" in published["reason"] and "again" not in published["reason"]  # the recorded reversal
+    assert _ids(client.get(lookup, headers=READ).json()) == []
 
 
 def test_reversing_an_unknown_decision_is_404(client):
@@ -355,7 +391,7 @@ def test_allowlist_add_list_and_expire_are_audited(client, settings, backends):
     index = change["entry"]["index"]
     version = {**OPERATE, "If-Match": listed.headers["ETag"]}
     blind = client.post(f"/v1/allowlist/{index}/expire", json={"reason": "Load test over"}, headers=OPERATE)
-    assert blind.status_code == 428  # an index names an entry only in the version the caller read
+    assert blind.status_code == 422 and "if-match" in blind.text  # an index names an entry in one version only
     expired = client.post(f"/v1/allowlist/{index}/expire", json={"reason": "Load test over"}, headers=version)
 
     assert expired.status_code == 200, expired.text
@@ -513,3 +549,33 @@ def test_a_policy_file_that_cannot_be_written_is_a_503_and_nothing_is_audited(ba
     query = f"SELECT COUNT(*) AS n FROM `{DATASET}.audit` WHERE entity_id = @id"
     config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", entity_id)])
     assert next(iter(backends["bq"].query(query, job_config=config).result()))["n"] == 0
+
+
+def test_a_file_that_cannot_be_replaced_after_its_audit_is_a_503_and_audited_as_not_made(
+    backends, settings, client, monkeypatch
+):
+    """A policy file bind-mounted on its own refuses the rename (EBUSY) after the audit row is written: a second
+    row records that the change did not happen, and the file is unchanged."""
+    import errno
+
+    import service.app as app_module
+
+    def refuse(src, dst):
+        raise OSError(errno.EBUSY, "Device or resource busy", str(dst))
+
+    entity_id = unique("dev-mounted")
+    before = open(settings.allowlist_path).read()
+    monkeypatch.setattr(app_module.os, "replace", refuse)
+    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
+    added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    monkeypatch.undo()
+
+    assert added.status_code == 503
+    assert added.json() == {"error": "the policy file cannot be written; nothing was changed"}
+    assert open(settings.allowlist_path).read() == before
+    assert not [p for p in os.listdir(os.path.dirname(settings.allowlist_path)) if p.endswith(".tmp")]
+    query = f"SELECT decision_id, status, reverses_decision_id FROM `{DATASET}.audit` WHERE entity_id = @id"
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", entity_id)])
+    rows = {r["status"]: dict(r) for r in backends["bq"].query(query, job_config=config).result()}
+    assert set(rows) == {"operator_allowlist_add", "operator_change_failed"}
+    assert rows["operator_change_failed"]["reverses_decision_id"] == rows["operator_allowlist_add"]["decision_id"]
