@@ -39,6 +39,7 @@ import sys
 import time
 
 from google.cloud import bigquery, bigtable, pubsub_v1
+from google.cloud.bigquery.retry import DEFAULT_RETRY
 
 from pipelines.provision import client_for
 from pipelines.streaming import decision_message
@@ -49,6 +50,13 @@ from transforms.rules import RuleHit, to_audit_row
 from transforms.state_store import lift_row
 
 REVERSAL = "reversal"
+# Every BigQuery call and the publish give up after this long, retries included: the client library's defaults
+# wait ten minutes and more on an unreachable BigQuery, holding the caller (an API worker thread) as long.
+DEADLINE_SEC = 30.0
+
+
+def _retry(deadline_sec: float):
+    return DEFAULT_RETRY.with_timeout(deadline_sec)
 
 
 class ReversalError(RuntimeError):
@@ -79,7 +87,9 @@ def _ms(value) -> int:
     return int(value)
 
 
-def find_decision(client: bigquery.Client, table: str, decision_id: str) -> Decision:
+def find_decision(
+    client: bigquery.Client, table: str, decision_id: str, deadline_sec: float = DEADLINE_SEC
+) -> Decision:
     """The decision with this id; the enforce-mode row if there are several. One id is published once per
     mode: a rule paused, promoted from shadow, or allowlisted until mid-window gives the same window a
     shadow decision and later an enforce one, and it is the enforcement that gets reversed."""
@@ -88,7 +98,9 @@ def find_decision(client: bigquery.Client, table: str, decision_id: str) -> Deci
         "ORDER BY CASE WHEN mode = 'enforce' THEN 0 ELSE 1 END, decided_at_ms DESC LIMIT 1"
     )
     config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", decision_id)])
-    rows = [dict(r) for r in client.query(query, job_config=config).result()]
+    retry = _retry(deadline_sec)
+    job = client.query(query, job_config=config, retry=retry, timeout=deadline_sec, job_retry=None)
+    rows = [dict(r) for r in job.result(retry=retry, timeout=deadline_sec)]
     if not rows:
         raise ReversalError(f"decision {decision_id} is not in {table}")
     row = rows[0]
@@ -142,16 +154,19 @@ def reverse(
     decisions_table: str,
     audit_table: str,
     decisions_topic: str,
+    deadline_sec: float = DEADLINE_SEC,
 ) -> Decision:
     if not reason.strip() or not actor.strip():
         raise ReversalError("a reversal needs a reason and an actor")
-    original = find_decision(client, decisions_table, decision_id)
+    original = find_decision(client, decisions_table, decision_id, deadline_sec)
     reversal = reversal_of(original, reason.strip(), actor.strip(), int(time.time() * 1000))
     done = f"SELECT COUNT(*) AS n FROM `{_table_id(audit_table)}` WHERE decision_id = @id AND status = 'reversal'"
     config = bigquery.QueryJobConfig(
         query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", reversal.decision_id)]
     )
-    if next(iter(client.query(done, job_config=config).result()))["n"]:
+    retry = _retry(deadline_sec)
+    job = client.query(done, job_config=config, retry=retry, timeout=deadline_sec, job_retry=None)
+    if next(iter(job.result(retry=retry, timeout=deadline_sec)))["n"]:
         raise ReversalRefused(f"{decision_id} is already reversed (reversal {reversal.decision_id})")
     # The record first, the audit row last of it (it marks the reversal made), then the topic. A failure before
     # the audit row leaves nothing a consumer acted on, and calling again makes the reversal; a failure to
@@ -162,11 +177,13 @@ def reverse(
         (decisions_table, [to_bigquery_row(DECISION_SCHEMA, reversal)]),
         (audit_table, [to_bigquery_row(AUDIT_SCHEMA, audit_row(reversal, original))]),
     ):
-        errors = client.insert_rows_json(_table_id(table), rows, row_ids=[reversal.decision_id])
+        errors = client.insert_rows_json(
+            _table_id(table), rows, row_ids=[reversal.decision_id], retry=retry, timeout=deadline_sec
+        )
         if errors:
             raise ReversalError(f"{table} rejected the reversal row: {errors}")
     try:
-        _publish(publisher, decisions_topic, reversal)
+        _publish(publisher, decisions_topic, reversal, deadline_sec)
     except Exception as err:  # any client or transport failure: recorded, not delivered
         raise ReversalUndelivered(f"recorded, but publishing failed: {type(err).__name__}: {err}") from err
     return reversal
@@ -179,17 +196,18 @@ def redeliver(
     decision_id: str,
     decisions_table: str,
     decisions_topic: str,
+    deadline_sec: float = DEADLINE_SEC,
 ) -> Decision:
     """Publish the recorded reversal of ``decision_id`` again, as it was recorded (consumers de-duplicate by
     id): what completes a reversal whose publishing failed."""
-    recorded = find_decision(client, decisions_table, reversal_id(decision_id))
-    _publish(publisher, decisions_topic, recorded)
+    recorded = find_decision(client, decisions_table, reversal_id(decision_id), deadline_sec)
+    _publish(publisher, decisions_topic, recorded, deadline_sec)
     return recorded
 
 
-def _publish(publisher: pubsub_v1.PublisherClient, topic: str, reversal: Decision) -> None:
+def _publish(publisher: pubsub_v1.PublisherClient, topic: str, reversal: Decision, deadline_sec: float) -> None:
     message = decision_message(reversal)
-    publisher.publish(topic, message.data, **message.attributes).result(timeout=60)
+    publisher.publish(topic, message.data, **message.attributes).result(timeout=deadline_sec)
 
 
 def main(argv: list[str] | None = None) -> int:

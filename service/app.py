@@ -50,6 +50,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from google.api_core import exceptions as api_exceptions
+from google.cloud.bigquery.retry import DEFAULT_RETRY
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -78,6 +79,10 @@ if typing.TYPE_CHECKING:
 _LOGGER = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+# A BigQuery or Pub/Sub call that has not succeeded in this many seconds, retries included, is a 503: the
+# client libraries' defaults wait ten minutes and more, holding a worker thread (and, for the audit insert of
+# a policy change, the file's lock). Bigtable's is service.store.DEADLINE_SEC.
+BIGQUERY_DEADLINE_SEC = 10.0
 # BigQuery and Pub/Sub failures worth a 503 and a retry.
 _TRANSIENT = (
     api_exceptions.ServiceUnavailable,
@@ -319,7 +324,11 @@ class _Service:
     def audit(self, row: AuditRow) -> None:
         try:
             errors = self.bigquery.insert_rows_json(
-                _table_id(self.settings.audit_table), [to_bigquery_row(AUDIT_SCHEMA, row)], row_ids=[row.decision_id]
+                _table_id(self.settings.audit_table),
+                [to_bigquery_row(AUDIT_SCHEMA, row)],
+                row_ids=[row.decision_id],
+                retry=DEFAULT_RETRY.with_timeout(BIGQUERY_DEADLINE_SEC),
+                timeout=BIGQUERY_DEADLINE_SEC,
             )
         except Exception as err:  # any client or transport failure: the caller refuses the change
             _LOGGER.exception("audit insert failed", extra={"decision_id": row.decision_id})
@@ -704,7 +713,7 @@ def reverse_decision(
     """
     settings, reason = service.settings, body.reason.strip()
     try:
-        original = find_decision(service.bigquery, settings.decisions_table, decision_id)
+        original = find_decision(service.bigquery, settings.decisions_table, decision_id, BIGQUERY_DEADLINE_SEC)
     except ReversalError:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no such decision") from None
     except _TRANSIENT as err:  # a missing table or a bad query is a bug or a misconfiguration: 500, logged
@@ -722,6 +731,7 @@ def reverse_decision(
             decisions_table=settings.decisions_table,
             audit_table=settings.audit_table,
             decisions_topic=settings.decisions_topic,
+            deadline_sec=BIGQUERY_DEADLINE_SEC,
         )
     except ReversalRefused as err:
         if not original.reverses_decision_id:
@@ -732,6 +742,7 @@ def reverse_decision(
                     decision_id=original.decision_id,
                     decisions_table=settings.decisions_table,
                     decisions_topic=settings.decisions_topic,
+                    deadline_sec=BIGQUERY_DEADLINE_SEC,
                 )
             except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as publish_err:
                 _LOGGER.error("redelivery failed: %s", type(publish_err).__name__, extra={"decision_id": decision_id})

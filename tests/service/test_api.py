@@ -579,3 +579,21 @@ def test_a_file_that_cannot_be_replaced_after_its_audit_is_a_503_and_audited_as_
     rows = {r["status"]: dict(r) for r in backends["bq"].query(query, job_config=config).result()}
     assert set(rows) == {"operator_allowlist_add", "operator_change_failed"}
     assert rows["operator_change_failed"]["reverses_decision_id"] == rows["operator_allowlist_add"]["decision_id"]
+
+
+def test_an_unreachable_bigquery_is_a_503_within_the_deadline(settings, silent_port, monkeypatch):
+    """The BigQuery client's defaults wait ten minutes and more, holding a worker thread (and a file's lock)."""
+    from service.app import BIGQUERY_DEADLINE_SEC
+
+    monkeypatch.setenv("BIGQUERY_EMULATOR_HOST", f"http://127.0.0.1:{silent_port}")
+    entry = {"entity": "device", "id": "dev-lab-9", "reason": "QA lab device", "owner": "qa"}
+    before = open(settings.allowlist_path).read()
+    with TestClient(create_app(settings)) as client:
+        started = time.monotonic()
+        reversal = client.post("/v1/decisions/d-any/reversal", json={"reason": "Appeal 8"}, headers=OPERATE)
+        took_reversal, started = time.monotonic() - started, time.monotonic()
+        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+        took_add = time.monotonic() - started
+    assert (reversal.status_code, added.status_code) == (503, 503), (reversal.text, added.text)
+    assert max(took_reversal, took_add) < BIGQUERY_DEADLINE_SEC + 10, (took_reversal, took_add)
+    assert open(settings.allowlist_path).read() == before
