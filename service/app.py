@@ -21,9 +21,10 @@ only then is the mitigation lifted. If a step fails the API answers 503 and
 the mitigation stays active: before the audit row nothing was published, and
 calling again makes the reversal; after it, calling again (a 409: already
 reversed) publishes the recorded reversal again and lifts the mitigation. Its
-id is fixed, so consumers de-duplicate a second delivery. Files are rewritten from parsed YAML, so
-only their leading comment block survives; comments between entries are lost.
-Writes to one file are serialised in this process; run one process per file.
+id is fixed, so consumers de-duplicate a second delivery. Files are rewritten
+from parsed YAML, so only their leading comment block survives; comments
+between entries are lost. Writes to one file are serialised in this process;
+run one process per file.
 
 Serve it with ``python -m service`` (see ``service/__main__.py``).
 """
@@ -116,6 +117,7 @@ OPERATOR_RULE_RESUME = "operator_rule_resume"
 # The file could not be replaced after its change was audited: this row, naming the first in
 # reverses_decision_id, records that the change did not happen.
 OPERATOR_CHANGE_FAILED = "operator_change_failed"
+_UNPUBLISHED = "the reversal is recorded but not yet published, and the mitigation is still active; try again"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -746,18 +748,12 @@ def reverse_decision(
                 )
             except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as publish_err:
                 _LOGGER.error("redelivery failed: %s", type(publish_err).__name__, extra={"decision_id": decision_id})
-                raise HTTPException(
-                    status.HTTP_503_SERVICE_UNAVAILABLE,
-                    "the reversal is recorded but not yet published, and the mitigation is still active; try again",
-                ) from None
+                raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, _UNPUBLISHED) from None
             service.store.remove(original.entity_type, original.entity_id, original.decision_id)
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
     except ReversalUndelivered:
         _LOGGER.error("reversal recorded, not published", extra={"decision_id": original.decision_id})
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            "the reversal is recorded but not yet published, and the mitigation is still active; try again",
-        ) from None
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, _UNPUBLISHED) from None
     except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as err:
         # A row refused or a table unreachable before the audit row: nothing was published and the mitigation
         # stays active; calling again makes the reversal (module docstring).

@@ -306,17 +306,23 @@ def test_a_shadow_decision_reversed_is_not_served_when_it_comes_in_enforce_mode(
     assert _ids(client.get(f"/v1/entities/user/{user}/mitigations", headers=READ).json()) == []
 
 
+def _reversal_through_a_broken_app(backends, broken_settings, reason):
+    """An active decision, and its reversal asked of an app whose settings break one step: (original, lookup
+    path, reversal path, the response)."""
+    original = mitigation("user", unique("u"), expires_in_sec=3600)
+    _seed_decision(backends, original)
+    put_cell(backends["table"], original)
+    lookup = f"/v1/entities/user/{original.entity_id}/mitigations"
+    path = f"/v1/decisions/{original.decision_id}/reversal"
+    with TestClient(create_app(broken_settings)) as broken:
+        return original, lookup, path, broken.post(path, json={"reason": reason}, headers=OPERATE)
+
+
 def test_a_reversal_that_cannot_be_audited_is_a_503_and_a_retry_completes_it(backends, settings, client):
     """The audit row marks the reversal made, and it is published only after it: a failed audit insert leaves
     nothing a consumer acted on and the mitigation active, and calling again makes the reversal, once."""
-    user = unique("u")
-    original = mitigation("user", user, expires_in_sec=3600)
-    _seed_decision(backends, original)
-    put_cell(backends["table"], original)
-    lookup, path = f"/v1/entities/user/{user}/mitigations", f"/v1/decisions/{original.decision_id}/reversal"
-    broken = dataclasses.replace(settings, audit_table=f"{backends['project']}:{DATASET}.no_such_table")
-    with TestClient(create_app(broken)) as unaudited:
-        failed = unaudited.post(path, json={"reason": "Appeal 6"}, headers=OPERATE)
+    unaudited = dataclasses.replace(settings, audit_table=f"{backends['project']}:{DATASET}.no_such_table")
+    original, lookup, path, failed = _reversal_through_a_broken_app(backends, unaudited, "Appeal 6")
 
     assert failed.status_code == 503 and "nothing was published" in failed.json()["error"]
     assert _ids(client.get(lookup, headers=READ).json()) == [original.decision_id]
@@ -331,14 +337,8 @@ def test_a_reversal_that_cannot_be_audited_is_a_503_and_a_retry_completes_it(bac
 def test_a_reversal_that_cannot_be_published_is_a_503_and_a_retry_delivers_it(backends, settings, client):
     """Recorded but not published: the mitigation stays active, and calling again (refused: already reversed)
     publishes the recorded reversal and lifts the mitigation."""
-    user = unique("u")
-    original = mitigation("user", user, expires_in_sec=3600)
-    _seed_decision(backends, original)
-    put_cell(backends["table"], original)
-    lookup, path = f"/v1/entities/user/{user}/mitigations", f"/v1/decisions/{original.decision_id}/reversal"
-    broken = dataclasses.replace(settings, decisions_topic=f"projects/{backends['project']}/topics/no-such-topic")
-    with TestClient(create_app(broken)) as unpublished:
-        failed = unpublished.post(path, json={"reason": "Appeal 7"}, headers=OPERATE)
+    unpublished = dataclasses.replace(settings, decisions_topic=f"projects/{backends['project']}/topics/no-such-topic")
+    original, lookup, path, failed = _reversal_through_a_broken_app(backends, unpublished, "Appeal 7")
 
     assert failed.status_code == 503 and "recorded but not yet published" in failed.json()["error"]
     assert _ids(client.get(lookup, headers=READ).json()) == [original.decision_id]
