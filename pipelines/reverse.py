@@ -38,6 +38,7 @@ import hashlib
 import sys
 import time
 
+from google.api_core import exceptions as api_exceptions
 from google.cloud import bigquery, bigtable, pubsub_v1
 from google.cloud.bigquery.retry import DEFAULT_RETRY
 
@@ -182,10 +183,7 @@ def reverse(
         )
         if errors:
             raise ReversalError(f"{table} rejected the reversal row: {errors}")
-    try:
-        _publish(publisher, decisions_topic, reversal, deadline_sec)
-    except Exception as err:  # any client or transport failure: recorded, not delivered
-        raise ReversalUndelivered(f"recorded, but publishing failed: {type(err).__name__}: {err}") from err
+    _publish(publisher, decisions_topic, reversal, deadline_sec)
     return reversal
 
 
@@ -206,8 +204,12 @@ def redeliver(
 
 
 def _publish(publisher: pubsub_v1.PublisherClient, topic: str, reversal: Decision, deadline_sec: float) -> None:
+    """Publish a recorded reversal; any client or transport failure is ``ReversalUndelivered``."""
     message = decision_message(reversal)
-    publisher.publish(topic, message.data, **message.attributes).result(timeout=deadline_sec)
+    try:
+        publisher.publish(topic, message.data, **message.attributes).result(timeout=deadline_sec)
+    except Exception as err:
+        raise ReversalUndelivered(f"recorded, but publishing failed: {type(err).__name__}: {err}") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 decisions_table=args.decisions_table,
                 decisions_topic=args.decisions_topic,
             )
-        except Exception as publish_err:  # noqa: BLE001 - reported, and the command can be run again
-            print(f"error: the reversal is recorded but still not published: {publish_err}", file=sys.stderr)
+        except (ReversalError, api_exceptions.GoogleAPIError) as publish_err:  # not published, or not found
+            print(f"error: the reversal is still not published: {publish_err}", file=sys.stderr)
             return 1
         print(f"published the recorded reversal of {args.decision_id} again")
         if args.bigtable_instance and not _lift(args, original.entity_type, original.entity_id):

@@ -746,7 +746,7 @@ def reverse_decision(
                     decisions_topic=settings.decisions_topic,
                     deadline_sec=BIGQUERY_DEADLINE_SEC,
                 )
-            except (ReversalError, api_exceptions.GoogleAPIError, TimeoutError) as publish_err:
+            except (ReversalError, api_exceptions.GoogleAPIError) as publish_err:  # unpublished, or lookup failed
                 _LOGGER.error("redelivery failed: %s", type(publish_err).__name__, extra={"decision_id": decision_id})
                 raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, _UNPUBLISHED) from None
             service.store.remove(original.entity_type, original.entity_id, original.decision_id)
