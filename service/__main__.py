@@ -14,24 +14,27 @@ BIGQUERY_EMULATOR_HOST and BIGTABLE_EMULATOR_HOST first)::
     python -m service --project test-project --bigtable_instance local --tokens tokens.yaml \\
         --rule_overrides out/rule_overrides.yaml
 
-Run in production (one process per allowlist and overrides file, behind the service mesh's TLS)::
+Run in production (one host per allowlist and overrides file, behind the service mesh's TLS; ``--workers``
+processes on that host share the files through a lock, one process per core the API may use)::
 
     python -m service --project PROJECT --bigtable_instance mitigation --tokens /etc/mitigation-api/tokens.yaml \\
         --allowlist /srv/policy/allowlist.yaml --rule_overrides /srv/policy/rule_overrides.yaml \\
-        --host 0.0.0.0 --port 8080
+        --host 0.0.0.0 --port 8080 --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import pathlib
 import sys
 
 from pipelines.logs import setup_logging
 from pipelines.options import DEFAULT_ALLOWLIST, DEFAULT_RULES, PROJECT_ROOT
 from schemas.mitigation_state import TABLE_ID
-from service.app import Settings, create_app
+from service.app import SETTINGS_ENV, Settings, create_app
 from service.auth import TokenConfigError
 from transforms.rulepack import RulePackError
 
@@ -56,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         help="Rule pauses YAML the API writes and the streaming job reads (--rule_overrides there); local path.",
     )
     parser.add_argument("--max_body_bytes", type=int, default=64 * 1024, help="Largest request body accepted.")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="Server processes sharing the port (one per core the API may use; benchmarks/README.md).",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
     parser.add_argument("--port", type=int, default=8080, help="Port to listen on.")
     parser.add_argument("--write_openapi", metavar="PATH", help="Write the OpenAPI spec to PATH and exit.")
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{', '.join(missing)} required to serve")
     if args.max_body_bytes <= 0:
         parser.error("--max_body_bytes must be positive")
+    if args.workers <= 0:
+        parser.error("--workers must be positive")
     settings = Settings(
         project=args.project,
         bigtable_instance=args.bigtable_instance,
@@ -103,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         rules_path=args.rules,
         tokens_path=args.tokens,
         max_body_bytes=args.max_body_bytes,
+        freeze_gc=True,
     )
     setup_logging()
     try:
@@ -115,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # uvicorn's own logging config would print client addresses unmasked; ours masks IPs, and the app logs
     # each request by route template (AccessLogMiddleware) instead of uvicorn's access log.
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, server_header=False)
+    served = dict(host=args.host, port=args.port, log_config=None, access_log=False, server_header=False)
+    if args.workers == 1:
+        uvicorn.run(app, **served)
+        return 0
+    # uvicorn starts each worker process afresh; each builds its app from the settings checked above.
+    os.environ[SETTINGS_ENV] = json.dumps(dataclasses.asdict(settings))
+    uvicorn.run("service.app:app_from_environment", factory=True, workers=args.workers, **served)
     return 0
 
 

@@ -4,10 +4,15 @@ The figures themselves come from ``make bench`` (machines are noisy, so no
 timing is asserted here); these keep the harness from rotting between runs.
 """
 
+import http.server
+import os
+import threading
+import time
+
 import orjson
 import pytest
 
-from benchmarks import batch_throughput, memory_keys, streaming_latency, transform_costs
+from benchmarks import api_latency, batch_throughput, memory_keys, streaming_latency, transform_costs
 from transforms.parse import parse_signal
 
 
@@ -116,3 +121,45 @@ def test_benchmark_input_is_generated_afresh_when_the_simulator_changes(tmp_path
     assert batch_throughput.input_path(100_000) == before and before.name.startswith("signals_100000_")
     simulator.write_bytes(simulator.read_bytes() + b"\n# a new signal field\n")
     assert batch_throughput.input_path(100_000) != before
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Keep-alive HTTP/1.1: /ok answers 200, /bad 503, /slow 200 after 50 ms."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(0.05)
+        body = b'{"ok": true}'
+        self.send_response(503 if self.path == "/bad" else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def answering_port():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_api_load_generator_counts_errors_and_charges_queueing_to_the_server(answering_port):
+    """Open loop: 20 requests due over 0.2 s on one connection to a server taking 50 ms each cannot all be
+    on time; latency runs from when each was due, so the last waited at least 20 x 50 ms - 0.2 s, not 50 ms.
+    (Lower bounds only: a slow machine makes them larger.)"""
+    mixed = api_latency.drive(
+        lambda n: api_latency.http_get("/ok" if n % 2 else "/bad", {}), 200, 0.5, answering_port, 4, os.getpid()
+    )
+    assert (mixed["requests"], mixed["errors"]) == (100, 50)
+
+    slow = api_latency.drive(lambda n: api_latency.http_get("/slow", {}), 100, 0.2, answering_port, 1, os.getpid())
+    assert (slow["requests"], slow["errors"]) == (20, 0)
+    assert slow["max_ms"] > 700 and slow["achieved_rps"] < 25

@@ -16,6 +16,7 @@ from schemas import DECISION_SCHEMA, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID, row_key
 from service.store import MitigationStore
 from tests.schemas.test_schemas import _decision
+from tests.service.conftest import lookup
 from transforms.state_store import to_direct_row
 
 DATASET = "mitigation_reverse"
@@ -79,7 +80,7 @@ def test_reversal_is_published_audited_and_the_original_kept(env):
     replayed = _decision()._replace(decision_id="orig-1", entity_id="u77", expires_at_ms=now_ms + 3_600_000)
     other = replayed._replace(decision_id="other-1")
     assert [s.code for s in env["table"].mutate_rows([to_direct_row(replayed), to_direct_row(other)])] == [0, 0]
-    served = MitigationStore(env["project"], INSTANCE).lookup([("user", "u77")], now_ms)[("user", "u77")]
+    served = lookup(MitigationStore(env["project"], INSTANCE), [("user", "u77")], now_ms)[("user", "u77")]
     assert [m["decision_id"] for m in served] == ["other-1"]
 
 

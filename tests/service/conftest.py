@@ -7,6 +7,7 @@ overrides files, so file edits never leak between tests.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import shutil
@@ -34,6 +35,19 @@ UNKNOWN_TOKEN = "nobody-knows-this-token"
 READER = "enforcement-gateway"
 OPERATOR = "alice@example.com"
 _ids = itertools.count(1)
+
+
+def lookup(store, entities, now_ms: int) -> dict:
+    """``store.lookup`` from sync test code: in an event loop of its own, with a read client made in it
+    (an async client belongs to its loop), closed after."""
+
+    async def read() -> dict:
+        try:
+            return await store.lookup(entities, now_ms)
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
 
 
 def _digest(token: str) -> str:

@@ -2,10 +2,13 @@
 
 import dataclasses
 import datetime as dt
+import fcntl
 import itertools
 import json
 import logging
 import os
+import pathlib
+import threading
 import time
 
 import pytest
@@ -549,6 +552,27 @@ def test_a_policy_file_that_cannot_be_written_is_a_503_and_nothing_is_audited(ba
     query = f"SELECT COUNT(*) AS n FROM `{DATASET}.audit` WHERE entity_id = @id"
     config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", entity_id)])
     assert next(iter(backends["bq"].query(query, job_config=config).result()))["n"] == 0
+
+
+def test_a_policy_change_waits_for_another_process_changing_the_same_file(client, settings):
+    """python -m service --workers N runs several processes over one allowlist: a change must wait while
+    another holds the file's lock (an flock, which another open of the lock file stands in for here), or
+    two changes could both pass If-Match against one version and one be lost after being audited."""
+    target = pathlib.Path(settings.allowlist_path)
+    held = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    entry = {"entity": "device", "id": unique("dev-wait"), "reason": "QA lab device", "owner": "qa"}
+    answer: dict = {}
+    change = threading.Thread(target=lambda: answer.update(r=client.post("/v1/allowlist", json=entry, headers=OPERATE)))
+    try:
+        change.start()
+        change.join(2.0)
+        assert change.is_alive() and entry["id"] not in target.read_text()  # waiting on the other holder
+    finally:
+        os.close(held)
+    change.join(60)
+    assert answer["r"].status_code == 201, answer["r"].text
+    assert entry["id"] in target.read_text()
 
 
 def test_a_file_that_cannot_be_replaced_after_its_audit_is_a_503_and_audited_as_not_made(

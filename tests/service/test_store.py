@@ -1,12 +1,13 @@
 """MitigationStore against the Bigtable emulator: what is served, what is not, and removal."""
 
+import asyncio
 import time
 
 import pytest
 
 from schemas.mitigation_state import FAMILY, cell_timestamp, row_key
 from service.store import MitigationStore
-from tests.service.conftest import INSTANCE, mitigation, put_cell, unique
+from tests.service.conftest import INSTANCE, lookup, mitigation, put_cell, unique
 from transforms.state_store import to_direct_row
 
 
@@ -25,7 +26,7 @@ def test_lookup_serves_active_cells_only_and_keeps_entities_apart(backends):
         put_cell(table, decision)
     store = MitigationStore(backends["project"], INSTANCE)
 
-    found = store.lookup([("user", user), ("device", user), ("user", unique("nobody"))], _now_ms())
+    found = lookup(store, [("user", user), ("device", user), ("user", unique("nobody"))], _now_ms())
 
     assert [m["decision_id"] for m in found[("user", user)]] == [active.decision_id, later.decision_id]
     assert found[("user", user)][1]["action"] == "suspend"
@@ -40,8 +41,8 @@ def test_a_cell_is_served_until_its_expiry_and_not_at_it(backends):
     put_cell(table, decision)
     store = MitigationStore(backends["project"], INSTANCE)
 
-    assert store.lookup([("user", user)], decision.expires_at_ms - 1)[("user", user)]
-    assert store.lookup([("user", user)], decision.expires_at_ms)[("user", user)] == []
+    assert lookup(store, [("user", user)], decision.expires_at_ms - 1)[("user", user)]
+    assert lookup(store, [("user", user)], decision.expires_at_ms)[("user", user)] == []
 
 
 def test_remove_deletes_one_column(backends):
@@ -55,7 +56,7 @@ def test_remove_deletes_one_column(backends):
     store.remove("user", user, lift.decision_id)
     store.remove("user", user, "never-existed")  # not an error
 
-    assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [keep.decision_id]
+    assert [m["decision_id"] for m in lookup(store, [("user", user)], _now_ms())[("user", user)]] == [keep.decision_id]
 
 
 def test_a_reversed_decision_written_again_is_never_served(backends):
@@ -74,7 +75,7 @@ def test_a_reversed_decision_written_again_is_never_served(backends):
     statuses = table.mutate_rows([to_direct_row(lifted), to_direct_row(shadow_first)])  # the pipeline's writes
 
     assert [s.code for s in statuses] == [0, 0]
-    assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [keep.decision_id]
+    assert [m["decision_id"] for m in lookup(store, [("user", user)], _now_ms())[("user", user)]] == [keep.decision_id]
 
 
 def test_an_unreadable_cell_is_skipped_not_fatal(backends):
@@ -89,7 +90,7 @@ def test_an_unreadable_cell_is_skipped_not_fatal(backends):
     row.commit()
     store = MitigationStore(backends["project"], INSTANCE)
 
-    assert [m["decision_id"] for m in store.lookup([("user", user)], _now_ms())[("user", user)]] == [good.decision_id]
+    assert [m["decision_id"] for m in lookup(store, [("user", user)], _now_ms())[("user", user)]] == [good.decision_id]
 
 
 def test_lifting_against_a_store_that_stops_answering_fails_within_the_deadline(silent_port, monkeypatch):
@@ -101,3 +102,59 @@ def test_lifting_against_a_store_that_stops_answering_fails_within_the_deadline(
     with pytest.raises(StoreUnavailable):
         store.remove("user", "u-silent", "d-silent")
     assert time.monotonic() - started < DEADLINE_SEC + 10
+
+
+def test_lookups_waiting_together_share_one_read_and_each_is_answered_for_its_own_moment(backends):
+    """Lookups that wait at once go out as one ReadRows; each still gets its own entities, as of its own now."""
+    table = backends["table"]
+    user, other = unique("u"), unique("u")
+    mine, theirs = mitigation("user", user, expires_in_sec=3600), mitigation("user", other, expires_in_sec=3600)
+    put_cell(table, mine)
+    put_cell(table, theirs)
+    store = MitigationStore(backends["project"], INSTANCE)
+    now = _now_ms()
+
+    async def together():
+        try:
+            return await asyncio.gather(
+                store.lookup([("user", user)], mine.expires_at_ms - 1),
+                store.lookup([("user", user)], mine.expires_at_ms),  # the same row, at its expiry
+                store.lookup([("user", other), ("device", other)], now),
+                store.lookup([("user", unique("nobody"))], now),
+            )
+        finally:
+            await store.close()
+
+    before, at_expiry, both, nobody = asyncio.run(together())
+
+    assert (store.reads, store.lookups) == (1, 4)
+    assert [m["decision_id"] for m in before[("user", user)]] == [mine.decision_id]
+    assert at_expiry == {("user", user): []}
+    assert [m["decision_id"] for m in both[("user", other)]] == [theirs.decision_id] and both[("device", other)] == []
+    assert list(nobody.values()) == [[]]
+
+
+def test_lookups_beyond_the_reads_in_flight_wait_and_share_the_next_read(silent_port, monkeypatch):
+    """With MAX_READS_IN_FLIGHT reads out (here to a store that never answers), later lookups are gathered
+    into one read sent when a slot frees; every lookup of a failed read is told the store is unavailable."""
+    from service import store as store_module
+
+    monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", f"127.0.0.1:{silent_port}")
+    monkeypatch.setattr(store_module, "DEADLINE_SEC", 0.5)
+    store = MitigationStore("test-project", "silent", "mitigations")
+    waiting = store_module.MAX_READS_IN_FLIGHT + 3
+
+    async def one_by_one():
+        lookups = []
+        for n in range(waiting):
+            lookups.append(asyncio.ensure_future(store.lookup([("user", f"u-{n}")], _now_ms())))
+            await asyncio.sleep(0.01)  # each on a later turn of the loop, after the previous read went out
+        try:
+            return await asyncio.gather(*lookups, return_exceptions=True)
+        finally:
+            await store.close()
+
+    answers = asyncio.run(one_by_one())
+
+    assert all(isinstance(a, store_module.StoreUnavailable) for a in answers), answers
+    assert (store.reads, store.lookups) == (store_module.MAX_READS_IN_FLIGHT + 1, waiting)
