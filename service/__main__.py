@@ -122,6 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     except (TokenConfigError, RulePackError) as err:  # named file, entry and field
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # The store's clients load Google credentials when made, which each worker's start-up does (the app's
+    # lifespan). Made here first, so missing credentials are this command's error, exit 2, rather than a
+    # worker's start-up traceback (and, with --workers, a supervisor that then stops with status 0).
+    from google.auth.exceptions import DefaultCredentialsError  # noqa: PLC0415 - only when serving
+
+    from service.store import MitigationStore  # noqa: PLC0415 - the Bigtable client library, only when serving
+
+    try:
+        MitigationStore(settings.project, settings.bigtable_instance, settings.bigtable_table)
+    except DefaultCredentialsError as err:
+        print(f"error: no Google credentials for Bigtable: {err}", file=sys.stderr)
+        return 2
 
     import uvicorn
 

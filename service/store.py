@@ -151,7 +151,13 @@ class MitigationStore:
                 self._send_soon()
         self._gathering.update(dict.fromkeys(keys))
         self.lookups += 1
-        return await asyncio.shield(self._gathered)  # one caller cancelled must not cancel the others' read
+        # The deadline runs from the lookup's arrival, not its read's start: a lookup gathered behind reads
+        # in flight to a store that has stopped answering waited for them to give up first, then for its
+        # own read, twice DEADLINE_SEC. shield: one caller giving up must not cancel the others' read.
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._gathered), DEADLINE_SEC)
+        except TimeoutError:
+            raise StoreUnavailable(f"no answer within {DEADLINE_SEC:g} s") from None
 
     def _send_soon(self) -> None:
         self._sending = True
@@ -160,6 +166,9 @@ class MitigationStore:
     def _send_batch(self) -> None:
         keys, done = list(self._gathering), self._gathered
         self._gathering = self._gathered = None
+        # If every lookup waiting on it has given up, nobody reads its outcome: mark a failure seen, or asyncio
+        # logs "Future exception was never retrieved" for it.
+        done.add_done_callback(lambda future: future.cancelled() or future.exception())
         self.reads += 1
         self._in_flight += 1
         read = asyncio.ensure_future(self._read_rows(keys))

@@ -5,7 +5,9 @@ timing is asserted here); these keep the harness from rotting between runs.
 """
 
 import http.server
+import math
 import os
+import socket
 import threading
 import time
 
@@ -163,3 +165,19 @@ def test_the_api_load_generator_counts_errors_and_charges_queueing_to_the_server
     slow = api_latency.drive(lambda n: api_latency.http_get("/slow", {}), 100, 0.2, answering_port, 1, os.getpid())
     assert (slow["requests"], slow["errors"]) == (20, 0)
     assert slow["max_ms"] > 700 and slow["achieved_rps"] < 25
+
+
+def test_the_api_load_generator_fails_requests_nobody_answers_and_goes_on(monkeypatch):
+    """A server that takes connections and never answers: every request fails at the timeout (counted, with
+    its latency in the *_all figures), lost connections are made again, and the run ends."""
+    monkeypatch.setattr(api_latency, "REQUEST_TIMEOUT_SEC", 0.3)
+    silent = socket.create_server(("127.0.0.1", 0))  # never accepts: the kernel's backlog takes connections
+    try:
+        result = api_latency.drive(
+            lambda n: api_latency.http_get("/", {}), 20, 0.25, silent.getsockname()[1], 2, os.getpid()
+        )
+    finally:
+        silent.close()
+    assert (result["requests"], result["errors"], result["achieved_rps"]) == (5, 5, 0)
+    assert result["max_all_ms"] >= 300 and math.isnan(result["p99_ms"])
+    assert math.isnan(result["server_cpu_ms_per_request"])  # nothing answered: no cost per answer

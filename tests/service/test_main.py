@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -78,3 +79,17 @@ def test_served_over_http_with_a_streamed_body_limit_and_masked_logs(server, bac
         entry["message"].startswith("GET /v1/entities/{entity_type}/{entity_id}/mitigations 200") for entry in lines
     )
     assert address not in logs and "127.0.0.1" not in logs
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serving_without_credentials_is_an_error_naming_them_not_a_worker_traceback(settings, tmp_path, workers):
+    """Outside the emulator the store's clients need Google credentials. The command finds out before any
+    worker starts: exit 2 and one error line, where uvicorn's supervisor would stop with status 0."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_EMULATOR_HOST")}
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "missing-adc.json")
+    command = [sys.executable, "-m", "service", "--project", settings.project, "--bigtable_instance", INSTANCE]
+    command += ["--tokens", settings.tokens_path, "--allowlist", settings.allowlist_path, "--port", str(_free_port())]
+    command += ["--rule_overrides", settings.rule_overrides_path, "--workers", str(workers)]
+    done = subprocess.run(command, check=False, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("error: no Google credentials for Bigtable") and "missing-adc.json" in done.stderr

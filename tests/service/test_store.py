@@ -1,6 +1,8 @@
 """MitigationStore against the Bigtable emulator: what is served, what is not, and removal."""
 
 import asyncio
+import gc
+import logging
 import time
 
 import pytest
@@ -136,25 +138,59 @@ def test_lookups_waiting_together_share_one_read_and_each_is_answered_for_its_ow
 
 def test_lookups_beyond_the_reads_in_flight_wait_and_share_the_next_read(silent_port, monkeypatch):
     """With MAX_READS_IN_FLIGHT reads out (here to a store that never answers), later lookups are gathered
-    into one read sent when a slot frees; every lookup of a failed read is told the store is unavailable."""
+    into one read sent when a slot frees; every lookup is told the store is unavailable within the deadline."""
+    from service import store as store_module
+
+    monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", f"127.0.0.1:{silent_port}")
+    monkeypatch.setattr(store_module, "DEADLINE_SEC", 2.0)
+    store = MitigationStore("test-project", "silent", "mitigations")
+    waiting = store_module.MAX_READS_IN_FLIGHT + 3
+
+    async def timed(n):
+        started = time.monotonic()
+        try:
+            return await store.lookup([("user", f"u-{n}")], _now_ms())
+        except store_module.StoreUnavailable as err:
+            return err, time.monotonic() - started
+
+    async def one_by_one():
+        lookups = []
+        for n in range(waiting):
+            lookups.append(asyncio.ensure_future(timed(n)))
+            await asyncio.sleep(0.01)  # each on a later turn of the loop, after the previous read went out
+        try:
+            return await asyncio.gather(*lookups)
+        finally:
+            await asyncio.sleep(store_module.DEADLINE_SEC)  # let the gathered read go out and fail too
+            await store.close()
+
+    answers = asyncio.run(one_by_one())
+
+    assert all(isinstance(a, tuple) and isinstance(a[0], store_module.StoreUnavailable) for a in answers), answers
+    # Each within its own deadline, from when it arrived: the gathered ones did not wait for the reads ahead
+    # of them to fail first (they took twice the deadline before).
+    assert max(elapsed for _, elapsed in answers) < 1.5 * store_module.DEADLINE_SEC, answers
+    assert (store.reads, store.lookups) == (store_module.MAX_READS_IN_FLIGHT + 1, waiting)
+
+
+def test_a_read_failing_after_all_its_lookups_gave_up_is_not_reported_as_unretrieved(silent_port, monkeypatch, caplog):
     from service import store as store_module
 
     monkeypatch.setenv("BIGTABLE_EMULATOR_HOST", f"127.0.0.1:{silent_port}")
     monkeypatch.setattr(store_module, "DEADLINE_SEC", 0.5)
     store = MitigationStore("test-project", "silent", "mitigations")
-    waiting = store_module.MAX_READS_IN_FLIGHT + 3
 
-    async def one_by_one():
-        lookups = []
-        for n in range(waiting):
-            lookups.append(asyncio.ensure_future(store.lookup([("user", f"u-{n}")], _now_ms())))
-            await asyncio.sleep(0.01)  # each on a later turn of the loop, after the previous read went out
-        try:
-            return await asyncio.gather(*lookups, return_exceptions=True)
-        finally:
-            await store.close()
+    async def give_up():
+        lookups = [asyncio.ensure_future(store.lookup([("user", f"u-{n}")], _now_ms())) for n in range(3)]
+        await asyncio.sleep(0.1)
+        for lookup_ in lookups:
+            lookup_.cancel()  # the callers go (a timeout of their own), then the shared read fails
+        await asyncio.sleep(1.0)
+        await store.close()
+        gc.collect()  # asyncio reports an unretrieved failure when the future is collected
 
-    answers = asyncio.run(one_by_one())
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(give_up())
 
-    assert all(isinstance(a, store_module.StoreUnavailable) for a in answers), answers
-    assert (store.reads, store.lookups) == (store_module.MAX_READS_IN_FLIGHT + 1, waiting)
+    assert store.reads == 1
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
