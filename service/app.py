@@ -326,7 +326,7 @@ class _PolicyFileLock:
 
 
 class _Service:
-    """Settings, tokens and (made on first use) the cloud clients; one per app."""
+    """Settings, tokens and the cloud clients, made on first use (the store's at start-up); one per app."""
 
     def __init__(self, settings: Settings):
         self.settings = settings

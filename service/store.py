@@ -69,10 +69,10 @@ class MitigationStore:
     """Active mitigations per entity.
 
     Lookups are async, on the serving event loop: the sync client ran each read in a worker thread and
-    its own channel thread, and the hand-offs cost about a millisecond of CPU a lookup (benchmarks/README.md,
-    Mitigation API lookups). The async client belongs to the loop it was made in, so ``connect`` makes it
-    there (the app's start-up does) and ``close`` ends it. Lifts are rare and stay on the sync client, which
-    connects on first use.
+    its own channel thread, and the async client took a lookup from 2.87 to 2.43 ms of server CPU
+    (benchmarks/README.md, Mitigation API lookups). The async client belongs to the loop it was made in,
+    so ``connect`` makes it there (the app's start-up does) and ``close`` ends it. Lifts are rare and stay
+    on the sync client, which connects on first use.
 
     Lookups that wait at the same moment share one ``ReadRows`` call: a lookup joins the batch that is
     still being gathered, and the batch is read on the event loop's next turn. Idle, a lookup is read
