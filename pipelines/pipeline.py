@@ -75,6 +75,9 @@ class PipelineConfig:
         streaming only: re-read the pack, allowlist and operators' rule pauses
         this often so changes apply without a redeploy
         (``transforms.policy``); 0 keeps the start-up policy.
+      feature_rows: streaming only: every pane's features are written as a row
+        (``--features_table``), so compute them all as the pane fires rather
+        than each as a rule reads it (``WindowConfig.every_feature``).
     """
 
     streaming: bool = False
@@ -92,6 +95,7 @@ class PipelineConfig:
     allowlist_path: str | None = None
     rule_overrides_path: str | None = None
     policy_reload_sec: float = 0
+    feature_rows: bool = False
 
     def policy_source(self, pack: RulePack) -> PolicySource:
         return PolicySource(
@@ -116,7 +120,11 @@ class PipelineConfig:
             # Unsharded, batch de-duplication hands each event-time hour over as one batch.
             whole = BATCH_GROUP_MS if self.dedupe_shards_per_hour == 1 else 0
             return WindowConfig(keyed_windows=True, whole_batch_ms=whole)
-        return WindowConfig(allowed_lateness_sec=self.allowed_lateness_sec, early_firing_sec=self.early_firing_sec)
+        return WindowConfig(
+            allowed_lateness_sec=self.allowed_lateness_sec,
+            early_firing_sec=self.early_firing_sec,
+            every_feature=self.feature_rows,
+        )
 
     @property
     def decision_clock(self) -> str:

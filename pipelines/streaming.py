@@ -431,6 +431,7 @@ def build_streaming(pipeline: beam.Pipeline, opts: StreamingOptions, pack, allow
         allowlist_path=rule_opts.allowlist or None,
         rule_overrides_path=rule_opts.rule_overrides or None,
         policy_reload_sec=opts.policy_reload_sec,
+        feature_rows=bool(opts.features_table),
     )
     messages = pipeline | "ReadSignals" >> ReadFromPubSub(subscription=opts.input_subscription, with_attributes=True)
     outputs = build_pipeline(messages, pack, source=opts.input_subscription, config=config)

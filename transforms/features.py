@@ -615,7 +615,7 @@ def compute_features(acc: Accumulator, window_sec: int) -> dict[str, float]:
 
 
 class WindowFeatures(Mapping):
-    """An entity window's features, each computed when it is first read (batch windows).
+    """An entity window's features, each computed when it is first read (batch windows, streaming panes).
 
     A backtest's rules read a handful of the 30 built-in features, and most
     windows fail their first test on one of them; computing all of them
@@ -629,8 +629,9 @@ class WindowFeatures(Mapping):
     saw the signal types it reads), as the streaming job computes it: an
     extractor is code from outside this module, and a backtest should fail
     on one that raises on some state whether or not a rule reads it. The
-    accumulator must not change after it is wrapped; batch windows are
-    complete when they are.
+    accumulator must not change after it is wrapped: batch windows are
+    complete when they are, and a streaming pane's rules run as it fires
+    (``ToEntityFeaturesFn``).
     """
 
     __slots__ = ("_acc", "_window_sec", "_values", "_complete")
@@ -654,9 +655,14 @@ class WindowFeatures(Mapping):
         return value
 
     def _all(self) -> dict[str, float]:
-        # Not "every feature read": listing follows FEATURES' order, whatever order rules read them in.
+        # Not "every feature read": listing follows FEATURES' order, whatever order rules read them in. What
+        # was read already is kept, not computed again: a streaming pane's rules read a few before its feature
+        # row lists them all.
         if not self._complete:
-            self._values = compute_features(self._acc, self._window_sec)
+            acc, window_sec, known = self._acc, self._window_sec, self._values
+            self._values = {
+                name: known[name] if name in known else compute(acc, window_sec) for name, compute in _COMPUTE_ITEMS
+            }
             self._complete = True
         return self._values
 
@@ -980,17 +986,27 @@ if EntityFeatures._fields != (
 
 
 class ToEntityFeaturesFn(beam.DoFn):
-    """Accumulator plus window to the ``EntityFeatures`` record rules read."""
+    """Accumulator plus window to the ``EntityFeatures`` record rules read (streaming).
 
-    def __init__(self, window_sec: int):
+    Features are ``WindowFeatures``, computed as they are read, as in batch: a pane's rules read a few of
+    them, and computing all of them first made a pane cost 79,555 instructions a window against 32,314
+    (benchmarks/README.md, change 22). The rules run in this step's fused stage as each pane is emitted,
+    before anything folds into the window's accumulator again (a test keeps every pane's features until
+    the run ends and checks they did not move). With ``every_feature`` (the job writes every pane as a
+    feature row, ``--features_table``) they are all computed at once, which costs less than reading a few
+    and then listing the rest.
+    """
+
+    def __init__(self, window_sec: int, every_feature: bool = False):
         self._window_sec = window_sec
+        self._every_feature = every_feature
 
     def process(self, element, window=beam.DoFn.WindowParam):
         (entity_type, entity_id), acc = element
         start_ms = int(window.start.micros // 1000)
-        # Every feature now: the streaming job writes each window's features as a row (pipelines.streaming).
-        features = compute_features(acc, self._window_sec)
-        yield _entity_features(entity_type, entity_id, self._window_sec, start_ms, acc, features)
+        window_sec = self._window_sec
+        features = compute_features(acc, window_sec) if self._every_feature else WindowFeatures(acc, window_sec)
+        yield _entity_features(entity_type, entity_id, window_sec, start_ms, acc, features)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1018,6 +1034,9 @@ class WindowConfig:
     # many milliseconds of event time (transforms.dedupe: an hour, when not sharded). Windows that tile
     # the span are then complete in one batch and skip the merging shuffle. 0: no such promise.
     whole_batch_ms: int = 0
+    # Streaming only: compute every feature of a pane when it fires (its features are written as a row),
+    # rather than each as a rule reads it.
+    every_feature: bool = False
 
 
 class ComputeFeatures(beam.PTransform):
@@ -1103,7 +1122,8 @@ class ComputeFeatures(beam.PTransform):
             branches.append(
                 keyed
                 | f"{label}/Aggregate" >> combine
-                | f"{label}/ToFeatures" >> beam.ParDo(ToEntityFeaturesFn(size)).with_output_types(EntityFeatures)
+                | f"{label}/ToFeatures"
+                >> beam.ParDo(ToEntityFeaturesFn(size, self._config.every_feature)).with_output_types(EntityFeatures)
                 # Each record carries its own window bounds, so branches of different
                 # sizes can be merged in the global window.
                 | f"{label}/Rewindow" >> beam.WindowInto(beam_window.GlobalWindows())

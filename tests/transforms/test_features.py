@@ -25,7 +25,9 @@ from transforms.features import (
     ComputeFeatures,
     MergeAccumulatorsFn,
     PreAggregateFn,
+    ToEntityFeaturesFn,
     WindowConfig,
+    WindowFeatures,
     add_signal,
     compute_features,
     entity_keys,
@@ -684,3 +686,50 @@ def test_accumulator_state_written_before_later_counters_still_reads(missing):
         restored.__setstate__([*acc.__getstate__(), 0])
     with pytest.raises(ValueError, match="fewer than any code wrote"):
         restored.__setstate__(acc.__getstate__()[:-4])
+
+
+_EMITTED: list = []
+
+
+class _KeepPanes(beam.DoFn):
+    """Keeps each pane's lazily computed features, unread, beside every feature computed as it was emitted."""
+
+    def process(self, ef):
+        _EMITTED.append((ef.features, compute_features(ef.features._acc, ef.window_sec)))
+
+
+def test_a_streaming_pane_s_features_are_read_from_an_accumulator_no_later_pane_changes():
+    """Streaming features are computed as rules read them (WindowFeatures), so the pane's accumulator must
+    stay as it was when the pane fired while anything may still read it: every pane's features, listed
+    after the whole run (early, on-time and late panes of the same windows since), equal those it fired with."""
+    _EMITTED.clear()
+    stream = (
+        TestStream(coder=beam.coders.registry.get_coder(Signal))
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([_at(T0_MS + 10 * MIN), _at(T0_MS + 20 * MIN)])
+        .advance_processing_time(31)  # an early pane
+        .add_elements([_at(T0_MS + 25 * MIN)])
+        .advance_processing_time(31)  # another, with one more signal
+        .advance_watermark_to((T0_MS + HOUR_MS + 1000) / 1000)  # on time
+        .add_elements([_at(T0_MS + 30 * MIN)])  # late, within lateness
+        .advance_watermark_to_infinity()
+    )
+    config = WindowConfig(allowed_lateness_sec=600, early_firing_sec=30)
+    with TestPipeline(options=_stream_options()) as p:
+        (features,) = p | stream | ComputeFeatures({3600: ("user",)}, config)
+        _ = features | beam.ParDo(_KeepPanes())
+
+    fired = [snapshot["events"] for _, snapshot in _EMITTED]
+    assert fired == [2.0, 3.0, 3.0, 4.0]  # two early panes, the on-time pane and a late one, of one window
+    assert all(dict(lazy) == snapshot for lazy, snapshot in _EMITTED)
+
+
+def test_a_pane_computes_its_features_as_rules_read_them_unless_every_pane_is_written_as_a_row():
+    acc = Accumulator()
+    for minute, kind in enumerate(["stream", "login", "payment", "stream"]):
+        add_signal(acc, signal(kind, T0_MS + minute * MIN))
+    [lazy] = ToEntityFeaturesFn(3600).process((("user", "u1"), acc), _ONE_HOUR)
+    [every] = ToEntityFeaturesFn(3600, every_feature=True).process((("user", "u1"), acc), _ONE_HOUR)
+    assert isinstance(lazy.features, WindowFeatures) and type(every.features) is dict
+    assert dict(lazy.features) == every.features == compute_features(acc, 3600)
+    assert (lazy.window_start_ms, lazy.window_end_ms) == (T0_MS, T0_MS + HOUR_MS)
