@@ -630,8 +630,8 @@ class WindowFeatures(Mapping):
     extractor is code from outside this module, and a backtest should fail
     on one that raises on some state whether or not a rule reads it. The
     accumulator must not change after it is wrapped: batch windows are
-    complete when they are, and a streaming pane's rules run as it fires
-    (``ToEntityFeaturesFn``).
+    complete when they are, and a streaming pane's accumulator is made
+    afresh for each pane (``ToEntityFeaturesFn``).
     """
 
     __slots__ = ("_acc", "_window_sec", "_values", "_complete")
@@ -989,10 +989,12 @@ class ToEntityFeaturesFn(beam.DoFn):
     """Accumulator plus window to the ``EntityFeatures`` record rules read (streaming).
 
     Features are ``WindowFeatures``, computed as they are read, as in batch: a pane's rules read a few of
-    them, and computing all of them first made a pane cost 79,555 instructions a window against 32,314
-    (benchmarks/README.md, change 22). The rules run in this step's fused stage as each pane is emitted,
-    before anything folds into the window's accumulator again (a test keeps every pane's features until
-    the run ends and checks they did not move). With ``every_feature`` (the job writes every pane as a
+    them, and computing all of them first made a pane cost about twice as much (benchmarks/README.md,
+    change 22). That holds because no runner changes a pane's accumulator after the pane fired: each pane's
+    is made afresh (Beam's local runners merge into new accumulators; on Dataflow the SDK harness decodes
+    them from the GroupByKey for every pane). A test records every pane's accumulator as it fires, with
+    Beam's hot-key fan-out and without, and checks that none has changed when the run ends; a step that kept
+    an accumulator across firings would break this. With ``every_feature`` (the job writes every pane as a
     feature row, ``--features_table``) they are all computed at once, which costs less than reading a few
     and then listing the rest.
     """

@@ -1,5 +1,6 @@
 """Per-entity window features: the accumulator, its bounds, and event-time behaviour."""
 
+import copy
 import pickle
 
 import apache_beam as beam
@@ -688,40 +689,86 @@ def test_accumulator_state_written_before_later_counters_still_reads(missing):
         restored.__setstate__(acc.__getstate__()[:-4])
 
 
-_EMITTED: list = []
+def _play(ms, **fields):
+    fields.setdefault("user_id", "u1")
+    fields.setdefault("ip", "10.0.0.1")
+    return TimestampedValue(signal("stream", ms, **fields), ms / 1000)
+
+
+def _panes_stream():
+    """Plays of several users, tracks and artists over one IP: early panes, closing 10-minute windows with
+    late signals after them, the hour closing, and a late signal for it."""
+    return (
+        TestStream(coder=beam.coders.registry.get_coder(Signal))
+        .advance_watermark_to(T0_MS / 1000)
+        .add_elements([_play(T0_MS + MIN, track_id="t1"), _play(T0_MS + 2 * MIN, user_id="u2", track_id="t1")])
+        .add_elements([_play(T0_MS + 3 * MIN, track_id="t2", artist_id="a2")])
+        .advance_processing_time(31)
+        .add_elements([_play(T0_MS + 4 * MIN, user_id="u3"), _play(T0_MS + 5 * MIN, track_id="t1")])
+        .add_elements([_play(T0_MS + 12 * MIN, user_id="u2")])
+        .advance_processing_time(31)
+        .add_elements([_play(T0_MS + 6 * MIN, track_id="t3")])
+        .advance_processing_time(31)
+        .advance_watermark_to((T0_MS + 11 * MIN) / 1000)  # the first 10-minute windows close
+        .add_elements([_play(T0_MS + 7 * MIN), _play(T0_MS + 30 * MIN, user_id="u2")])
+        .advance_processing_time(31)
+        .advance_watermark_to((T0_MS + HOUR_MS + 1000) / 1000)  # the hour closes
+        .add_elements([_play(T0_MS + 40 * MIN, user_id="u4")])  # late for it
+        .advance_processing_time(31)
+        .advance_watermark_to_infinity()
+    )
+
+
+_KEPT: list = []
 
 
 class _KeepPanes(beam.DoFn):
-    """Keeps each pane's lazily computed features, unread, beside every feature computed as it was emitted."""
-
     def process(self, ef):
-        _EMITTED.append((ef.features, compute_features(ef.features._acc, ef.window_sec)))
+        _KEPT.append(ef)
 
 
-def test_a_streaming_pane_s_features_are_read_from_an_accumulator_no_later_pane_changes():
-    """Streaming features are computed as rules read them (WindowFeatures), so the pane's accumulator must
-    stay as it was when the pane fired while anything may still read it: every pane's features, listed
-    after the whole run (early, on-time and late panes of the same windows since), equal those it fired with."""
-    _EMITTED.clear()
-    stream = (
-        TestStream(coder=beam.coders.registry.get_coder(Signal))
-        .advance_watermark_to(T0_MS / 1000)
-        .add_elements([_at(T0_MS + 10 * MIN), _at(T0_MS + 20 * MIN)])
-        .advance_processing_time(31)  # an early pane
-        .add_elements([_at(T0_MS + 25 * MIN)])
-        .advance_processing_time(31)  # another, with one more signal
-        .advance_watermark_to((T0_MS + HOUR_MS + 1000) / 1000)  # on time
-        .add_elements([_at(T0_MS + 30 * MIN)])  # late, within lateness
-        .advance_watermark_to_infinity()
-    )
-    config = WindowConfig(allowed_lateness_sec=600, early_firing_sec=30)
+def _run_panes(lateness_sec: int, every_feature: bool) -> list:
+    _KEPT.clear()
+    plan = {600: ("ip", "track", "user"), 3600: ("artist", "ip", "track", "user")}
+    config = WindowConfig(allowed_lateness_sec=lateness_sec, early_firing_sec=30, every_feature=every_feature)
     with TestPipeline(options=_stream_options()) as p:
-        (features,) = p | stream | ComputeFeatures({3600: ("user",)}, config)
+        (features,) = p | _panes_stream() | ComputeFeatures(plan, config)
         _ = features | beam.ParDo(_KeepPanes())
+    return sorted(
+        (ef.window_sec, ef.entity_type, ef.entity_id, ef.window_start_ms, sorted(dict(ef.features).items()))
+        for ef in _KEPT
+    )
 
-    fired = [snapshot["events"] for _, snapshot in _EMITTED]
-    assert fired == [2.0, 3.0, 3.0, 4.0]  # two early panes, the on-time pane and a late one, of one window
-    assert all(dict(lazy) == snapshot for lazy, snapshot in _EMITTED)
+
+@pytest.mark.parametrize("lateness_sec", [0, 600], ids=["hot-key fan-out", "allowed lateness"])
+def test_a_streaming_pane_s_features_are_read_from_an_accumulator_nothing_changes_after_it_fired(
+    lateness_sec, monkeypatch
+):
+    """A pane's features are computed as rules read them (WindowFeatures over the pane's accumulator), so no
+    runner may change that accumulator after the pane fired. Each WindowFeatures is recorded as it is made,
+    with every feature and the accumulator's state at that moment; after the run (early, on-time and late
+    panes of 10-minute and hourly windows of users, tracks, artists and an IP since, with Beam's hot-key
+    fan-out when there is no lateness), every accumulator is as it was and every pane lists what it fired
+    with, and the panes are those a run computing every feature at once gives."""
+    from transforms import features as features_module
+
+    made: list = []
+
+    class Recorded(features_module.WindowFeatures):
+        __slots__ = ()
+
+        def __init__(self, acc, window_sec):
+            super().__init__(acc, window_sec)
+            made.append((self, compute_features(acc, window_sec), copy.deepcopy(acc.__getstate__())))
+
+    monkeypatch.setattr(features_module, "WindowFeatures", Recorded)
+    lazy = _run_panes(lateness_sec, every_feature=False)
+    monkeypatch.undo()
+
+    assert len(made) == len(lazy) > 30
+    assert all(wf._acc.__getstate__() == state for wf, _, state in made)
+    assert all(dict(wf) == fired for wf, fired, _ in made)
+    assert lazy == _run_panes(lateness_sec, every_feature=True)
 
 
 def test_a_pane_computes_its_features_as_rules_read_them_unless_every_pane_is_written_as_a_row():
