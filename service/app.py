@@ -1152,9 +1152,10 @@ def app_from_environment() -> FastAPI:
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI) -> typing.AsyncIterator[None]:
     """At start, in the serving loop: make the store's read client, then (``freeze_gc``) move everything made
-    so far out of the garbage collector's sight. Without that, each full collection walked the libraries'
-    whole heap and stalled a worker for 115 to 141 ms, a few times a minute at 500 lookups a second, and
-    every request queued behind it waited too (benchmarks/README.md, Mitigation API lookups)."""
+    so far out of the garbage collector's sight. Without that, a full collection walks the libraries' whole
+    heap: in a run at 500 lookups a second, each worker stalled once or twice in 20 s, for 179 to 279 ms,
+    and every request queued behind it waited; with it, those collections took 1.6 and 3.2 ms
+    (benchmarks/README.md, Mitigation API lookups)."""
     service: _Service = app.state.service
     store = service.store
     store.connect()
