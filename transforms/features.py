@@ -656,8 +656,8 @@ class WindowFeatures(Mapping):
 
     def _all(self) -> dict[str, float]:
         # Not "every feature read": listing follows FEATURES' order, whatever order rules read them in. What
-        # was read already is kept, not computed again: a streaming pane's rules read a few before its feature
-        # row lists them all.
+        # was read already is kept, not computed again: a rule hit's reason and features JSON list them all after
+        # its rules read a few.
         if not self._complete:
             acc, window_sec, known = self._acc, self._window_sec, self._values
             self._values = {
