@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server_workers", type=int, default=2, help="The API's worker processes (--workers).")
     # A gateway's pool. uvicorn's workers take connections as they accept them, unevenly (21 and 11 of 32
     # here), and a keep-alive connection stays with its worker: with 8 connections the p99 at 500/s was
-    # 288 ms, with 64 it was 28 ms (one run each, before batched reads).
+    # 288 ms, with 64 it was 28 ms (medians of two runs of 15 s, before batched reads).
     parser.add_argument("--connections", type=int, default=64, help="Keep-alive connections the client keeps open.")
     parser.add_argument("--output", default=str(RESULTS), help="Where to write the JSON results.")
     args = parser.parse_args(argv)
