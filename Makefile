@@ -57,6 +57,7 @@ bench: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m benchmarks.batch_throughput
 	$(BIN)/python -m benchmarks.streaming_latency
 	$(BIN)/python -m benchmarks.memory_keys
+	$(BIN)/python -m benchmarks.hot_keys
 
 ## Latency of the Mitigation API's single and batch lookups on loopback (writes benchmarks/results/api_latency.json).
 bench-api: $(STAMP)

@@ -10,7 +10,9 @@ see it.
 An extractor must:
 
 * keep its state small and bounded (it lives per entity per window, in
-  Dataflow state);
+  Dataflow state); for distinct values use ``transforms.distinct``
+  (exact up to ``DISTINCT_CAP``, a HyperLogLog sketch past it), as the
+  login-account extractors below do;
 * be mergeable: ``merge(a, b)`` must give what one pass over both halves
   gives, because Beam combines partial states (``tests/kit.py`` has
   ``assert_mergeable`` to check this);
@@ -32,9 +34,9 @@ import re
 from collections.abc import Callable
 
 from schemas import EVENT_TYPES, Signal
+from transforms.distinct import DISTINCT_CAP, add_distinct, distinct_count, merge_distinct
 
-# The cap every distinct count saturates at (transforms.features.DISTINCT_CAP; that module imports this one).
-DISTINCT_CAP = 4096
+__all__ = ["DISTINCT_CAP", "EXTRACTORS", "FeatureExtractor", "register"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +113,20 @@ register(
 # in the window, including everyone who only streamed, and ``failed_login_ratio`` counts attempts, so a
 # dormitory NAT with a few devices retrying a changed password every 30 s looked like stuffing: 60 failed
 # attempts "for 67 accounts". These count the accounts that tried to log in, and those that failed.
-# State: the set of account ids, bounded like every distinct count (DISTINCT_CAP).
+# State: a distinct-value state (transforms.distinct): the account ids exactly up to DISTINCT_CAP, a
+# HyperLogLog sketch past it, so the ratio of the two stays right on an IP with thousands of accounts.
 def _login_account_adder(failed_only: bool):
-    def add(state: set, s: Signal) -> set:
-        if (not failed_only or not s.success) and len(state) < DISTINCT_CAP:
-            state.add(s.user_id)
+    def add(state, s: Signal):
+        if not failed_only or not s.success:
+            return add_distinct(state, s.user_id)
         return state
 
     return add
 
 
-def _merge_accounts(a: set, b: set) -> set:
-    for user in b:
-        if len(a) >= DISTINCT_CAP:
-            break
-        a.add(user)
-    return a
+def _account_count(state, window_sec: int) -> float:
+    # Every window with a login computes this: a set's length without the call distinct_count would add.
+    return float(len(state) if state.__class__ is set else distinct_count(state))
 
 
 register(
@@ -136,8 +136,8 @@ register(
         event_types=("login",),
         create=set,
         add=_login_account_adder(failed_only=False),
-        merge=_merge_accounts,
-        value=lambda state, window_sec: float(len(state)),
+        merge=merge_distinct,
+        value=_account_count,
     )
 )
 register(
@@ -147,7 +147,7 @@ register(
         event_types=("login",),
         create=set,
         add=_login_account_adder(failed_only=True),
-        merge=_merge_accounts,
-        value=lambda state, window_sec: float(len(state)),
+        merge=merge_distinct,
+        value=_account_count,
     )
 )

@@ -8,7 +8,9 @@ names in ``FEATURES``, and the rule loader checks that at start-up.
 
 Bounds, so one attacker cannot make a key's state grow without limit:
 
-* distinct counts are exact up to ``DISTINCT_CAP`` and saturate there;
+* distinct counts are exact up to ``DISTINCT_CAP`` values; past it a field
+  becomes a HyperLogLog sketch of 4 KiB, estimated to about 1.6%
+  (``transforms.distinct``);
 * top-share counters track at most ``TOP_CAP`` keys; a key first seen after
   the counter is full is not counted, so a share is a lower bound (a rule using
   it errs toward not firing, which is the safe side);
@@ -33,9 +35,18 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import ENTITY_TYPES, EVENT_TYPES, Signal
 from schemas.features import EntityFeatures
-from transforms.extractors import DISTINCT_CAP, EXTRACTORS
+from transforms.distinct import (  # noqa: F401 (distinct_count: re-exported)
+    DISTINCT_CAP,
+    HyperLogLog,
+    add_distinct,
+    distinct_count,
+    merge_distinct,
+    overflow,
+    sketch_count,
+)
+from transforms.extractors import EXTRACTORS
 
-# DISTINCT_CAP is 4096, defined in transforms.extractors so extractors' distinct counts saturate where these do.
+# DISTINCT_CAP (4096) is defined in transforms.distinct, which extractors' distinct counts use too.
 TOP_CAP = 256
 TRACE_SAMPLE = 10
 # A play counts for royalties from 30 s; farms play just past it to earn the
@@ -69,10 +80,11 @@ class Accumulator:
     backtest (benchmarks/README.md).
 
     A distinct-value field holds ``None`` (no value yet), the value itself
-    (one distinct value: most keys see one user, device, IP and country), or
-    a set (two or more). A one-element set costs 216 bytes and a collector
-    entry; the value costs only the reference (sets refer to their values too).
-    ``distinct_count`` and ``distinct_set`` read either form.
+    (one distinct value: most keys see one user, device, IP and country), a
+    set (two to ``DISTINCT_CAP``), or a ``HyperLogLog`` sketch past that. A
+    one-element set costs 216 bytes and a collector entry; the value costs
+    only the reference (sets refer to their values too). ``distinct_count``
+    reads every form (``transforms.distinct``).
     """
 
     __slots__ = (
@@ -117,7 +129,7 @@ class Accumulator:
         self.first_ms = 1 << 62
         self.last_ms = 0
         self.hours = 0
-        # None | a value | a set of 2..DISTINCT_CAP values: distinct values (see the class docstring).
+        # None | a value | a set of 2..DISTINCT_CAP values | a HyperLogLog: distinct values (class docstring).
         self.users = self.devices = self.ips = self.tracks = None
         self.artists = self.playlists = self.cards = self.countries = None
         # dict | None: top-share counters, at most TOP_CAP keys.
@@ -152,26 +164,8 @@ _TOP_FIELDS = ("stream_artists", "stream_tracks", "playlist_artists")
 
 
 def _distinct(values, value):
-    """A distinct-value field with ``value`` added, up to DISTINCT_CAP (values are ids: never a set)."""
-    if value is None:
-        return values
-    if values is None:
-        return value
-    if values.__class__ is set:
-        if len(values) < DISTINCT_CAP:
-            values.add(value)
-        return values
-    return values if values == value else {values, value}
-
-
-def distinct_count(values) -> int:
-    """How many distinct values a distinct-value field holds."""
-    return len(values) if values.__class__ is set else 0 if values is None else 1
-
-
-def distinct_set(values) -> set:
-    """A distinct-value field's values as a new set."""
-    return set(values) if values.__class__ is set else set() if values is None else {values}
+    """A distinct-value field with ``value`` added (values are ids: never a set)."""
+    return add_distinct(values, value, DISTINCT_CAP)
 
 
 def _top(counts: dict | None, key) -> dict:
@@ -219,8 +213,13 @@ def fold_signal(accs, s: Signal) -> None:
             elif v.__class__ is set:
                 if len(v) < cap:
                     v.add(user)
-            elif v != user:
-                acc.users = {v, user}
+                elif user not in v:
+                    acc.users = overflow(v, user)
+            elif v != user:  # a lone value or a sketch, tested here so a lone equal value costs no more
+                if v.__class__ is HyperLogLog:
+                    v.add(user)
+                else:
+                    acc.users = {v, user}
         if device is not None:
             v = acc.devices
             if v is None:
@@ -228,8 +227,13 @@ def fold_signal(accs, s: Signal) -> None:
             elif v.__class__ is set:
                 if len(v) < cap:
                     v.add(device)
-            elif v != device:
-                acc.devices = {v, device}
+                elif device not in v:
+                    acc.devices = overflow(v, device)
+            elif v != device:  # a lone value or a sketch, tested here so a lone equal value costs no more
+                if v.__class__ is HyperLogLog:
+                    v.add(device)
+                else:
+                    acc.devices = {v, device}
         if ip is not None:
             v = acc.ips
             if v is None:
@@ -237,8 +241,13 @@ def fold_signal(accs, s: Signal) -> None:
             elif v.__class__ is set:
                 if len(v) < cap:
                     v.add(ip)
-            elif v != ip:
-                acc.ips = {v, ip}
+                elif ip not in v:
+                    acc.ips = overflow(v, ip)
+            elif v != ip:  # a lone value or a sketch, tested here so a lone equal value costs no more
+                if v.__class__ is HyperLogLog:
+                    v.add(ip)
+                else:
+                    acc.ips = {v, ip}
         if country is not None:
             v = acc.countries
             if v is None:
@@ -246,8 +255,13 @@ def fold_signal(accs, s: Signal) -> None:
             elif v.__class__ is set:
                 if len(v) < cap:
                     v.add(country)
-            elif v != country:
-                acc.countries = {v, country}
+                elif country not in v:
+                    acc.countries = overflow(v, country)
+            elif v != country:  # a lone value or a sketch, tested here so a lone equal value costs no more
+                if v.__class__ is HyperLogLog:
+                    v.add(country)
+                else:
+                    acc.countries = {v, country}
         if trace is not None:
             sample = acc.trace_ids
             # Most signals come after the sample is full and sort above it: nothing to do.
@@ -324,8 +338,13 @@ def _fold_stream(accs, s: Signal) -> None:
             elif v.__class__ is set:
                 if len(v) < cap:
                     v.add(track)
-            elif v != track:
-                acc.tracks = {v, track}
+                elif track not in v:
+                    acc.tracks = overflow(v, track)
+            elif v != track:  # a lone value or a sketch, tested here so a lone equal value costs no more
+                if v.__class__ is HyperLogLog:
+                    v.add(track)
+                else:
+                    acc.tracks = {v, track}
             c = acc.stream_tracks
             if c is None:
                 acc.stream_tracks = {track: 1}
@@ -340,8 +359,13 @@ def _fold_stream(accs, s: Signal) -> None:
             elif v.__class__ is set:
                 if len(v) < cap:
                     v.add(artist)
-            elif v != artist:
-                acc.artists = {v, artist}
+                elif artist not in v:
+                    acc.artists = overflow(v, artist)
+            elif v != artist:  # a lone value or a sketch, tested here so a lone equal value costs no more
+                if v.__class__ is HyperLogLog:
+                    v.add(artist)
+                else:
+                    acc.artists = {v, artist}
             c = acc.stream_artists
             if c is None:
                 acc.stream_artists = {artist: 1}
@@ -396,19 +420,13 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
             if theirs is None:
                 continue
             mine = getattr(out, name)
-            if theirs.__class__ is not set:  # one value
-                setattr(out, name, _distinct(mine, theirs))
-                continue
-            if mine is None:
-                setattr(out, name, set(theirs))
-                continue
-            if mine.__class__ is not set:
-                mine = {mine}
-                setattr(out, name, mine)
-            for value in theirs:
-                if len(mine) >= DISTINCT_CAP:
-                    break
-                mine.add(value)
+            if theirs.__class__ is str:  # a lone id, the commonest: nothing to do when it is mine too
+                if mine is None:
+                    setattr(out, name, theirs)
+                elif mine != theirs:
+                    setattr(out, name, add_distinct(mine, theirs, DISTINCT_CAP))
+            else:
+                setattr(out, name, merge_distinct(mine, theirs, DISTINCT_CAP))
         for name in _TOP_FIELDS:
             theirs = getattr(a, name)
             if not theirs:
@@ -447,14 +465,22 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     c.short_paid, c.cut_paid, c.cut_near = a.short_paid, a.cut_paid, a.cut_near
     c.playlist_adds, c.payments, c.failed_payments = a.playlist_adds, a.payments, a.failed_payments
     c.small_payments, c.first_ms, c.last_ms, c.hours = a.small_payments, a.first_ms, a.last_ms, a.hours
-    c.users = a.users.copy() if a.users.__class__ is set else a.users
-    c.devices = a.devices.copy() if a.devices.__class__ is set else a.devices
-    c.ips = a.ips.copy() if a.ips.__class__ is set else a.ips
-    c.tracks = a.tracks.copy() if a.tracks.__class__ is set else a.tracks
-    c.artists = a.artists.copy() if a.artists.__class__ is set else a.artists
-    c.playlists = a.playlists.copy() if a.playlists.__class__ is set else a.playlists
-    c.cards = a.cards.copy() if a.cards.__class__ is set else a.cards
-    c.countries = a.countries.copy() if a.countries.__class__ is set else a.countries
+    v = a.users
+    c.users = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    v = a.devices
+    c.devices = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    v = a.ips
+    c.ips = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    v = a.tracks
+    c.tracks = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    v = a.artists
+    c.artists = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    v = a.playlists
+    c.playlists = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    v = a.cards
+    c.cards = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    v = a.countries
+    c.countries = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
     c.stream_artists = None if a.stream_artists is None else a.stream_artists.copy()
     c.stream_tracks = None if a.stream_tracks is None else a.stream_tracks.copy()
     c.playlist_artists = None if a.playlist_artists is None else a.playlist_artists.copy()
@@ -475,7 +501,8 @@ class Feature:
 # Built-in features: name -> (description, function of the accumulator ``a`` and the window's length in seconds
 # ``w``), in the order rules, tables and evidence list them. A new built-in feature is one line here. One
 # function per feature, so a rule reading two features computes two (``WindowFeatures``); sizes and ratios
-# are written inline rather than through a helper, which would be a second call per feature.
+# are written inline rather than through a helper, which would be a second call per feature. A distinct-value
+# field is tested in the order its forms are common: nothing, a lone id, a set, a sketch.
 _BUILTINS: dict[str, tuple[str, Callable[[Accumulator, int], float]]] = {
     "events": ("All signals in the window.", lambda a, w: float(a.events)),
     "streams": ("Plays.", lambda a, w: float(a.streams)),
@@ -509,11 +536,23 @@ _BUILTINS: dict[str, tuple[str, Callable[[Accumulator, int], float]]] = {
     ),
     "distinct_tracks": (
         "Distinct tracks played or added to playlists.",
-        lambda a, w: float(len(a.tracks) if a.tracks.__class__ is set else a.tracks is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.tracks) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "distinct_artists": (
         "Distinct artists played.",
-        lambda a, w: float(len(a.artists) if a.artists.__class__ is set else a.artists is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.artists) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "top_artist_share": (
         "Share of plays going to the most-played artist.",
@@ -533,7 +572,13 @@ _BUILTINS: dict[str, tuple[str, Callable[[Accumulator, int], float]]] = {
     "playlist_adds": ("Tracks added to playlists.", lambda a, w: float(a.playlist_adds)),
     "distinct_playlists": (
         "Distinct playlists added to.",
-        lambda a, w: float(len(a.playlists) if a.playlists.__class__ is set else a.playlists is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.playlists) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "playlist_top_artist_share": (
         "Share of playlist adds going to the most-added artist.",
@@ -553,23 +598,53 @@ _BUILTINS: dict[str, tuple[str, Callable[[Accumulator, int], float]]] = {
     ),
     "distinct_cards": (
         "Distinct card fingerprints used.",
-        lambda a, w: float(len(a.cards) if a.cards.__class__ is set else a.cards is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.cards) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "distinct_users": (
         "Distinct user ids seen.",
-        lambda a, w: float(len(a.users) if a.users.__class__ is set else a.users is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.users) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "distinct_devices": (
         "Distinct device ids seen.",
-        lambda a, w: float(len(a.devices) if a.devices.__class__ is set else a.devices is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.devices) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "distinct_ips": (
         "Distinct IP addresses seen.",
-        lambda a, w: float(len(a.ips) if a.ips.__class__ is set else a.ips is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.ips) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "distinct_countries": (
         "Distinct countries seen.",
-        lambda a, w: float(len(a.countries) if a.countries.__class__ is set else a.countries is not None),
+        lambda a, w: (
+            0.0
+            if (v := a.countries) is None
+            else 1.0
+            if v.__class__ is str
+            else float(len(v) if v.__class__ is set else sketch_count(v, DISTINCT_CAP))
+        ),
     ),
     "active_hours": ("Distinct hours of the day (UTC) with any signal.", lambda a, w: float(a.hours.bit_count())),
     "span_minutes": (

@@ -14,7 +14,8 @@ import time
 import orjson
 import pytest
 
-from benchmarks import api_latency, batch_throughput, memory_keys, streaming_latency, transform_costs
+from benchmarks import api_latency, batch_throughput, hot_keys, memory_keys, streaming_latency, transform_costs
+from transforms.distinct import DISTINCT_CAP
 from transforms.parse import parse_signal
 
 
@@ -93,6 +94,14 @@ def test_transform_costs_cover_every_stage():
     assert stages["parse"]["units"] == payload["signals"] == 3000
     assert all(s["us_per_unit"] > 0 for s in stages.values())
     assert payload["entity_windows"] > payload["signals"] / 10
+
+
+def test_hot_key_benchmark_folds_windows_past_the_distinct_cap():
+    for kind in ("viral", "artist"):
+        run = hot_keys.measure(kind, plays=45_000, repeats=1)
+        assert run["true_distinct_users"] > DISTINCT_CAP  # past the cap, or it measures nothing
+        assert abs(run["distinct_users"] / run["true_distinct_users"] - 1) < 0.05
+        assert run["encoded_bytes"] < 20_000 and run["fold_us_per_signal"] > 0
 
 
 def test_memory_benchmark_streaming_graph_leaves_no_user_state_or_timers_behind():

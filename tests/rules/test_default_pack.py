@@ -96,6 +96,17 @@ def dormitory(students=300, logging_in=24, stuck_devices=3, ip="10.77.0.1"):
     return streams + ok + stuck
 
 
+def carrier_nat_relogin(accounts=12_000, mistyped=5_000, ip="100.64.0.1"):
+    """A mobile carrier's NAT address (100.64/10) after an app update signed everyone out: 12,000 accounts log
+    in again within 10 minutes, 5,000 of them after one mistyped password (42% failed). Counted exactly to
+    4,096 accounts and saturating there, both account counts read 4,096, a ratio of 1.0: both stuffing rules
+    fired. Past the cap they are estimated (transforms.distinct)."""
+    step = 590_000 // (accounts + mistyped)
+    failed = [signal("login", T0_MS + i * step, user_id=f"m{i}", ip=ip, success=False) for i in range(mistyped)]
+    ok = [signal("login", T0_MS + (mistyped + i) * step, user_id=f"m{i}", ip=ip, success=True) for i in range(accounts)]
+    return failed + ok
+
+
 def payments(n, cards, fail_share, users=1, step_ms=60_000):
     fails = round(n * fail_share)
     return [
@@ -222,6 +233,11 @@ CASES = {
         ("near miss: 16 accounts, 9 failed (56%)", account_logins(16, 9, 2), False),
         ("look-alike: dormitory NAT, 60 students, 8% failed", logins(60, 60, 0.08), False),
         ("look-alike: dormitory NAT, 300 streaming, 3 devices stuck on a changed password", dormitory(), False),
+        (
+            "look-alike: carrier NAT, 12,000 accounts signed out by an update, 5,000 mistype",
+            carrier_nat_relogin(),
+            False,
+        ),
     ],
     "credential_stuffing_block": [
         ("fires: 80 logins, 50 accounts, 90% failed", logins(80, 50, 0.9), True),
@@ -233,6 +249,11 @@ CASES = {
         ("near miss: 50 accounts, 42 failed (84%)", account_logins(50, 42, 2), False),
         ("look-alike: dormitory NAT after a password reset mail, 30% failed", logins(120, 100, 0.3), False),
         ("look-alike: dormitory NAT, 300 streaming, 3 devices stuck on a changed password", dormitory(), False),
+        (
+            "look-alike: carrier NAT, 12,000 accounts signed out by an update, 5,000 mistype",
+            carrier_nat_relogin(),
+            False,
+        ),
     ],
     "scripted_login_review": [
         ("fires: 25 logins, all from a scripting library", logins(25, 25, 0.0, agent="python-requests/2.31"), True),

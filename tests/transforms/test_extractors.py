@@ -103,19 +103,26 @@ def test_the_login_account_extractors_merge_like_one_pass(name, cut):
     assert_mergeable(EXTRACTORS[name], account_logins(), cut)
 
 
-def test_the_login_account_sets_stop_growing_at_the_distinct_cap():
-    from transforms.extractors import DISTINCT_CAP
+def test_the_login_account_counts_are_estimated_past_the_distinct_cap_and_their_ratio_holds():
+    """Past DISTINCT_CAP accounts a state becomes a sketch. When the counts saturated at the cap instead, an IP
+    with 9,000 accounts logging in and 4,500 failing read as 4,096 failed of 4,096: a ratio of 1.0."""
+    from transforms.distinct import DISTINCT_CAP, HyperLogLog
 
-    extractor = EXTRACTORS["failed_login_accounts"]
-    many = [signal("login", user_id=f"v{i}", success=False) for i in range(DISTINCT_CAP + 5)]
-    state = extractor.create()
-    for s in many:
-        state = extractor.add(state, s)
-    assert extractor.value(state, 600) == DISTINCT_CAP
-    half = extractor.create()
-    for s in many[:10]:
-        half = extractor.add(half, s)
-    assert extractor.value(extractor.merge(state, half), 600) == DISTINCT_CAP
+    signals = [signal("login", user_id=f"v{i}", success=i % 2 == 1) for i in range(9_000)]
+    states = {}
+    for name in ("login_accounts", "failed_login_accounts"):
+        extractor = EXTRACTORS[name]
+        state = extractor.create()
+        for s in signals:
+            state = extractor.add(state, s)
+        assert state.__class__ is HyperLogLog
+        states[name] = extractor.value(state, 600)
+        assert_mergeable(extractor, signals, 4_000)  # sets of 2,000 accounts merged into a sketch of 7,000
+        assert_mergeable(extractor, signals, 0)
+    assert abs(states["login_accounts"] / 9_000 - 1) < 0.05
+    assert abs(states["failed_login_accounts"] / 4_500 - 1) < 0.05
+    assert 0.45 < states["failed_login_accounts"] / states["login_accounts"] < 0.55
+    assert DISTINCT_CAP < 4_500
 
 
 def test_the_kit_refuses_a_merge_that_returns_its_second_state():

@@ -1,5 +1,6 @@
 """Per-entity window features: the accumulator, its bounds, and event-time behaviour."""
 
+import contextlib
 import copy
 import pickle
 
@@ -17,7 +18,9 @@ from hypothesis import strategies as st
 from schemas import Signal
 from schemas.features import EntityFeatures
 from tests.kit import HOUR_MS, T0_MS, features_of, signal, streaming_options
+from transforms import distinct
 from transforms import features as F
+from transforms.distinct import HyperLogLog, distinct_values
 from transforms.features import (
     DISTINCT_CAP,
     FEATURES,
@@ -38,6 +41,17 @@ from transforms.features import (
 
 MIN = 60_000
 _ONE_HOUR = IntervalWindow(T0_MS / 1000, T0_MS / 1000 + 3600)
+# The property tests run with the real cap and with a cap of 2, where their few ids overflow into sketches.
+_caps = st.sampled_from([DISTINCT_CAP, 2])
+
+
+@contextlib.contextmanager
+def _distinct_cap(cap: int):
+    """Every distinct-value state holds at most ``cap`` values exactly (features' and extractors')."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(F, "DISTINCT_CAP", cap)
+        patch.setattr(distinct, "DISTINCT_CAP", cap)
+        yield
 
 
 # --- feature values ------------------------------------------------------------------
@@ -105,11 +119,15 @@ def test_active_hours_count_hours_of_day():
     assert f["active_hours"] == 4
 
 
-def test_distinct_counts_saturate_at_the_cap():
+def test_distinct_counts_are_exact_to_the_cap_and_estimated_past_it():
     acc = Accumulator()
-    for n in range(DISTINCT_CAP + 50):
+    for n in range(DISTINCT_CAP):
         add_signal(acc, signal("login", user_id=f"v{n}"))
     assert compute_features(acc, 3600)["distinct_users"] == DISTINCT_CAP
+    for n in range(DISTINCT_CAP, 3 * DISTINCT_CAP):
+        add_signal(acc, signal("login", user_id=f"v{n}"))
+    assert acc.users.__class__ is HyperLogLog
+    assert abs(compute_features(acc, 3600)["distinct_users"] / (3 * DISTINCT_CAP) - 1) < 0.05  # was the cap
 
 
 def test_trace_sample_is_the_smallest_ids_whatever_the_order():
@@ -148,16 +166,17 @@ _signals = st.lists(
 
 
 @settings(max_examples=100, deadline=None)
-@given(_signals, st.integers(0, 40))
-def test_merging_partial_accumulators_equals_one_pass(signals, cut):
+@given(_signals, st.integers(0, 40), _caps)
+def test_merging_partial_accumulators_equals_one_pass(signals, cut, cap):
     whole, left, right = Accumulator(), Accumulator(), Accumulator()
-    for s in signals:
-        add_signal(whole, s)
-    for s in signals[:cut]:
-        add_signal(left, s)
-    for s in signals[cut:]:
-        add_signal(right, s)
-    assert compute_features(merge([left, right]), 3600) == compute_features(whole, 3600)
+    with _distinct_cap(cap):
+        for s in signals:
+            add_signal(whole, s)
+        for s in signals[:cut]:
+            add_signal(left, s)
+        for s in signals[cut:]:
+            add_signal(right, s)
+        assert compute_features(merge([left, right]), 3600) == compute_features(whole, 3600)
 
 
 def test_entity_keys_skip_missing_entities():
@@ -252,9 +271,13 @@ def test_merging_nothing_gives_an_empty_accumulator():
     assert compute_features(merge([]), 3600) == compute_features(Accumulator(), 3600)
 
 
-def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable():
+@pytest.mark.parametrize("cap", [DISTINCT_CAP, 2])
+def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable(cap):
     acc = Accumulator()
-    for n in (1, 2):  # two of everything: every distinct-value field a set, every counter and sample filled
+    patch = _distinct_cap(cap)
+    patch.__enter__()
+    # three of everything: every distinct-value field a set (a sketch with a cap of 2), every counter and sample filled
+    for n in (1, 2, 3):
         for s in [
             signal(
                 "stream",
@@ -263,7 +286,8 @@ def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable():
                 user_id=f"u{n}",
                 device_id=f"d{n}",
                 ip=f"10.0.0.{n}",
-                country="SE",
+                country=("SE", "NO", "FI")[n - 1],
+                artist_id=f"a{n}",
             ),
             signal("stream", ms_played=50_000, track_duration_ms=200_000 * n),  # cut off, not near: counts differ
             signal("login", success=False, user_agent="python-requests/2.31", trace_id=f"tr{n}", country="US"),
@@ -271,16 +295,30 @@ def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable():
             signal("payment", success=True, amount_cents=150, currency="EUR", card_fingerprint=f"c{n}"),
         ]:
             add_signal(acc, s)
+    patch.__exit__(None, None, None)
     copied = F.copy_accumulator(acc)
     original, state = acc.__getstate__(), copied.__getstate__()  # __getstate__ fails on a slot left unset
-    assert state == original
+    assert _plain(state) == _plain(original)
     for name, mine, theirs in zip(Accumulator.__slots__, original, state, strict=True):
         if name in F._DISTINCT_FIELDS or name in F._TOP_FIELDS or name in ("trace_ids", "extra"):
             assert mine is not None, f"{name} was not filled: the test would not see it shared"
-        if isinstance(mine, (set, dict, list)):
+        if name in F._DISTINCT_FIELDS:
+            assert isinstance(mine, HyperLogLog if cap == 2 else set), f"{name} is not what the test means to copy"
+        if isinstance(mine, (set, dict, list, HyperLogLog)):
             assert mine is not theirs, f"{name} is shared"
     for name, mine in acc.extra.items():
         assert mine is not copied.extra[name], f"extractor state {name} is shared"
+
+
+def _plain(state: list) -> list:
+    """An accumulator's state with sketches as their registers, extractors' too (a sketch compares by identity)."""
+
+    def plain(v):
+        if v.__class__ is HyperLogLog:
+            return bytes(v.registers)
+        return {name: plain(x) for name, x in v.items()} if isinstance(v, dict) else v
+
+    return [plain(v) for v in state]
 
 
 def test_a_merged_accumulator_shares_nothing_mutable_with_what_was_merged_into_it():
@@ -324,14 +362,15 @@ def test_a_day_copied_from_whole_hours_counts_what_folding_counts_when_a_top_cou
 
 
 @settings(max_examples=60, deadline=None)
-@given(_signals, st.integers(1, 6))
-def test_pre_aggregated_partials_merge_to_the_one_pass_features(signals, max_keys):
+@given(_signals, st.integers(1, 6), _caps)
+def test_pre_aggregated_partials_merge_to_the_one_pass_features(signals, max_keys, cap):
     """However often PreAggregateFn flushes (here every few keys), its partials merge to the one-pass accumulator."""
     plan = {600: ("user",), 3600: ("user", "device")}
     fn = PreAggregateFn(plan, max_keys=max_keys)
     fn.start_bundle()
-    partials = [kv for s in signals for kv in fn.process(s)] + [wv.value for wv in fn.finish_bundle()]
-    _assert_merge_to_one_pass(partials, signals, plan)
+    with _distinct_cap(cap):
+        partials = [kv for s in signals for kv in fn.process(s)] + [wv.value for wv in fn.finish_bundle()]
+        _assert_merge_to_one_pass(partials, signals, plan)
 
 
 def _assert_merge_to_one_pass(partials, signals, plan):
@@ -374,8 +413,8 @@ _three_hours_of_plays_and_logins = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(_three_hours_of_plays_and_logins, st.integers(1, 6))
-def test_hour_batches_send_whole_windows_once_and_the_rest_merges_to_one_pass(signals, max_keys):
+@given(_three_hours_of_plays_and_logins, st.integers(1, 6), _caps)
+def test_hour_batches_send_whole_windows_once_and_the_rest_merges_to_one_pass(signals, max_keys, cap):
     """Given each hour as one batch, windows that tile the hour go out whole, once; longer ones as partials.
 
     The plan has a user's hour and day, so the day's partial of each hour is a copy of the user's whole
@@ -387,31 +426,31 @@ def test_hour_batches_send_whole_windows_once_and_the_rest_merges_to_one_pass(si
     for s in sorted(signals, key=lambda s: s.event_time_ms):
         hours.setdefault(s.event_time_ms // 3_600_000, []).append(s)
     whole, partials = [], []
-    for hour in sorted(hours):
-        for out in fn.process_batch(hours[hour]):
-            if isinstance(out, TaggedOutput):
-                assert out.tag == PreAggregateFn.WHOLE
-                whole.append(out.value)
-            else:
-                partials.append(out)
-    partials += [wv.value for wv in fn.finish_bundle()]
-    whole_keys = [key for key, _ in whole]
-    assert len(whole_keys) == len(set(whole_keys)), "a whole window went out twice"
-    assert {key[0] for key in whole_keys} <= {600, 3600}
-    assert {key[0] for key, _ in partials} <= {86400}
-    _assert_merge_to_one_pass(whole + partials, signals, plan)
+    with _distinct_cap(cap):
+        for hour in sorted(hours):
+            for out in fn.process_batch(hours[hour]):
+                if isinstance(out, TaggedOutput):
+                    assert out.tag == PreAggregateFn.WHOLE
+                    whole.append(out.value)
+                else:
+                    partials.append(out)
+        partials += [wv.value for wv in fn.finish_bundle()]
+        whole_keys = [key for key, _ in whole]
+        assert len(whole_keys) == len(set(whole_keys)), "a whole window went out twice"
+        assert {key[0] for key in whole_keys} <= {600, 3600}
+        assert {key[0] for key, _ in partials} <= {86400}
+        _assert_merge_to_one_pass(whole + partials, signals, plan)
 
 
 # --- the optimised fold against a plain one ---------------------------------------------------
 def _reference_fold(acc: Accumulator, s: Signal) -> None:
     """What ``fold_signal`` must do to one accumulator, written for clarity rather than speed."""
 
-    def distinct(values, value):
+    def distinct(values, value):  # every value, exactly: _canonical makes a sketch of more than the cap
         if value is None:
             return values
         values = values if values is not None else set()
-        if len(values) < DISTINCT_CAP:
-            values.add(value)
+        values.add(value)
         return values
 
     def top(counts, key):
@@ -490,14 +529,15 @@ _rich_signals = st.lists(
         _pool(["stream", "login", "signup", "playlist_add", "payment"]),
         st.integers(0, 59 * 24),
         st.tuples(
+            # Three or more of each, so that with a cap of 2 every distinct-value field can become a sketch.
             _pool(["u1", "u2", "u3"]),
-            _pool([None, "d1", "d2"]),
+            _pool([None, "d1", "d2", "d3"]),
             _pool([None, "10.0.0.1", "10.0.0.2", "2001:db8::1"]),
-            _pool([None, "SE", "US"]),
+            _pool([None, "SE", "US", "NO"]),
             st.one_of(st.none(), st.integers(0, 30).map(lambda n: f"tr{n:02d}")),
             _pool(["t1", "t2", "t3"]),
-            _pool(["a1", "a2"]),
-            _pool(["x1", "x2"]),
+            _pool(["a1", "a2", "a3"]),
+            _pool(["x1", "x2", "x3"]),
         ),
         st.integers(0, 60_000),
         st.booleans(),
@@ -510,22 +550,34 @@ _rich_signals = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(_rich_signals, st.integers(1, 3))
-def test_fold_signal_matches_a_plain_fold_field_by_field(signals, n_accs):
+@given(_rich_signals, st.integers(1, 3), _caps)
+def test_fold_signal_matches_a_plain_fold_field_by_field(signals, n_accs, cap):
     folded = [Accumulator() for _ in range(n_accs)]
-    for s in signals:
-        fold_signal(folded, s)
     expected = Accumulator()
-    for s in signals:
-        _reference_fold(expected, s)
+    with _distinct_cap(cap):
+        for s in signals:
+            fold_signal(folded, s)
+        for s in signals:
+            _reference_fold(expected, s)
     for acc in folded:
-        assert _as_sets(acc) == _as_sets(expected)
+        assert _canonical(acc, cap) == _canonical(expected, cap)
 
 
-def _as_sets(acc: Accumulator) -> list:
-    """An accumulator's state with each distinct-value field as a set (it may hold a lone value itself)."""
+def _canonical(acc: Accumulator, cap: int) -> list:
+    """An accumulator's state with each distinct-value field as the set of its values (it may hold a lone value
+    itself), or as a sketch past ``cap`` values (the sketch of every value it was given)."""
+
+    def values(state):
+        if state.__class__ is HyperLogLog:
+            return bytes(state.registers)
+        exact = set(distinct_values(state))
+        return exact if len(exact) <= cap else bytes(HyperLogLog.of(exact).registers)
+
+    def extra(states):  # extractors' states: the login-account ones are distinct-value states
+        return None if states is None else {name: _plain([state])[0] for name, state in states.items()}
+
     return [
-        F.distinct_set(value) if name in F._DISTINCT_FIELDS else value
+        values(value) if name in F._DISTINCT_FIELDS else extra(value) if name == "extra" else value
         for name, value in zip(Accumulator.__slots__, acc.__getstate__(), strict=True)
     ]
 
@@ -545,14 +597,25 @@ def test_a_distinct_field_holds_a_lone_value_itself_and_a_set_from_the_second():
 
 
 def test_fold_signal_keeps_its_caps(monkeypatch):
-    """The inline bounded-set and top-counter updates stop at their caps (small caps to see it)."""
+    """The inline distinct-value updates turn a full set into a sketch, and top counters stop at their cap
+    (small caps to see it)."""
     monkeypatch.setattr(F, "DISTINCT_CAP", 3)
     monkeypatch.setattr(F, "TOP_CAP", 2)
     acc = Accumulator()
-    for n in range(6):
+    for n in [*range(3), 0, 1, 2]:  # a full set meeting values it has stays a set
         fold_signal([acc], signal("stream", T0_MS + n, track_id=f"t{n}", artist_id=f"a{n}", ip=f"10.0.0.{n}"))
-    assert (len(acc.tracks), len(acc.artists), len(acc.ips)) == (3, 3, 3)
-    assert acc.stream_tracks == {"t0": 1, "t1": 1} and acc.stream_artists == {"a0": 1, "a1": 1}
+    assert (acc.tracks, acc.artists, acc.ips) == (
+        {"t0", "t1", "t2"},
+        {"a0", "a1", "a2"},
+        {f"10.0.0.{n}" for n in range(3)},
+    )
+    for n in range(3, 6):
+        fold_signal([acc], signal("stream", T0_MS + n, track_id=f"t{n}", artist_id=f"a{n}", ip=f"10.0.0.{n}"))
+    assert acc.tracks.registers == HyperLogLog.of(f"t{n}" for n in range(6)).registers
+    assert acc.artists.registers == HyperLogLog.of(f"a{n}" for n in range(6)).registers
+    assert acc.ips.registers == HyperLogLog.of(f"10.0.0.{n}" for n in range(6)).registers
+    assert [compute_features(acc, 3600)[f] for f in ("distinct_tracks", "distinct_artists", "distinct_ips")] == [6] * 3
+    assert acc.stream_tracks == {"t0": 2, "t1": 2} and acc.stream_artists == {"a0": 2, "a1": 2}
 
 
 # --- batch windows compute features as rules read them (WindowFeatures) ---------------------------------------
