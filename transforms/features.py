@@ -465,22 +465,14 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     c.short_paid, c.cut_paid, c.cut_near = a.short_paid, a.cut_paid, a.cut_near
     c.playlist_adds, c.payments, c.failed_payments = a.playlist_adds, a.payments, a.failed_payments
     c.small_payments, c.first_ms, c.last_ms, c.hours = a.small_payments, a.first_ms, a.last_ms, a.hours
-    v = a.users
-    c.users = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
-    v = a.devices
-    c.devices = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
-    v = a.ips
-    c.ips = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
-    v = a.tracks
-    c.tracks = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
-    v = a.artists
-    c.artists = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
-    v = a.playlists
-    c.playlists = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
-    v = a.cards
-    c.cards = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
-    v = a.countries
-    c.countries = v.copy() if v.__class__ is set or v.__class__ is HyperLogLog else v
+    c.users = v.copy() if (v := a.users).__class__ is set or v.__class__ is HyperLogLog else v
+    c.devices = v.copy() if (v := a.devices).__class__ is set or v.__class__ is HyperLogLog else v
+    c.ips = v.copy() if (v := a.ips).__class__ is set or v.__class__ is HyperLogLog else v
+    c.tracks = v.copy() if (v := a.tracks).__class__ is set or v.__class__ is HyperLogLog else v
+    c.artists = v.copy() if (v := a.artists).__class__ is set or v.__class__ is HyperLogLog else v
+    c.playlists = v.copy() if (v := a.playlists).__class__ is set or v.__class__ is HyperLogLog else v
+    c.cards = v.copy() if (v := a.cards).__class__ is set or v.__class__ is HyperLogLog else v
+    c.countries = v.copy() if (v := a.countries).__class__ is set or v.__class__ is HyperLogLog else v
     c.stream_artists = None if a.stream_artists is None else a.stream_artists.copy()
     c.stream_tracks = None if a.stream_tracks is None else a.stream_tracks.copy()
     c.playlist_artists = None if a.playlist_artists is None else a.playlist_artists.copy()

@@ -191,3 +191,19 @@ def test_a_count_past_the_cap_never_reads_below_it():
 def test_values_must_be_ids():
     with pytest.raises(TypeError, match=r"ids \(str\), not int"):
         add_distinct(None, 5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from([4_100, 5_000, 9_000]), st.sampled_from([0.5, 0.97, 0.999, 1.0]))
+def test_a_subset_never_counts_more_than_its_superset(seed, total, share):
+    """Failed login accounts are a subset of the accounts that tried: their ratio must stay at most 1 whether
+    each is a set or a sketch (a subset's registers never exceed its superset's, and counts past the cap have
+    the same floor)."""
+    rnd = random.Random(seed)
+    tried = failed = None
+    for i in range(total):
+        value = f"s{seed}-{i}"
+        tried = add_distinct(tried, value)
+        if rnd.random() < share:
+            failed = add_distinct(failed, value)
+    assert distinct_count(failed) <= distinct_count(tried)
