@@ -389,3 +389,23 @@ def test_a_backtest_hands_batches_from_the_file_to_the_fold_without_unpacking_th
         assert fns[producer].output_batch_converter == fns[consumer].input_batch_converter, (producer, consumer)
     hour = fns["DeduplicateSignals/KeepEarliest"].output_batch_converter
     assert hour is not None and hour == fns["ComputeFeatures/PreAggregate/ParDo(PreAggregateFn)"].input_batch_converter
+
+
+def test_ips_with_thousands_of_accounts_are_judged_on_estimated_counts_through_the_runner():
+    """Past 4,096 accounts an IP's account counts are sketches (transforms.distinct), pickled across the runner's
+    shuffle and merged there. A carrier NAT's re-login wave (12,000 accounts, 5,000 mistyping once) is left
+    alone; stuffing over 6,000 accounts, 95% failing, is blocked. Saturated at 4,096, both read 1.0."""
+    carrier = [
+        payload("login", T0_MS + i * 34, user_id=f"m{i % 12_000}", ip="100.64.0.1", success=i >= 5_000)
+        for i in range(17_000)
+    ]
+    stuffing = [
+        payload("login", T0_MS + i * 50, user_id=f"victim{i}", ip="203.0.113.66", success=i % 20 == 0)
+        for i in range(6_000)
+    ]
+    with TestPipeline() as p:
+        out = build_pipeline(p | beam.Create(carrier + stuffing), PACK)
+        assert_that(
+            out.decisions | beam.Map(lambda d: (d.rule_id, d.entity_id, d.mode)),
+            equal_to([("credential_stuffing_block", "203.0.113.66", "enforce")]),
+        )
