@@ -2,9 +2,10 @@
 
 A distinct-value state is ``None`` (nothing yet), one value, a ``set`` of 2 to
 ``DISTINCT_CAP`` values, or a ``HyperLogLog`` once more values than that
-arrive. A window with 4,096 distinct ids holds about 300 KB of set; the sketch
-that replaces it holds 4,096 one-byte registers, whatever comes after, and its
-estimate has a standard error of 1.6% (1.04 / sqrt(4096)).
+arrive. A set of 4,096 short ids takes about 350 KB (``sys.getsizeof`` of the
+set and its strings, measured); the sketch that replaces it holds 4,096
+one-byte registers, whatever comes after, and its estimate has a standard
+error of 1.6% (1.04 / sqrt(4096)).
 
 Before the sketch, these counts saturated at the cap, which made every ratio
 of two saturated counts 1.0: an IP with 9,000 accounts logging in and 4,500
@@ -20,7 +21,8 @@ the estimate is a function of the registers alone, and merging takes the
 register-wise maximum, so every split of the same values gives the same
 registers and the same count. The estimator is Ertl's ("New cardinality
 estimation algorithms for HyperLogLog sketches", 2017, the improved raw
-estimator): unbiased from one value to far past 2**40, with no bias tables.
+estimator), which needs no bias tables: a review measured its mean error
+within 0.2% from 4,097 to 10**7 values.
 
 Values are ids (``str``); the hash is the first 64 bits of MurmurHash3
 (x64, 128 bits, seed 0; ``mmh3``), which every worker computes alike
