@@ -243,11 +243,5 @@ def distinct_count(values) -> int:
 def sketch_count(sketch: HyperLogLog, cap: int | None = None) -> int:
     """A sketch's estimate, never below ``cap`` + 1: a state becomes a sketch only past the cap, and an estimate
     just past it reads lower about half the time (1.6% of 4,097 is 66), which would make a window's count
-    fall as it grows (4,096 exactly, then 4,050)."""
+    fall as it grows (4,096 exactly, then as low as 3,984 in a review's 100 windows of 4,097 values)."""
     return max(sketch.count(), (DISTINCT_CAP if cap is None else cap) + 1)
-
-
-def own_distinct(values):
-    """A copy of a state that shares nothing mutable with it (a lone value is immutable)."""
-    cls = values.__class__
-    return values.copy() if cls is set or cls is HyperLogLog else values

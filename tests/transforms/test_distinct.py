@@ -18,7 +18,6 @@ from transforms.distinct import (
     distinct_count,
     distinct_values,
     merge_distinct,
-    own_distinct,
 )
 
 
@@ -113,7 +112,7 @@ def test_a_merge_never_changes_or_returns_its_second_state(left, right, cap):
 
 def test_copies_and_pickles_are_equal_and_independent():
     sketch = HyperLogLog.of(f"u{i}" for i in range(10_000))
-    for other in (own_distinct(sketch), pickle.loads(pickle.dumps(sketch)), copy.deepcopy(sketch)):
+    for other in (sketch.copy(), pickle.loads(pickle.dumps(sketch)), copy.deepcopy(sketch)):
         assert other.registers == sketch.registers and other.registers is not sketch.registers
         for i in range(1_000):
             other.add(f"more{i}")
