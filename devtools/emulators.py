@@ -1,4 +1,4 @@
-"""Start the official Pub/Sub and Bigtable emulators and a BigQuery emulator on 127.0.0.1.
+"""Start the official Pub/Sub and Bigtable emulators, a BigQuery and a Cloud Storage emulator on 127.0.0.1.
 
 Used by the test session fixtures, ``make streaming-local`` and the soak run.
 Each emulator gets a free port and a log file; ``start`` waits until it
@@ -210,6 +210,47 @@ class BigtableEmulator(Emulator):
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=1):
                 return True
+        except OSError:
+            return False
+
+
+class StorageEmulator(Emulator):
+    """``gcp-storage-emulator`` (PyPI, in requirements-dev.txt), in memory: Cloud Storage for the policy files
+    the Mitigation API edits and the streaming job re-reads. Clients reach it through ``STORAGE_EMULATOR_HOST``.
+
+    It ignores preconditions such as ``ifGenerationMatch``, so nothing that depends on them can be tested here.
+    """
+
+    name = "storage"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self):
+        try:
+            import gcp_storage_emulator  # noqa: F401, PLC0415 - only checks it is installed
+        except ImportError:
+            raise EmulatorError(
+                "The Cloud Storage emulator is not installed: pip install -r requirements-dev.txt "
+                "(gcp-storage-emulator)."
+            ) from None
+        return [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--in-memory",
+        ]
+
+    def ready(self):
+        try:
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b?project=test-project", timeout=5) as resp:
+                return resp.status == 200
         except OSError:
             return False
 

@@ -15,10 +15,12 @@ BIGQUERY_EMULATOR_HOST and BIGTABLE_EMULATOR_HOST first)::
         --rule_overrides out/rule_overrides.yaml
 
 Run in production (one host per allowlist and overrides file, behind the service mesh's TLS; ``--workers``
-processes on that host share the files through a lock, one process per core the API may use)::
+processes on that host share the files through a lock, one process per core the API may use). The policy
+files are the Cloud Storage objects the Dataflow job re-reads (its ``--allowlist`` and ``--rule_overrides``),
+so an operator's change reaches the job at its next reload (``service/policy_files.py``)::
 
     python -m service --project PROJECT --bigtable_instance mitigation --tokens /etc/mitigation-api/tokens.yaml \\
-        --allowlist /srv/policy/allowlist.yaml --rule_overrides /srv/policy/rule_overrides.yaml \\
+        --allowlist gs://BUCKET/rules/allowlist.yaml --rule_overrides gs://BUCKET/rules/rule_overrides.yaml \\
         --host 0.0.0.0 --port 8080 --workers 2
 """
 
@@ -36,6 +38,7 @@ from pipelines.options import DEFAULT_ALLOWLIST, DEFAULT_RULES, PROJECT_ROOT
 from schemas.mitigation_state import TABLE_ID
 from service.app import SETTINGS_ENV, Settings, create_app
 from service.auth import TokenConfigError
+from service.policy_files import PolicyPathError
 from transforms.rulepack import RulePackError
 
 DEFAULT_RULE_OVERRIDES = str(PROJECT_ROOT / "rules" / "rule_overrides.yaml")
@@ -52,11 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--audit_table", help="PROJECT:DATASET.TABLE of audit rows (default: in --dataset).")
     parser.add_argument("--decisions_topic", help="projects/P/topics/T for reversals (default: .../topics/decisions).")
     parser.add_argument("--rules", default=DEFAULT_RULES, help="Rule pack YAML: the rule ids that can be paused.")
-    parser.add_argument("--allowlist", default=DEFAULT_ALLOWLIST, help="Allowlist YAML the API edits (local path).")
+    parser.add_argument(
+        "--allowlist",
+        default=DEFAULT_ALLOWLIST,
+        help="Allowlist YAML the API edits and the streaming job reads (--allowlist there): local or gs:// path.",
+    )
     parser.add_argument(
         "--rule_overrides",
         default=DEFAULT_RULE_OVERRIDES,
-        help="Rule pauses YAML the API writes and the streaming job reads (--rule_overrides there); local path.",
+        help="Rule pauses YAML the API writes and the streaming job reads (--rule_overrides there): local or gs:// "
+        "path.",
     )
     parser.add_argument("--max_body_bytes", type=int, default=64 * 1024, help="Largest request body accepted.")
     parser.add_argument(
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         app = create_app(settings)
-    except (TokenConfigError, RulePackError) as err:  # named file, entry and field
+    except (TokenConfigError, RulePackError, PolicyPathError) as err:  # named file, entry and field; a bad path
         print(f"error: {err}", file=sys.stderr)
         return 2
     # The store's clients load Google credentials when made, which each worker's start-up does (the app's

@@ -11,8 +11,10 @@ reversals, ``parse_allowlist`` and ``parse_rule_overrides`` to validate a file
 before it replaces the old one, so the streaming job never reads a file the
 API made invalid.
 
-Order of a write to a policy file: validate, write the new file beside the
-old, write the audit row, then replace the old file in one step. If the audit
+Policy files are local files or the Cloud Storage objects the Dataflow job
+re-reads (``service/policy_files.py``). Order of a write to one: validate,
+write the new file beside the old, write the audit row, then replace the old
+file in one step. If the audit
 table is unavailable, or the new file cannot be written, nothing changes
 (503): an unaudited change is worse than a delayed one, and an audited change
 that never happened misleads. A reversal (``pipelines.reverse``) writes the
@@ -23,8 +25,8 @@ calling again makes the reversal; after it, calling again (a 409: already
 reversed) publishes the recorded reversal again and lifts the mitigation. Its
 id is fixed, so consumers de-duplicate a second delivery. Files are rewritten
 from parsed YAML, so only their leading comment block survives; comments
-between entries are lost. Writes to one file are serialised in this process;
-run one process per file.
+between entries are lost. Writes to one file are serialised across this
+host's server processes; run one host per file.
 
 Serve it with ``python -m service`` (see ``service/__main__.py``).
 """
@@ -35,15 +37,11 @@ import contextlib
 import dataclasses
 import datetime as dt
 import enum
-import fcntl
 import functools
 import gc
 import hashlib
 import logging
 import os
-import pathlib
-import tempfile
-import threading
 import time
 import typing
 
@@ -71,6 +69,7 @@ from pipelines.reverse import (
 from schemas import AUDIT_SCHEMA, ENTITY_TYPES, AuditRow, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID
 from service.auth import CHALLENGE, OPERATE, READ, UNAUTHENTICATED, Principal, load_tokens
+from service.policy_files import PolicyFile, PolicyFileUnreadable, PolicyFileUnwritable, Snapshot, policy_file
 from transforms.parse import _ID_RE, normalise_ip
 from transforms.rulepack import _RULE_ID_RE, Rule, RulePackError, load_rule_pack, parse_rule_overrides
 from transforms.safeguards import AllowlistError, parse_allowlist
@@ -297,34 +296,6 @@ class AuditUnavailable(RuntimeError):
     """The audit row could not be written, so the change was not made."""
 
 
-class _PolicyFileLock:
-    """One change at a time to a policy file, across this process's threads and the other worker processes
-    of ``python -m service --workers N`` on this host: a thread lock, then an exclusive ``flock`` on a lock
-    file beside the policy file (``.NAME.lock``, made on first use). Read, version check, audit and rename
-    all happen under it, so two changes cannot both pass the If-Match check against the same version. It
-    does not reach other hosts: one host serves each policy file (``service/__main__.py``)."""
-
-    def __init__(self, path: str):
-        target = pathlib.Path(path)
-        self._path = target.parent / f".{target.name}.lock"
-        self._thread_lock = threading.Lock()
-
-    def __enter__(self) -> None:
-        self._thread_lock.acquire()
-        try:
-            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as err:
-            self._thread_lock.release()
-            raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc_info) -> None:
-        try:
-            os.close(self._fd)  # closing the descriptor drops the flock
-        finally:
-            self._thread_lock.release()
-
-
 class _Service:
     """Settings, tokens and the cloud clients, made on first use (the store's at start-up); one per app."""
 
@@ -332,8 +303,9 @@ class _Service:
         self.settings = settings
         self.tokens = load_tokens(settings.tokens_path)
         self.known_rules()  # fail at start on a broken pack, not on the first operator call
-        self.allowlist_lock = _PolicyFileLock(settings.allowlist_path)
-        self.overrides_lock = _PolicyFileLock(settings.rule_overrides_path)
+        # Local paths or gs:// objects (service.policy_files); each carries the lock its changes are made under.
+        self.allowlist_file = policy_file(settings.allowlist_path, settings.project)
+        self.overrides_file = policy_file(settings.rule_overrides_path, settings.project)
 
     def known_rules(self) -> dict[str, Rule]:
         """The pack's rules by id, re-read on each use: rules added since start can be paused without a restart."""
@@ -449,14 +421,6 @@ def operator_audit_row(
 
 
 # --- policy files --------------------------------------------------------------------------
-def _read(path: str) -> str:
-    """The file's text; a missing file reads as empty (no entries), and the first write creates it."""
-    try:
-        return pathlib.Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return ""
-
-
 def _version(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -487,45 +451,29 @@ def _rewrite(text: str, key: str, entries: list) -> str:
     return _leading_comments(text) + dumped
 
 
-class PolicyFileUnwritable(RuntimeError):
-    """The new file could not be written next to the old one: nothing was audited or changed (503)."""
-
-
-def _audited_write(service: _Service, row: AuditRow, path: str, text: str) -> None:
-    """Audit a change to a policy file and make it: write the new file beside the old one (a temp file in the
-    same directory), then the audit row, then replace the old file in one step (a rename: readers see old or
-    new). If the new file cannot be written (a missing directory, a full disk) nothing is audited; if the
-    audit fails the temp file is removed. If the rename fails after the audit (a file bind-mounted on its
-    own refuses it), a second row, ``operator_change_failed``, records that the audited change did not
-    happen; either way the answer is a 503 and the file is unchanged."""
-    target = pathlib.Path(path)
-    try:
-        mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as err:
-        raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-    except OSError as err:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
+def _audited_write(service: _Service, row: AuditRow, file: PolicyFile, snapshot: Snapshot, text: str) -> None:
+    """Audit a change to a policy file and make it: stage the new file beside the old one (a temp file in the
+    same directory, or a temp object in the same bucket), then write the audit row, then replace the old file in
+    one step (a rename, or a copy conditional on the generation read: readers see old or new). If the new file
+    cannot be staged (a missing directory or bucket, a full disk, no permission) nothing is audited; if the
+    audit fails the staged file is removed. If the replacement fails after the audit (a file bind-mounted on
+    its own refuses a rename; another host changed the object since it was read), a second row,
+    ``operator_change_failed``, records that the audited change did not happen; either way the answer is a 503
+    and the file is unchanged."""
+    staged = file.stage(text)
     try:
         service.audit(row)
     except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        file.discard(staged)
         raise
     try:
-        os.replace(tmp, target)
-    except OSError as err:
-        pathlib.Path(tmp).unlink(missing_ok=True)
+        file.commit(staged, snapshot)
+    except PolicyFileUnwritable as err:
+        file.discard(staged)
         failed = row._replace(
             decision_id=hashlib.sha256(f"{OPERATOR_CHANGE_FAILED}\x1f{row.decision_id}".encode()).hexdigest()[:32],
             status=OPERATOR_CHANGE_FAILED,
-            safeguard_note=f"not applied: the file could not be replaced ({type(err).__name__}); {row.safeguard_note}",
+            safeguard_note=f"not applied: the file could not be replaced ({_error_kind(err)}); {row.safeguard_note}",
             reverses_decision_id=row.decision_id,
         )
         try:
@@ -534,12 +482,14 @@ def _audited_write(service: _Service, row: AuditRow, path: str, text: str) -> No
             _LOGGER.error(
                 "an audited change was not made, and that could not be audited", extra={"decision_id": row.decision_id}
             )
-        raise PolicyFileUnwritable(f"{type(err).__name__}: {err}") from err
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        raise
+
+
+def _error_kind(err: PolicyFileUnwritable) -> str:
+    """The failure's type name for the audit note (``OSError``, ``PreconditionFailed``): not its message,
+    which may carry paths."""
+    cause = err.__cause__
+    return type(cause).__name__ if cause is not None else type(err).__name__
 
 
 def _raw_entries(text: str, key: str) -> list:
@@ -817,12 +767,12 @@ def reverse_decision(
 @router.get(
     "/v1/allowlist",
     tags=["allowlist"],
-    responses=_errors(401, 403, 409, 413, 422),
+    responses=_errors(401, 403, 409, 413, 422, 503),
     operation_id="listAllowlist",
 )
 def list_allowlist(response: Response, service: Service, _: Reader) -> AllowlistResponse:
     """Every allowlist entry, ended ones included (``active`` false), and the file's version (also the ETag)."""
-    text = _read(service.settings.allowlist_path)
+    text = service.allowlist_file.read().text
     version = _version(text)
     response.headers["ETag"] = f'"{version}"'
     return AllowlistResponse(version=version, entries=_current_allowlist(text, (), _now_ms()))
@@ -851,16 +801,17 @@ def add_allowlist_entry(
         raw["rules"] = list(body.rules)
     if body.expires is not None:
         raw["expires"] = body.expires
-    path = service.settings.allowlist_path
-    with service.allowlist_lock:
-        text = _read(path)
+    file = service.allowlist_file
+    with file.lock:
+        snapshot = file.read()
+        text = snapshot.text
         _check_version(text, if_match)
         known = service.known_rules()
         _current_allowlist(text, known, now_ms)
         new_text = _rewrite(text, "allowlist", [*_raw_entries(text, "allowlist"), raw])
         entry = _changed_allowlist(new_text, known, now_ms)[-1]
         row = _allowlist_audit(OPERATOR_ALLOWLIST_ADD, entry, body.reason.strip(), caller.actor, now_ms)
-        _audited_write(service, row, path, new_text)
+        _audited_write(service, row, file, snapshot, new_text)
     _LOGGER.info("allowlist entry %d added", entry.index, extra={"decision_id": row.decision_id})
     return AllowlistChange(version=_version(new_text), entry=entry, audit_id=row.decision_id)
 
@@ -883,9 +834,10 @@ def expire_allowlist_entry(
     """
     now_ms = _now_ms()
     today = _today(now_ms)
-    path = service.settings.allowlist_path
-    with service.allowlist_lock:
-        text = _read(path)
+    file = service.allowlist_file
+    with file.lock:
+        snapshot = file.read()
+        text = snapshot.text
         _check_version(text, if_match)
         known = service.known_rules()
         entries = _current_allowlist(text, known, now_ms)
@@ -898,7 +850,7 @@ def expire_allowlist_entry(
         new_text = _rewrite(text, "allowlist", raw)
         entry = _changed_allowlist(new_text, known, now_ms)[index]
         row = _allowlist_audit(OPERATOR_ALLOWLIST_EXPIRE, entry, body.reason.strip(), caller.actor, now_ms)
-        _audited_write(service, row, path, new_text)
+        _audited_write(service, row, file, snapshot, new_text)
     _LOGGER.info("allowlist entry %d expired", index, extra={"decision_id": row.decision_id})
     return AllowlistChange(version=_version(new_text), entry=entry, audit_id=row.decision_id)
 
@@ -906,12 +858,12 @@ def expire_allowlist_entry(
 @router.get(
     "/v1/rules/paused",
     tags=["rules"],
-    responses=_errors(401, 403, 409, 413, 422),
+    responses=_errors(401, 403, 409, 413, 422, 503),
     operation_id="listPausedRules",
 )
 def list_paused_rules(service: Service, _: Reader) -> PausedRules:
     """Rules operators paused: the streaming job runs them in shadow."""
-    text = _read(service.settings.rule_overrides_path)
+    text = service.overrides_file.read().text
     entries = _paused_entries(text, _paused_ids(text))  # shape only: a rule gone from the pack is still listed
     return PausedRules(
         paused=[
@@ -936,10 +888,11 @@ def resume_rule(rule_id: RuleIdPath, body: ReasonRequest, service: Service, call
 def _set_paused(service: _Service, rule_id: str, pause: bool, reason: str, actor: str) -> RuleChange:
     """Add or remove the rule's entry. The new file must pass the job's own check against the current pack."""
     now_ms = _now_ms()
-    path = service.settings.rule_overrides_path
-    with service.overrides_lock:
+    file = service.overrides_file
+    with file.lock:
         rules = service.known_rules()
-        text = _read(path)
+        snapshot = file.read()
+        text = snapshot.text
         entries = _paused_entries(text, set(rules) | _paused_ids(text))
         paused_ids = [e["rule"] for e in entries]
         if pause and rule_id not in rules:
@@ -961,7 +914,7 @@ def _set_paused(service: _Service, rule_id: str, pause: bool, reason: str, actor
             raise HTTPException(status.HTTP_409_CONFLICT, f"the job would refuse the new file: {err}") from None
         status_ = OPERATOR_RULE_PAUSE if pause else OPERATOR_RULE_RESUME
         row = _rule_audit(status_, rules.get(rule_id), rule_id, reason, actor, now_ms)
-        _audited_write(service, row, path, new_text)
+        _audited_write(service, row, file, snapshot, new_text)
     _LOGGER.info(
         "rule %s", "paused" if pause else "resumed", extra={"rule_id": rule_id, "decision_id": row.decision_id}
     )
@@ -1126,6 +1079,11 @@ async def _policy_file_unwritable(request: Request, exc: PolicyFileUnwritable) -
     return JSONResponse({"error": "the policy file cannot be written; nothing was changed"}, status_code=503)
 
 
+async def _policy_file_unreadable(request: Request, exc: PolicyFileUnreadable) -> JSONResponse:
+    _LOGGER.error("policy file cannot be read: %s", exc)
+    return JSONResponse({"error": "the policy file cannot be read; try again"}, status_code=503)
+
+
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     _LOGGER.error("mitigation store unavailable: %s", exc)
     return JSONResponse({"error": "the mitigation store is unavailable; try again"}, status_code=503)
@@ -1182,6 +1140,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(AuditUnavailable, _audit_unavailable)
     app.add_exception_handler(RulePackError, _policy_unreadable)
     app.add_exception_handler(PolicyFileUnwritable, _policy_file_unwritable)
+    app.add_exception_handler(PolicyFileUnreadable, _policy_file_unreadable)
     from service.store import StoreUnavailable  # noqa: PLC0415 - the Bigtable client library, only with an app
 
     app.add_exception_handler(StoreUnavailable, _store_unavailable)

@@ -10,13 +10,14 @@ import os
 
 import pytest
 
-from devtools.emulators import BigQueryEmulator, BigtableEmulator, PubSubEmulator
+from devtools.emulators import BigQueryEmulator, BigtableEmulator, PubSubEmulator, StorageEmulator
 from devtools.fake_auth import FakeCredentials
 
 _EMULATOR_ENV = (
     "PUBSUB_EMULATOR_HOST",
     "BIGQUERY_EMULATOR_HOST",
     "BIGTABLE_EMULATOR_HOST",
+    "STORAGE_EMULATOR_HOST",
     "GOOGLE_APPLICATION_CREDENTIALS",
     "GOOGLE_CLOUD_PROJECT",
 )
@@ -44,7 +45,14 @@ def bigtable_emulator(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gcp_env(pubsub_emulator, bigquery_emulator, bigtable_emulator):
+def storage_emulator(tmp_path_factory):
+    emulator = StorageEmulator(tmp_path_factory.mktemp("storage")).start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def gcp_env(pubsub_emulator, bigquery_emulator, bigtable_emulator, storage_emulator):
     """Point every Google client in this process (and its children) at the emulators."""
     creds = FakeCredentials(project=BigQueryEmulator.project).start()
     saved = {name: os.environ.get(name) for name in _EMULATOR_ENV}
@@ -52,6 +60,7 @@ def gcp_env(pubsub_emulator, bigquery_emulator, bigtable_emulator):
         PUBSUB_EMULATOR_HOST=pubsub_emulator.host,
         BIGQUERY_EMULATOR_HOST=bigquery_emulator.url,
         BIGTABLE_EMULATOR_HOST=bigtable_emulator.host,
+        STORAGE_EMULATOR_HOST=storage_emulator.url,
         **creds.environment(),
     )
     yield {
@@ -59,6 +68,7 @@ def gcp_env(pubsub_emulator, bigquery_emulator, bigtable_emulator):
         "pubsub": pubsub_emulator,
         "bigquery": bigquery_emulator,
         "bigtable": bigtable_emulator,
+        "storage": storage_emulator,
     }
     for name, value in saved.items():
         if value is None:

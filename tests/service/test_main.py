@@ -93,3 +93,12 @@ def test_serving_without_credentials_is_an_error_naming_them_not_a_worker_traceb
     done = subprocess.run(command, check=False, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.startswith("error: no Google credentials for Bigtable") and "missing-adc.json" in done.stderr
+
+
+def test_a_policy_path_naming_no_object_is_an_error_at_start(settings):
+    command = [sys.executable, "-m", "service", "--project", settings.project, "--bigtable_instance", INSTANCE]
+    command += ["--tokens", settings.tokens_path, "--allowlist", "gs://policy-bucket/", "--port", str(_free_port())]
+    command += ["--rule_overrides", settings.rule_overrides_path]
+    done = subprocess.run(command, check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr == "error: gs://policy-bucket/ is not a gs://BUCKET/OBJECT path\n"
