@@ -17,7 +17,10 @@ BIGQUERY_EMULATOR_HOST and BIGTABLE_EMULATOR_HOST first)::
 Run in production (one host per allowlist and overrides file, behind the service mesh's TLS; ``--workers``
 processes on that host share the files through a lock, one process per core the API may use). The policy
 files are the Cloud Storage objects the Dataflow job re-reads (its ``--allowlist`` and ``--rule_overrides``),
-so an operator's change reaches the job at its next reload (``service/policy_files.py``)::
+so an operator's change reaches the job at its next reload (``service/policy_files.py``). The API's service
+account needs to read, create and delete objects in that bucket (``roles/storage.objectUser``): replacing an
+object needs the delete permission, so ``roles/storage.objectCreator`` alone fails every change after its
+audit row::
 
     python -m service --project PROJECT --bigtable_instance mitigation --tokens /etc/mitigation-api/tokens.yaml \\
         --allowlist gs://BUCKET/rules/allowlist.yaml --rule_overrides gs://BUCKET/rules/rule_overrides.yaml \\
@@ -38,7 +41,7 @@ from pipelines.options import DEFAULT_ALLOWLIST, DEFAULT_RULES, PROJECT_ROOT
 from schemas.mitigation_state import TABLE_ID
 from service.app import SETTINGS_ENV, Settings, create_app
 from service.auth import TokenConfigError
-from service.policy_files import PolicyPathError
+from service.policy_files import GCS_PREFIX, PolicyPathError
 from transforms.rulepack import RulePackError
 
 DEFAULT_RULE_OVERRIDES = str(PROJECT_ROOT / "rules" / "rule_overrides.yaml")
@@ -142,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     except DefaultCredentialsError as err:
         print(f"error: no Google credentials for Bigtable: {err}", file=sys.stderr)
         return 2
+    if any(path.startswith(GCS_PREFIX) for path in (settings.allowlist_path, settings.rule_overrides_path)):
+        from google.cloud import storage  # noqa: PLC0415 - only for policy files in Cloud Storage
+
+        try:  # the policy files' client is made on first use; without this, missing credentials are a 503 then
+            storage.Client(project=settings.project)
+        except DefaultCredentialsError as err:
+            print(f"error: no Google credentials for Cloud Storage: {err}", file=sys.stderr)
+            return 2
 
     import uvicorn
 

@@ -69,7 +69,15 @@ from pipelines.reverse import (
 from schemas import AUDIT_SCHEMA, ENTITY_TYPES, AuditRow, to_bigquery_row
 from schemas.mitigation_state import TABLE_ID
 from service.auth import CHALLENGE, OPERATE, READ, UNAUTHENTICATED, Principal, load_tokens
-from service.policy_files import PolicyFile, PolicyFileUnreadable, PolicyFileUnwritable, Snapshot, policy_file
+from service.policy_files import (
+    PolicyChangeUnconfirmed,
+    PolicyFile,
+    PolicyFileNotText,
+    PolicyFileUnreadable,
+    PolicyFileUnwritable,
+    Snapshot,
+    policy_file,
+)
 from transforms.parse import _ID_RE, normalise_ip
 from transforms.rulepack import _RULE_ID_RE, Rule, RulePackError, load_rule_pack, parse_rule_overrides
 from transforms.safeguards import AllowlistError, parse_allowlist
@@ -459,7 +467,8 @@ def _audited_write(service: _Service, row: AuditRow, file: PolicyFile, snapshot:
     audit fails the staged file is removed. If the replacement fails after the audit (a file bind-mounted on
     its own refuses a rename; another host changed the object since it was read), a second row,
     ``operator_change_failed``, records that the audited change did not happen; either way the answer is a 503
-    and the file is unchanged."""
+    and the file is unchanged. If whether it happened cannot be told (``PolicyChangeUnconfirmed``: the copy
+    failed and the object could not be read back), the answer is a 503 that says so, and it is logged."""
     staged = file.stage(text)
     try:
         service.audit(row)
@@ -482,6 +491,10 @@ def _audited_write(service: _Service, row: AuditRow, file: PolicyFile, snapshot:
             _LOGGER.error(
                 "an audited change was not made, and that could not be audited", extra={"decision_id": row.decision_id}
             )
+        raise
+    except PolicyChangeUnconfirmed:
+        file.discard(staged)
+        _LOGGER.error("an audited change may or may not have been made", extra={"decision_id": row.decision_id})
         raise
 
 
@@ -1084,6 +1097,18 @@ async def _policy_file_unreadable(request: Request, exc: PolicyFileUnreadable) -
     return JSONResponse({"error": "the policy file cannot be read; try again"}, status_code=503)
 
 
+async def _policy_change_unconfirmed(request: Request, exc: PolicyChangeUnconfirmed) -> JSONResponse:
+    _LOGGER.error("policy file change unconfirmed: %s", exc)
+    return JSONResponse(
+        {"error": "the change could not be confirmed; read the policy file before trying again"}, status_code=503
+    )
+
+
+async def _policy_file_not_text(request: Request, exc: PolicyFileNotText) -> JSONResponse:
+    _LOGGER.error("policy file is not text: %s", exc)
+    return JSONResponse({"error": "the policy file needs fixing by hand first: it is not UTF-8 text"}, status_code=409)
+
+
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     _LOGGER.error("mitigation store unavailable: %s", exc)
     return JSONResponse({"error": "the mitigation store is unavailable; try again"}, status_code=503)
@@ -1141,6 +1166,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RulePackError, _policy_unreadable)
     app.add_exception_handler(PolicyFileUnwritable, _policy_file_unwritable)
     app.add_exception_handler(PolicyFileUnreadable, _policy_file_unreadable)
+    app.add_exception_handler(PolicyChangeUnconfirmed, _policy_change_unconfirmed)
+    app.add_exception_handler(PolicyFileNotText, _policy_file_not_text)
     from service.store import StoreUnavailable  # noqa: PLC0415 - the Bigtable client library, only with an app
 
     app.add_exception_handler(StoreUnavailable, _store_unavailable)

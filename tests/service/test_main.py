@@ -102,3 +102,17 @@ def test_a_policy_path_naming_no_object_is_an_error_at_start(settings):
     done = subprocess.run(command, check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr == "error: gs://policy-bucket/ is not a gs://BUCKET/OBJECT path\n"
+
+
+def test_policy_files_in_cloud_storage_without_credentials_are_an_error_at_start(settings, tmp_path):
+    """Bigtable answers (its emulator needs no credentials) but Cloud Storage, holding the policy files, has no
+    credentials: exit 2 at start, not a 503 on the first operator call."""
+    env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "missing-adc.json")
+    command = [sys.executable, "-m", "service", "--project", settings.project, "--bigtable_instance", INSTANCE]
+    command += ["--tokens", settings.tokens_path, "--allowlist", "gs://policy-bucket/allowlist.yaml"]
+    command += ["--rule_overrides", settings.rule_overrides_path, "--port", str(_free_port())]
+    done = subprocess.run(command, check=False, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.splitlines()[-1]  # after the Bigtable client's warning that it uses the emulator
+    assert last.startswith("error: no Google credentials for Cloud Storage") and "missing-adc.json" in last

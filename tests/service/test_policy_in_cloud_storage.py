@@ -11,9 +11,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import fcntl
+import http.client
+import http.server
+import json
 import os
+import pathlib
+import socket
+import tempfile
 import threading
 import time
+import urllib.parse
 
 import pytest
 import yaml
@@ -71,6 +78,114 @@ def leftovers(bucket, path: str) -> list[str]:
     """Staged objects left beside the file."""
     folder = path[len(f"gs://{BUCKET}/") :].rpartition("/")[0]
     return [b.name for b in bucket.list_blobs(prefix=f"{folder}/") if b.name.endswith(".tmp")]
+
+
+def audit_statuses(bq, entity_id: str) -> dict[str, dict]:
+    query = f"SELECT decision_id, status, reverses_decision_id FROM `{DATASET}.audit` WHERE entity_id = @id"
+    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", entity_id)])
+    return {r["status"]: dict(r) for r in bq.query(query, job_config=config).result()}
+
+
+class StorageProxy:
+    """A proxy in front of the Cloud Storage emulator, which ignores ``ifGenerationMatch``: on a copy it applies
+    the condition to the destination as Cloud Storage does (412 when the object's generation differs), and it
+    can make what a network does to a copy happen on cue. The API's storage client is the real one, talking
+    HTTP. ``on_first_copy``:
+
+    * ``"edit"``: another host writes the destination just before the first copy arrives;
+    * ``"lose_answer"``: the first copy is made, and the connection closes before its answer;
+    * ``"lose_answer_then_fail"``: that, and from then on every request gets a 503.
+
+    With ``refuse_uploads``, every upload gets a 403, as for an account that may read but not create objects.
+    """
+
+    OTHER_HOST_TEXT = "allowlist: []  # written by another host\n"
+
+    def __init__(self, upstream: str, bucket, on_first_copy: str | None = None, refuse_uploads: bool = False):
+        target = urllib.parse.urlparse(upstream)
+        self.copies = 0
+        proxy, failing = self, threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self, status: int, body: bytes, headers=()) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if failing.is_set():
+                    return self._answer(503, b'{"error": {"code": 503, "message": "unavailable"}}')
+                url = urllib.parse.urlparse(self.path)
+                if refuse_uploads and url.path.startswith("/upload/"):
+                    return self._answer(403, b'{"error": {"code": 403, "message": "no storage.objects.create"}}')
+                first_copy = False
+                if "/copyTo/" in url.path:
+                    proxy.copies += 1
+                    first_copy = proxy.copies == 1
+                    destination = urllib.parse.unquote(url.path.split("/copyTo/b/")[1].split("/o/", 1)[1])
+                    if first_copy and on_first_copy == "edit":
+                        bucket.blob(destination).upload_from_string(StorageProxy.OTHER_HOST_TEXT)
+                    wanted = urllib.parse.parse_qs(url.query).get("ifGenerationMatch")
+                    if wanted is not None:
+                        current = bucket.get_blob(destination)
+                        if (0 if current is None else int(current.generation)) != int(wanted[0]):
+                            message = {
+                                "error": {
+                                    "code": 412,
+                                    "message": "At least one of the pre-conditions you specified did not hold.",
+                                }
+                            }
+                            return self._answer(412, json.dumps(message).encode())
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                answer = conn.getresponse()
+                data = answer.read()
+                conn.close()
+                if first_copy and on_first_copy in ("lose_answer", "lose_answer_then_fail"):
+                    if on_first_copy == "lose_answer_then_fail":
+                        failing.set()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return None
+                return self._answer(answer.status, data, answer.getheaders())
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def proxied(gcp_env, bucket, monkeypatch):
+    """Start a StorageProxy in the given mode and point the API's storage client at it."""
+    proxies = []
+
+    def start(on_first_copy: str | None = None, refuse_uploads: bool = False) -> StorageProxy:
+        proxy = StorageProxy(gcp_env["storage"].url, bucket, on_first_copy, refuse_uploads)
+        proxies.append(proxy)
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
 
 
 def test_allowlist_changes_are_made_to_the_object_and_audited(gcs_client, gcs_settings, bucket, backends):
@@ -145,24 +260,113 @@ def test_a_pause_made_through_the_api_reaches_the_jobs_policy_reload(gcs_client,
     assert leftovers(bucket, gcs_settings.rule_overrides_path) == []
 
 
-def test_a_bucket_that_cannot_be_written_is_a_503_and_nothing_is_audited(gcs_settings, backends):
+def test_a_bucket_that_cannot_be_written_is_a_503_and_nothing_is_audited(gcs_settings, bucket, backends, proxied):
     """The new object is staged before the audit row: an audited change must have happened."""
+    proxied(refuse_uploads=True)
+    before = stored(bucket, gcs_settings.allowlist_path)
+    entity_id = unique("dev-read-only")
+    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
+    with TestClient(create_app(gcs_settings)) as client:
+        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    assert added.status_code == 503
+    assert added.json() == {"error": "the policy file cannot be written; nothing was changed"}
+    assert audit_statuses(backends["bq"], entity_id) == {}
+    assert stored(bucket, gcs_settings.allowlist_path) == before
+
+
+def test_an_edit_from_another_host_is_not_overwritten_and_the_change_is_audited_as_not_made(
+    gcs_settings, bucket, backends, proxied
+):
+    """Another host changes the allowlist between this change's read and its copy: the copy's generation
+    condition refuses it, so the other host's edit stays, and the audited change is recorded as not made."""
+    proxy = proxied("edit")
+    entity_id = unique("dev-raced")
+    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
+    with TestClient(create_app(gcs_settings)) as client:
+        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+
+    assert added.status_code == 503
+    assert added.json() == {"error": "the policy file cannot be written; nothing was changed"}
+    assert stored(bucket, gcs_settings.allowlist_path) == StorageProxy.OTHER_HOST_TEXT
+    rows = audit_statuses(backends["bq"], entity_id)
+    assert set(rows) == {"operator_allowlist_add", "operator_change_failed"}
+    assert rows["operator_change_failed"]["reverses_decision_id"] == rows["operator_allowlist_add"]["decision_id"]
+    assert proxy.copies >= 1 and leftovers(bucket, gcs_settings.allowlist_path) == []
+
+
+def test_a_copy_made_whose_answer_was_lost_counts_as_made(gcs_settings, bucket, backends, proxied):
+    """The client retries a copy whose answer never came; the retry's generation condition then fails, since
+    the first attempt changed the object. The object holds the change, so the API says it was made."""
+    proxy = proxied("lose_answer")
+    entity_id = unique("dev-lost-answer")
+    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
+    with TestClient(create_app(gcs_settings)) as client:
+        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+
+    assert proxy.copies == 2  # the lost answer, then the retry refused by its condition
+    assert added.status_code == 201, added.text
+    assert entity_id in stored(bucket, gcs_settings.allowlist_path)
+    assert set(audit_statuses(backends["bq"], entity_id)) == {"operator_allowlist_add"}
+    assert leftovers(bucket, gcs_settings.allowlist_path) == []
+
+
+def test_a_copy_whose_outcome_cannot_be_read_back_is_a_503_that_says_so(
+    gcs_settings, bucket, backends, proxied, monkeypatch
+):
+    monkeypatch.setattr(policy_files, "GCS_DEADLINE_SEC", 1.0)
+    proxied("lose_answer_then_fail")
+    entity_id = unique("dev-unknown")
+    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
+    with TestClient(create_app(gcs_settings)) as client:
+        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+
+    assert added.status_code == 503
+    assert added.json() == {"error": "the change could not be confirmed; read the policy file before trying again"}
+    assert entity_id in stored(bucket, gcs_settings.allowlist_path)  # made, in fact
+    assert set(audit_statuses(backends["bq"], entity_id)) == {"operator_allowlist_add"}  # not recorded as not made
+
+
+def test_a_missing_bucket_is_a_503_not_an_empty_allowlist_and_nothing_is_audited(gcs_settings, backends):
+    """A mistyped bucket reads as an error, where reading it as a missing file (no entries) would list an empty
+    allowlist."""
     entity_id = unique("dev-no-bucket")
     nowhere = dataclasses.replace(gcs_settings, allowlist_path="gs://no-such-policy-bucket/allowlist.yaml")
     entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
     with TestClient(create_app(nowhere)) as client:
+        listed = client.get("/v1/allowlist", headers=READ)
         added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
-    assert added.status_code == 503
-    assert added.json() == {"error": "the policy file cannot be written; nothing was changed"}
-    query = f"SELECT COUNT(*) AS n FROM `{DATASET}.audit` WHERE entity_id = @id"
-    config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", entity_id)])
-    assert next(iter(backends["bq"].query(query, job_config=config).result()))["n"] == 0
+    for answer in (listed, added):
+        assert answer.status_code == 503
+        assert answer.json() == {"error": "the policy file cannot be read; try again"}
+    assert audit_statuses(backends["bq"], entity_id) == {}
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_a_policy_file_that_is_not_utf8_is_a_409_and_left_alone(where, settings, gcs_settings, bucket):
+    latin1 = "allowlist: []\n# Café\n".encode("latin-1")
+    if where == "local":
+        chosen = settings
+        pathlib.Path(settings.allowlist_path).write_bytes(latin1)
+    else:
+        chosen = gcs_settings
+        bucket.blob(gcs_settings.allowlist_path[len(f"gs://{BUCKET}/") :]).upload_from_string(latin1)
+    entry = {"entity": "device", "id": unique("dev"), "reason": "QA lab device", "owner": "qa"}
+    with TestClient(create_app(chosen)) as client:
+        listed = client.get("/v1/allowlist", headers=READ)
+        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    for answer in (listed, added):
+        assert answer.status_code == 409
+        assert answer.json() == {"error": "the policy file needs fixing by hand first: it is not UTF-8 text"}
+    if where == "local":
+        assert pathlib.Path(settings.allowlist_path).read_bytes() == latin1
+    else:
+        assert bucket.get_blob(gcs_settings.allowlist_path[len(f"gs://{BUCKET}/") :]).download_as_bytes() == latin1
 
 
 def test_a_storage_that_stops_answering_is_a_503_within_the_deadline(gcs_settings, silent_port, monkeypatch):
     """The storage client's defaults retry for minutes, holding a worker thread (and, for a change, the lock)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{silent_port}")
-    monkeypatch.setattr(policy_files, "GCS_DEADLINE_SEC", 1.0)
+    monkeypatch.setattr(policy_files, "GCS_DEADLINE_SEC", 0.5)
     with TestClient(create_app(gcs_settings)) as client:
         started = time.monotonic()
         listed = client.get("/v1/allowlist", headers=READ)
@@ -170,7 +374,7 @@ def test_a_storage_that_stops_answering_is_a_503_within_the_deadline(gcs_setting
         paused = client.post("/v1/rules/stream_farm_exclude/pause", json={"reason": "Incident"}, headers=OPERATE)
     assert listed.status_code == 503
     assert listed.json() == {"error": "the policy file cannot be read; try again"}
-    assert elapsed < 30, elapsed  # bounded by the deadline and one attempt's timeout, not the client's minutes
+    assert elapsed < 6, elapsed  # about the deadline (0.5 s), where the client's default retries for minutes
     assert paused.status_code == 503
 
 
@@ -200,3 +404,24 @@ def test_a_change_waits_for_another_process_changing_the_same_object(gcs_client,
 def test_a_gs_path_without_an_object_is_refused(path):
     with pytest.raises(PolicyPathError, match="gs://BUCKET/OBJECT"):
         GcsPolicyFile(path, None)
+
+
+@pytest.mark.parametrize("made_by_someone", ["open directory", "symlink"])
+def test_the_lock_directory_must_be_private(made_by_someone, tmp_path, monkeypatch):
+    """Lock files for gs:// paths live in a directory of this user's that only it can use: in a shared temp
+    directory, anyone could otherwise make or hold a lock file of a predictable name first."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    locks = tmp_path / f"mitigation-api-locks-{os.getuid()}"
+    if made_by_someone == "open directory":
+        locks.mkdir(mode=0o777)
+        locks.chmod(0o777)
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        locks.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(PolicyPathError, match="only it can use"):
+        GcsPolicyFile(f"gs://{BUCKET}/allowlist.yaml", None)
+    if locks.is_symlink():
+        locks.unlink()  # made afresh, private
+    else:
+        locks.chmod(0o700)
+    assert GcsPolicyFile(f"gs://{BUCKET}/allowlist.yaml", None).lock.path.parent == locks
