@@ -14,10 +14,11 @@ API made invalid.
 Policy files are local files or the Cloud Storage objects the Dataflow job
 re-reads (``service/policy_files.py``). Order of a write to one: validate,
 write the new file beside the old, write the audit row, then replace the old
-file in one step. If the audit
-table is unavailable, or the new file cannot be written, nothing changes
-(503): an unaudited change is worse than a delayed one, and an audited change
-that never happened misleads. A reversal (``pipelines.reverse``) writes the
+file in one step. If the audit table is unavailable, or the new file cannot
+be written, nothing changes (503): an unaudited change is worse than a
+delayed one, and an audited change that never happened misleads (a
+replacement that fails after the audit is audited as not made, or, when
+whether it happened cannot be told, answered as unconfirmed). A reversal (``pipelines.reverse``) writes the
 decisions row and then the audit row, which marks it made, then publishes it;
 only then is the mitigation lifted. If a step fails the API answers 503 and
 the mitigation stays active: before the audit row nothing was published, and
