@@ -42,6 +42,13 @@ READ = auth(READ_TOKEN)
 KNOWN_RULES = load_rule_pack(DEFAULT_RULES).rule_ids
 
 
+@pytest.fixture(autouse=True)
+def _lock_files_in_this_tests_folder(tmp_path, monkeypatch):
+    """Lock files for gs:// paths go in a private folder of the host's temp directory (one per path, kept, as
+    flock files must be): here, pytest's folder for the test, so runs do not leave them in /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture(scope="session")
 def bucket(gcp_env):
     client = storage.Client(project=gcp_env["project"])
@@ -410,8 +417,7 @@ def test_a_gs_path_without_an_object_is_refused(path):
 def test_the_lock_directory_must_be_private(made_by_someone, tmp_path, monkeypatch):
     """Lock files for gs:// paths live in a directory of this user's that only it can use: in a shared temp
     directory, anyone could otherwise make or hold a lock file of a predictable name first."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    locks = tmp_path / f"mitigation-api-locks-{os.getuid()}"
+    locks = tmp_path / f"mitigation-api-locks-{os.getuid()}"  # tmp_path is the temp directory (the fixture above)
     if made_by_someone == "open directory":
         locks.mkdir(mode=0o777)
         locks.chmod(0o777)
