@@ -87,6 +87,14 @@ def leftovers(bucket, path: str) -> list[str]:
     return [b.name for b in bucket.list_blobs(prefix=f"{folder}/") if b.name.endswith(".tmp")]
 
 
+def allowlist_a_device(settings, prefix: str):
+    """POST an allowlist entry for a new device id through a fresh app over ``settings``: (id, answer)."""
+    entity_id = unique(prefix)
+    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
+    with TestClient(create_app(settings)) as client:
+        return entity_id, client.post("/v1/allowlist", json=entry, headers=OPERATE)
+
+
 def audit_statuses(bq, entity_id: str) -> dict[str, dict]:
     query = f"SELECT decision_id, status, reverses_decision_id FROM `{DATASET}.audit` WHERE entity_id = @id"
     config = bigquery.QueryJobConfig(query_parameters=[bigquery.ScalarQueryParameter("id", "STRING", entity_id)])
@@ -271,10 +279,7 @@ def test_a_bucket_that_cannot_be_written_is_a_503_and_nothing_is_audited(gcs_set
     """The new object is staged before the audit row: an audited change must have happened."""
     proxied(refuse_uploads=True)
     before = stored(bucket, gcs_settings.allowlist_path)
-    entity_id = unique("dev-read-only")
-    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
-    with TestClient(create_app(gcs_settings)) as client:
-        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    entity_id, added = allowlist_a_device(gcs_settings, "dev-read-only")
     assert added.status_code == 503
     assert added.json() == {"error": "the policy file cannot be written; nothing was changed"}
     assert audit_statuses(backends["bq"], entity_id) == {}
@@ -287,10 +292,7 @@ def test_an_edit_from_another_host_is_not_overwritten_and_the_change_is_audited_
     """Another host changes the allowlist between this change's read and its copy: the copy's generation
     condition refuses it, so the other host's edit stays, and the audited change is recorded as not made."""
     proxy = proxied("edit")
-    entity_id = unique("dev-raced")
-    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
-    with TestClient(create_app(gcs_settings)) as client:
-        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    entity_id, added = allowlist_a_device(gcs_settings, "dev-raced")
 
     assert added.status_code == 503
     assert added.json() == {"error": "the policy file cannot be written; nothing was changed"}
@@ -305,10 +307,7 @@ def test_a_copy_made_whose_answer_was_lost_counts_as_made(gcs_settings, bucket, 
     """The client retries a copy whose answer never came; the retry's generation condition then fails, since
     the first attempt changed the object. The object holds the change, so the API says it was made."""
     proxy = proxied("lose_answer")
-    entity_id = unique("dev-lost-answer")
-    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
-    with TestClient(create_app(gcs_settings)) as client:
-        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    entity_id, added = allowlist_a_device(gcs_settings, "dev-lost-answer")
 
     assert proxy.copies == 2  # the lost answer, then the retry refused by its condition
     assert added.status_code == 201, added.text
@@ -322,10 +321,7 @@ def test_a_copy_whose_outcome_cannot_be_read_back_is_a_503_that_says_so(
 ):
     monkeypatch.setattr(policy_files, "GCS_DEADLINE_SEC", 1.0)
     proxied("lose_answer_then_fail")
-    entity_id = unique("dev-unknown")
-    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
-    with TestClient(create_app(gcs_settings)) as client:
-        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    entity_id, added = allowlist_a_device(gcs_settings, "dev-unknown")
 
     assert added.status_code == 503
     assert added.json() == {"error": "the change could not be confirmed; read the policy file before trying again"}
