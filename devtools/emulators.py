@@ -218,7 +218,8 @@ class StorageEmulator(Emulator):
     """``gcp-storage-emulator`` (PyPI, in requirements-dev.txt), in memory: Cloud Storage for the policy files
     the Mitigation API edits and the streaming job re-reads. Clients reach it through ``STORAGE_EMULATOR_HOST``.
 
-    It ignores preconditions such as ``ifGenerationMatch``, so nothing that depends on them can be tested here.
+    It ignores preconditions such as ``ifGenerationMatch`` and has no permissions; tests that depend on them put
+    a proxy in front of it that supplies them (``StorageProxy`` in ``tests/service/test_policy_in_cloud_storage.py``).
     """
 
     name = "storage"

@@ -75,24 +75,36 @@ def gcs_client(gcs_settings):
         yield client
 
 
+def object_name(path: str) -> str:
+    """The object's name in BUCKET of a ``gs://BUCKET/...`` path."""
+    return path[len(f"gs://{BUCKET}/") :]
+
+
 def stored(bucket, path: str) -> str | None:
     """The object's text as Cloud Storage holds it, read with the storage client (None: no object)."""
-    blob = bucket.get_blob(path[len(f"gs://{BUCKET}/") :])
+    blob = bucket.get_blob(object_name(path))
     return None if blob is None else blob.download_as_text()
 
 
 def leftovers(bucket, path: str) -> list[str]:
     """Staged objects left beside the file."""
-    folder = path[len(f"gs://{BUCKET}/") :].rpartition("/")[0]
+    folder = object_name(path).rpartition("/")[0]
     return [b.name for b in bucket.list_blobs(prefix=f"{folder}/") if b.name.endswith(".tmp")]
 
 
 def allowlist_a_device(settings, prefix: str):
     """POST an allowlist entry for a new device id through a fresh app over ``settings``: (id, answer)."""
+    entity_id, _, added = list_then_allowlist_a_device(settings, prefix)
+    return entity_id, added
+
+
+def list_then_allowlist_a_device(settings, prefix: str):
+    """GET the allowlist, then POST an entry for a new device id, through a fresh app: (id, listed, added)."""
     entity_id = unique(prefix)
     entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
     with TestClient(create_app(settings)) as client:
-        return entity_id, client.post("/v1/allowlist", json=entry, headers=OPERATE)
+        listed = client.get("/v1/allowlist", headers=READ)
+        return entity_id, listed, client.post("/v1/allowlist", json=entry, headers=OPERATE)
 
 
 def audit_statuses(bq, entity_id: str) -> dict[str, dict]:
@@ -332,12 +344,8 @@ def test_a_copy_whose_outcome_cannot_be_read_back_is_a_503_that_says_so(
 def test_a_missing_bucket_is_a_503_not_an_empty_allowlist_and_nothing_is_audited(gcs_settings, backends):
     """A mistyped bucket reads as an error, where reading it as a missing file (no entries) would list an empty
     allowlist."""
-    entity_id = unique("dev-no-bucket")
     nowhere = dataclasses.replace(gcs_settings, allowlist_path="gs://no-such-policy-bucket/allowlist.yaml")
-    entry = {"entity": "device", "id": entity_id, "reason": "QA lab device", "owner": "qa"}
-    with TestClient(create_app(nowhere)) as client:
-        listed = client.get("/v1/allowlist", headers=READ)
-        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+    entity_id, listed, added = list_then_allowlist_a_device(nowhere, "dev-no-bucket")
     for answer in (listed, added):
         assert answer.status_code == 503
         assert answer.json() == {"error": "the policy file cannot be read; try again"}
@@ -352,18 +360,15 @@ def test_a_policy_file_that_is_not_utf8_is_a_409_and_left_alone(where, settings,
         pathlib.Path(settings.allowlist_path).write_bytes(latin1)
     else:
         chosen = gcs_settings
-        bucket.blob(gcs_settings.allowlist_path[len(f"gs://{BUCKET}/") :]).upload_from_string(latin1)
-    entry = {"entity": "device", "id": unique("dev"), "reason": "QA lab device", "owner": "qa"}
-    with TestClient(create_app(chosen)) as client:
-        listed = client.get("/v1/allowlist", headers=READ)
-        added = client.post("/v1/allowlist", json=entry, headers=OPERATE)
+        bucket.blob(object_name(gcs_settings.allowlist_path)).upload_from_string(latin1)
+    _, listed, added = list_then_allowlist_a_device(chosen, "dev-not-text")
     for answer in (listed, added):
         assert answer.status_code == 409
         assert answer.json() == {"error": "the policy file needs fixing by hand first: it is not UTF-8 text"}
     if where == "local":
         assert pathlib.Path(settings.allowlist_path).read_bytes() == latin1
     else:
-        assert bucket.get_blob(gcs_settings.allowlist_path[len(f"gs://{BUCKET}/") :]).download_as_bytes() == latin1
+        assert bucket.get_blob(object_name(gcs_settings.allowlist_path)).download_as_bytes() == latin1
 
 
 def test_a_storage_that_stops_answering_is_a_503_within_the_deadline(gcs_settings, silent_port, monkeypatch):
