@@ -1,0 +1,36 @@
+"""Whether glibc maps a 2 MiB block on its own after an 8 MiB mapping was freed (tests/transforms/test_malloc.py).
+
+With glibc's moving mmap threshold it does not: freeing the 8 MiB mapping raised the threshold past 2 MiB,
+so the block comes from a heap. With the threshold fixed at 1 MiB (transforms.malloc) it does. Importable
+by the local runner's worker processes, and meant for a process whose malloc the test controls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+        + ("keepcost",)
+    ]
+
+
+def block_is_mapped() -> bool:
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    freed = bytearray(8 << 20)  # mapped: over glibc's starting threshold, 128 KiB
+    del freed  # with the moving threshold, glibc now maps only blocks over 8 MiB
+    before = libc.mallinfo2().hblkhd  # bytes in blocks mapped on their own
+    block = bytearray(2 << 20)
+    mapped = libc.mallinfo2().hblkhd - before >= len(block)
+    del block
+    return mapped
+
+
+def in_worker(_) -> str:
+    """For a Beam step: this process's id and the probe's answer, as a line."""
+    return f"{os.getpid()} {block_is_mapped()}"
