@@ -45,7 +45,6 @@ from transforms.distinct import (  # noqa: F401 (distinct_count: re-exported)
     sketch_count,
 )
 from transforms.extractors import EXTRACTORS
-from transforms.malloc import fix_mmap_threshold
 
 # DISTINCT_CAP (4096) is defined in transforms.distinct, which extractors' distinct counts use too.
 TOP_CAP = 256
@@ -873,7 +872,6 @@ class PreAggregateFn(beam.DoFn):
 
     def setup(self):
         tune_gc_for_batch()
-        fix_mmap_threshold()  # for a worker that did not inherit it from the backtest (transforms.malloc)
 
     def start_bundle(self):
         self._partials = {}

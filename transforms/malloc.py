@@ -5,25 +5,26 @@ own, given back to the system when freed; smaller requests come from heaps
 it keeps. The threshold starts at 128 KiB and, by default, moves: each time a
 mapped block is freed, the threshold rises to that block's size, up to
 32 MiB on 64-bit (mallopt(3), ``M_MMAP_THRESHOLD``). A backtest allocates
-and frees large blocks all the time: the runner's data channel carries
-elements as byte strings of hundreds of KiB, de-duplication compresses each
-hour's signals, the fold's dicts of partial accumulators resize. Once the
-threshold has risen, those blocks come from the heaps, between long-lived
+and frees large blocks all the time (byte strings of elements on the
+runner's data channel, de-duplication's compressed packs, the fold's dicts
+of partial accumulators as they grow; not broken down by source). Once the
+threshold has risen, such blocks come from the heaps, between long-lived
 small objects, and a heap cannot give back freed space below a block still
 in use. Setting the threshold at all turns the adjustment off.
 
-On the 1M-signal benchmark input with two worker processes, the process
-tree's peak RSS went from about 1,700 MiB with glibc's default to about
-1,300 MiB with the threshold fixed; the runner's process and both workers
-each held less (benchmarks/README.md, "Peak memory: glibc's moving mmap
-threshold").
+On the 1M-signal benchmark input with two worker processes, six runs each
+alternating, the process tree's peak RSS was 1,734 MiB (median) with
+glibc's default and 1,340 MiB with the threshold fixed at 1 MiB, the
+runner's process and both workers each holding less. The price: mapping
+and unmapping blocks doubled the page faults, and the run took about 4%
+more CPU (benchmarks/README.md, change 24). The backtest fixes it unless
+told ``--mmap_threshold=moving``.
 
-A process's own threshold is fixed with ``mallopt``; processes it starts
-get glibc's variable, which glibc reads when a process starts, so the local
-runner's worker processes have the setting from their first allocation. A
-worker that did not inherit it (on Dataflow, say) fixes its own when the
-fold step is set up; locally, that saved the workers about 60% of what
-inheriting the variable saved.
+A process's own threshold is fixed with ``mallopt``, for the rest of its
+life. Processes it starts get glibc's variable, which glibc reads when a
+process starts, so the local runner's worker processes have the setting
+from their first allocation. Dataflow's workers are not started from here
+and keep glibc's default: not measured there.
 
 Only on Linux with glibc; elsewhere these do nothing. A threshold set with
 glibc's ``MALLOC_MMAP_THRESHOLD_`` variable stands: nothing here changes it.
@@ -41,8 +42,8 @@ __all__ = ["ENV_VAR", "MMAP_THRESHOLD_BYTES", "fix_mmap_threshold", "mmap_thresh
 
 # glibc's own variable for the threshold, read once as a process starts.
 ENV_VAR = "MALLOC_MMAP_THRESHOLD_"
-# 128 KiB, 256 KiB and 1 MiB gave the same peaks within the runs' spread; the largest means the fewest
-# mappings made and unmade (benchmarks/README.md).
+# 128 KiB, 256 KiB, 1 MiB and 4 MiB gave the same peaks within the runs' spread (16 MiB about 100 MiB more):
+# 1 MiB is the one the A/B runs measured for speed (benchmarks/README.md, change 24).
 MMAP_THRESHOLD_BYTES = 1024 * 1024
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's <malloc.h>
 

@@ -80,15 +80,16 @@ def test_processes_started_while_open_inherit_the_threshold_and_later_ones_do_no
     assert users == {malloc.ENV_VAR: "65536"}
 
 
-def test_the_backtest_fixes_its_own_processs_threshold(tmp_path):
+@pytest.mark.parametrize(("flag", "mapped"), [([], True), (["--mmap_threshold=moving"], False)])
+def test_the_backtest_fixes_its_own_processs_threshold_unless_told_not_to(flag, mapped, tmp_path):
     signals = tmp_path / "signals.jsonl"
     signals.write_text("")
     code = f"""
 from pipelines import backtest
-backtest.run(["--input", {str(signals)!r}, "--output_dir", {str(tmp_path / "out")!r}])
+backtest.run(["--input", {str(signals)!r}, "--output_dir", {str(tmp_path / "out")!r}, *{flag!r}])
 {PROBE_ONLY}
 """
-    assert _run(code) == {"mapped": True}
+    assert _run(code) == {"mapped": mapped}
 
 
 @pytest.mark.parametrize("opened", [True, False], ids=["opened", "not opened"])
