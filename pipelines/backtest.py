@@ -70,7 +70,8 @@ class BacktestOptions(PipelineOptions):
             default="fixed",
             help="glibc's mmap threshold in this process and the local runner's worker processes: fixed at "
             "1 MiB (at 1M signals, about a fifth less peak memory for about 4%% more CPU) or moving, glibc's "
-            "default (transforms/malloc.py). A MALLOC_MMAP_THRESHOLD_ in the environment stands either way.",
+            "default, unless an earlier backtest in this process fixed it (transforms/malloc.py). Thresholds "
+            "set in the environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) stand.",
         )
 
 

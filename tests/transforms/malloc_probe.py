@@ -34,3 +34,27 @@ def block_is_mapped() -> bool:
 def in_worker(_) -> str:
     """For a Beam step: this process's id and the probe's answer, as a line."""
     return f"{os.getpid()} {block_is_mapped()}"
+
+
+def heap_kept_after_freeing(total: int = 12 << 20, block: int = 64 << 10) -> int:
+    """Bytes glibc's main heap still holds after ``total`` bytes of ``block``-sized allocations (under any
+    mmap threshold here, so from the heap) are freed: the free space at its top it kept rather than trim."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    blocks = [libc.malloc(block) for _ in range(total // block)]
+    for pointer in blocks:
+        libc.free(pointer)
+    return libc.mallinfo2().arena
+
+
+def raise_moving_threshold() -> None:
+    """Map and free an 8 MiB block: glibc's moving mmap threshold rises to 8 MiB and its trim threshold to
+    16 MiB."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    libc.free(libc.malloc(8 << 20))
