@@ -19,9 +19,18 @@ class _Mallinfo2(ctypes.Structure):
     ]
 
 
-def block_is_mapped() -> bool:
+def _libc():
+    """glibc's mallinfo2, malloc and free, typed."""
     libc = ctypes.CDLL(None)
     libc.mallinfo2.restype = _Mallinfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    return libc
+
+
+def block_is_mapped() -> bool:
+    libc = _libc()
     freed = bytearray(8 << 20)  # mapped: over glibc's starting threshold, 128 KiB
     del freed  # with the moving threshold, glibc now maps only blocks over 8 MiB
     before = libc.mallinfo2().hblkhd  # bytes in blocks mapped on their own
@@ -39,11 +48,7 @@ def in_worker(_) -> str:
 def heap_kept_after_freeing(total: int = 12 << 20, block: int = 64 << 10) -> int:
     """Bytes glibc's main heap still holds after ``total`` bytes of ``block``-sized allocations (under any
     mmap threshold here, so from the heap) are freed: the free space at its top it kept rather than trim."""
-    libc = ctypes.CDLL(None)
-    libc.mallinfo2.restype = _Mallinfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = (ctypes.c_size_t,)
-    libc.free.argtypes = (ctypes.c_void_p,)
+    libc = _libc()
     blocks = [libc.malloc(block) for _ in range(total // block)]
     for pointer in blocks:
         libc.free(pointer)
@@ -53,8 +58,5 @@ def heap_kept_after_freeing(total: int = 12 << 20, block: int = 64 << 10) -> int
 def raise_moving_threshold() -> None:
     """Map and free an 8 MiB block: glibc's moving mmap threshold rises to 8 MiB and its trim threshold to
     16 MiB."""
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    libc.malloc.argtypes = (ctypes.c_size_t,)
-    libc.free.argtypes = (ctypes.c_void_p,)
+    libc = _libc()
     libc.free(libc.malloc(8 << 20))
