@@ -39,6 +39,7 @@ import zlib
 
 import apache_beam as beam
 import orjson
+import zstandard
 from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
@@ -173,7 +174,10 @@ def _earlier(a: Signal, b: Signal) -> Signal:
 
 BATCH_GROUP_MS = 3_600_000  # batch de-duplicates within each hour of event time
 PACK_SIZE = 1000  # signals per shuffled element in batch (PackByHourFn)
-PACK_ZLIB_LEVEL = 1  # the fastest: simulated traffic packs 4.7x smaller; 1.4 µs a signal to compress, 0.7 to decompress
+# zstd's level 1. On the 1M benchmark input's first 100,000 signals (benchmarks/README.md, change 25), packs
+# came out 6.2 times smaller than their JSON for 0.35 µs a signal to compress and 0.15 to decompress, where
+# zlib's fastest level (before) gave 4.4 times for 1.2 and 0.5 µs. Beam depends on zstandard (requirements.txt).
+PACK_ZSTD_LEVEL = 1
 
 
 def group_key(s: Signal, shards_per_hour: int) -> int:
@@ -185,12 +189,17 @@ def group_key(s: Signal, shards_per_hour: int) -> int:
 
 
 def encode_pack(signals_fields: list[tuple]) -> bytes:
-    """Signals' field tuples to one shuffle value: a JSON array, compressed (``decode_pack`` reverses it)."""
-    return zlib.compress(orjson.dumps(signals_fields), PACK_ZLIB_LEVEL)
+    """Signals' field tuples to one shuffle value: a JSON array, compressed (``decode_pack`` reverses it).
+
+    zstd's module functions make a compressor per call, so threads of one worker never share one (a
+    ``ZstdCompressor`` is not safe for concurrent use); per pack of a thousand signals that costs nothing.
+    The frame records its content size, which ``decode_pack`` needs.
+    """
+    return zstandard.compress(orjson.dumps(signals_fields), PACK_ZSTD_LEVEL)
 
 
 def decode_pack(pack: bytes) -> list[list]:
-    return orjson.loads(zlib.decompress(pack))
+    return orjson.loads(zstandard.decompress(pack))
 
 
 class PackByHourFn(beam.DoFn):
@@ -203,10 +212,11 @@ class PackByHourFn(beam.DoFn):
     global window: packs flushed at a bundle's end carry the minimum timestamp.
 
     The shuffle holds every signal at once, in the local runner's memory and
-    then in each worker's input queue, so packs are compressed: about 4.7
-    times smaller for about 2.1 µs a signal (compress and decompress). At 1M
-    signals two workers peaked at 1,686-1,777 MiB with compression against
-    2,131-2,318 MiB without, and were no slower (benchmarks/README.md).
+    then in each worker's input queue, so packs are compressed, with zstd: about
+    6 times smaller for about 0.5 µs a signal (compress and decompress). With
+    zlib (4.7 times, about 2.1 µs), two workers at 1M signals peaked at
+    1,686-1,777 MiB against 2,131-2,318 MiB uncompressed, and were no slower
+    (benchmarks/README.md, changes 12 and 25).
     """
 
     def __init__(self, shards_per_hour: int = 1, pack_size: int = PACK_SIZE):

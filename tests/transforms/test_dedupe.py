@@ -3,6 +3,7 @@
 import time
 
 import apache_beam as beam
+import orjson
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -17,6 +18,7 @@ from transforms.dedupe import (
     DropRepeatedHitsFn,
     DropRepeatedSignalsFn,
     PackByHourFn,
+    decode_pack,
     earliest_copies,
     encode_pack,
     hit_key,
@@ -143,6 +145,15 @@ def test_copies_straddling_an_hour_are_both_kept_in_batch():
     with TestPipeline() as p:
         out = p | beam.Create([before, after]) | DeduplicateSignals(600, streaming=False)
         assert_that(out | beam.Map(lambda s: s.event_time_ms), equal_to([T0_MS - 1, T0_MS]))
+
+
+def test_a_pack_is_compressed_and_decodes_to_its_signals_fields():
+    signals = [signal("stream", t_ms=T0_MS + i * 1000, event_id=f"e{i}") for i in range(200)]
+    fields = [tuple(s) for s in signals]
+    pack = encode_pack(fields)
+    assert [tuple(f) for f in decode_pack(pack)] == fields
+    # Repetitive signals shrink several times over; a pack stored as its plain JSON would not.
+    assert len(pack) * 4 < len(orjson.dumps(fields))
 
 
 def test_packing_a_batch_packs_as_its_signals_one_by_one():
