@@ -62,7 +62,8 @@ def features_of(signals, window_sec: int = 3600) -> dict[str, float]:
 
 
 def assert_mergeable(extractor, signals, cut: int) -> None:
-    """An extractor's merge must equal one pass: Beam combines partial states in any split."""
+    """An extractor's merge must equal one pass: Beam combines partial states in any split. Its merge and its
+    copy must leave no part of one state in another that ``add`` would go on changing."""
 
     def fold(items):
         state = extractor.create()
@@ -82,6 +83,14 @@ def assert_mergeable(extractor, signals, cut: int) -> None:
         if s.event_type in extractor.event_types:
             right = extractor.add(right, s)
     assert pickle.dumps(state) == before, f"{extractor.name}: merge kept its second state, which add then changed"
+    # A copy (a backtest copies a user's hour into the user's day) is equal and shares nothing add changes.
+    copied = extractor.copy(state)
+    assert extractor.value(copied, 3600) == merged, f"{extractor.name}: a copy's value differs from its original's"
+    kept = pickle.dumps(copied)
+    for s in signals:
+        if s.event_type in extractor.event_types:
+            state = extractor.add(state, s)
+    assert pickle.dumps(copied) == kept, f"{extractor.name}: copy shares a part of its original that add changed"
 
 
 def streaming_options() -> PipelineOptions:

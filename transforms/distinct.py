@@ -218,6 +218,13 @@ def merge_distinct(mine, theirs, cap: int | None = None):
     return mine if len(mine) <= cap else HyperLogLog.of(mine)
 
 
+def copy_distinct(values):
+    """A state equal to ``values`` that shares nothing ``add_distinct`` or ``merge_distinct`` would change (a lone
+    value is a ``str``, so it is its own copy)."""
+    cls = values.__class__
+    return values.copy() if cls is set or cls is HyperLogLog else values
+
+
 def distinct_values(values) -> tuple | set:
     """The values a state holds exactly (a set, one value or none); a sketch holds none it can give back."""
     if values is None:

@@ -133,6 +133,21 @@ def test_the_kit_refuses_a_merge_that_returns_its_second_state():
         assert_mergeable(lazy, logins(12, 5), 0)
 
 
+def test_the_kit_refuses_a_copy_that_shares_its_state():
+    """``copy_accumulator`` copies every extractor state by its ``copy``; one that hands back the same list
+    would count the hour's later signals in the day's partial too."""
+    assert_mergeable(dataclasses.replace(SCRIPTED, copy=lambda state: [*state]), logins(12, 5), 3)
+    with pytest.raises(AssertionError, match="copy shares"):
+        assert_mergeable(dataclasses.replace(SCRIPTED, copy=lambda state: state), logins(12, 5), 3)
+
+
+def test_an_extractor_without_a_copy_is_deep_copied():
+    nested = FeatureExtractor("nested_lists", "d", ("login",), lambda: [[0]], lambda a, s: a, lambda a, b: a, len)
+    state = nested.create()
+    copied = nested.copy(state)
+    assert copied == state and copied[0] is not state[0]
+
+
 def test_registering_a_clash_or_a_bad_name_fails_at_import():
     with pytest.raises(ValueError, match="registered twice"):
         register(SCRIPTED)
