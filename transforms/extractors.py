@@ -24,8 +24,9 @@ An extractor must:
 * give a ``copy`` if its state can be copied faster than ``copy.deepcopy``
   does it (the default). A backtest copies a user's hour into the user's day
   (``transforms.features.copy_accumulator``), once per user per hour for
-  every extractor state the hour holds: deep copies of the three login
-  extractors' states took about 15% of the fold on the 1M benchmark input
+  every extractor state the hour holds: in the 1M benchmark input's
+  credential-stuffing hours, where most user-hours hold login states, deep
+  copies made the fold about 40% dearer than the extractors' own copies
   (benchmarks/README.md, change 26). A copy must share nothing that ``add``
   or ``merge`` would change (``assert_mergeable`` checks it).
 
