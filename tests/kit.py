@@ -83,14 +83,27 @@ def assert_mergeable(extractor, signals, cut: int) -> None:
         if s.event_type in extractor.event_types:
             right = extractor.add(right, s)
     assert pickle.dumps(state) == before, f"{extractor.name}: merge kept its second state, which add then changed"
-    # A copy (a backtest copies a user's hour into the user's day) is equal and shares nothing add changes.
-    copied = extractor.copy(state)
-    assert extractor.value(copied, 3600) == merged, f"{extractor.name}: a copy's value differs from its original's"
-    kept = pickle.dumps(copied)
-    for s in signals:
-        if s.event_type in extractor.event_types:
-            state = extractor.add(state, s)
-    assert pickle.dumps(copied) == kept, f"{extractor.name}: copy shares a part of its original that add changed"
+    # A copy (a backtest copies a user's hour into the user's day; a merge adopts a state it lacks) has its
+    # original's value and shares nothing with it that add or merge changes, in either direction. Each half is
+    # copied before the other half folds on, so the fold adds what the copied state has not seen.
+    for seen, unseen in ((signals[:cut], signals[cut:]), (signals[cut:], signals[:cut])):
+        for folded_into in ("original", "copy"):
+            original = fold(seen)
+            copied = extractor.copy(original)
+            assert extractor.value(copied, 3600) == extractor.value(original, 3600), (
+                f"{extractor.name}: a copy's value differs from its original's"
+            )
+            other = copied if folded_into == "original" else original
+            kept = pickle.dumps(other)
+            target = original if folded_into == "original" else copied
+            for s in unseen:
+                if s.event_type in extractor.event_types:
+                    target = extractor.add(target, s)
+            extractor.merge(target, fold(unseen))
+            assert pickle.dumps(other) == kept, (
+                f"{extractor.name}: copy shares a part of its original that add or merge changed "
+                f"(folding into the {folded_into})"
+            )
 
 
 def streaming_options() -> PipelineOptions:

@@ -213,10 +213,11 @@ class PackByHourFn(beam.DoFn):
 
     The shuffle holds every signal at once, in the local runner's memory and
     then in each worker's input queue, so packs are compressed, with zstd: about
-    6 times smaller for about 0.5 µs a signal (compress and decompress). With
-    zlib (4.7 times, about 2.1 µs), two workers at 1M signals peaked at
-    1,686-1,777 MiB against 2,131-2,318 MiB uncompressed, and were no slower
-    (benchmarks/README.md, changes 12 and 25).
+    6 times smaller for about 0.5 µs a signal (compress and decompress;
+    ``PACK_ZSTD_LEVEL``). When packs were first compressed, with zlib (4.7
+    times for about 2.1 µs in that session's measurement), two workers at 1M
+    signals peaked at 1,686-1,777 MiB against 2,131-2,318 MiB uncompressed,
+    and were no slower (benchmarks/README.md, changes 12 and 25).
     """
 
     def __init__(self, shards_per_hour: int = 1, pack_size: int = PACK_SIZE):

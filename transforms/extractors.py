@@ -24,11 +24,13 @@ An extractor must:
 * give a ``copy`` if its state can be copied faster than ``copy.deepcopy``
   does it (the default). A backtest copies a user's hour into the user's day
   (``transforms.features.copy_accumulator``), once per user per hour for
-  every extractor state the hour holds: in the 1M benchmark input's
-  credential-stuffing hours, where most user-hours hold login states, deep
-  copies made the fold about 40% dearer than the extractors' own copies
-  (benchmarks/README.md, change 26). A copy must share nothing that ``add``
-  or ``merge`` would change (``assert_mergeable`` checks it).
+  every extractor state the hour holds, and every merge (the streaming
+  job's too) copies a state the accumulator merged into lacks. In the 1M
+  benchmark input's credential-stuffing hours, where most user-hours hold
+  login states, deep copies made the fold about 40% dearer than the
+  extractors' own copies (benchmarks/README.md, change 26). A copy must
+  share nothing that ``add`` or ``merge`` would change, in either state
+  (``assert_mergeable`` checks it).
 
 The README tutorial ("Adding a feature extractor") walks through
 ``scripted_client_share`` below, which the default pack's
@@ -60,8 +62,9 @@ class FeatureExtractor:
       add: fold one signal into a state, returning the state.
       merge: combine two states (order must not matter); may update and return the first, never the second.
       value: the feature value of a state, given the window length in seconds.
-      copy: a state equal to the given one that shares nothing ``add`` or ``merge`` would change; by
-        default ``copy.deepcopy``, which is always right and slow for the small states extractors keep.
+      copy: a state with the same value as the given one that shares nothing ``add`` or ``merge`` would
+        change, in either; by default ``copy.deepcopy``, which is always right and slow for the small states
+        extractors keep.
     """
 
     name: str

@@ -24,6 +24,7 @@ import dataclasses
 import gc
 import heapq
 from collections.abc import Callable, Iterable, Mapping
+from copy import deepcopy
 
 import apache_beam as beam
 from apache_beam.transforms import trigger as beam_trigger
@@ -446,9 +447,13 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
                 out.extra = {}
             for name, state in a.extra.items():
                 mine = out.extra.get(name)
+                extractor = EXTRACTORS.get(name)
+                if extractor is None:  # retired (see _copy_state): nothing reads it, so it is carried, not merged
+                    if mine is None:
+                        out.extra[name] = _copy_state(name, state)
+                    continue
                 # A copy, not ``a``'s own state: extractors' ``add`` updates a state in place (the example's
                 # does), so a shared state would count a signal folded into either accumulator in both.
-                extractor = EXTRACTORS[name]
                 out.extra[name] = extractor.copy(state) if mine is None else extractor.merge(mine, state)
     return out
 
@@ -478,8 +483,16 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     c.playlist_artists = None if a.playlist_artists is None else a.playlist_artists.copy()
     c.trace_ids = None if a.trace_ids is None else a.trace_ids.copy()
     extra = a.extra
-    c.extra = None if extra is None else {name: EXTRACTORS[name].copy(state) for name, state in extra.items()}
+    c.extra = None if extra is None else {name: _copy_state(name, state) for name, state in extra.items()}
     return c
+
+
+def _copy_state(name: str, state):
+    """An extractor state copied by its extractor's ``copy``. A state whose extractor is no longer registered
+    (a streaming job updated after one was removed keeps its states in older windows) is deep-copied, as every
+    state was before extractors had a ``copy``: no feature reads it, and a window carries it until it closes."""
+    extractor = EXTRACTORS.get(name)
+    return deepcopy(state) if extractor is None else extractor.copy(state)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,7 @@ from transforms.distinct import (
     REGISTERS,
     HyperLogLog,
     add_distinct,
+    copy_distinct,
     distinct_count,
     distinct_values,
     merge_distinct,
@@ -108,6 +109,24 @@ def test_a_merge_never_changes_or_returns_its_second_state(left, right, cap):
         for i in range(10):
             theirs = add_distinct(theirs, f"later{i}", cap)
         assert pickle.dumps(out) == before
+
+
+@settings(max_examples=100, deadline=None)
+@given(_values, _values, st.sampled_from([2, 5, 40]))
+def test_a_copied_state_is_equal_and_independent_of_its_original_both_ways(values, more, cap):
+    """``copy_distinct`` is how extractors copy their distinct-value states (transforms.extractors): a backtest
+    copies a user's hour into the day, and what either one folds next must not reach the other."""
+    for fold_into_copy in (False, True):
+        original = _fold(values, cap)
+        copied = copy_distinct(original)
+        assert _canonical(copied) == _canonical(original)
+        other = original if fold_into_copy else copied
+        kept = copy.deepcopy(other)
+        target = copied if fold_into_copy else original
+        for value in [*more, *(f"later{i}" for i in range(50))]:
+            target = add_distinct(target, value, cap)
+        target = merge_distinct(target, _fold([f"merged{i}" for i in range(50)], cap), cap)
+        assert _canonical(other) == _canonical(kept)
 
 
 def test_copies_and_pickles_are_equal_and_independent():

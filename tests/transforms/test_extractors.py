@@ -118,6 +118,7 @@ def test_the_login_account_counts_are_estimated_past_the_distinct_cap_and_their_
         assert state.__class__ is HyperLogLog
         states[name] = extractor.value(state, 600)
         assert_mergeable(extractor, signals, 4_000)  # sets of 2,000 accounts merged into a sketch of 7,000
+        assert_mergeable(extractor, signals, 5_000)  # login_accounts: a sketch of 5,000 copied, then folded on
         assert_mergeable(extractor, signals, 0)
     assert abs(states["login_accounts"] / 9_000 - 1) < 0.05
     assert abs(states["failed_login_accounts"] / 4_500 - 1) < 0.05
@@ -139,6 +140,14 @@ def test_the_kit_refuses_a_copy_that_shares_its_state():
     assert_mergeable(dataclasses.replace(SCRIPTED, copy=lambda state: [*state]), logins(12, 5), 3)
     with pytest.raises(AssertionError, match="copy shares"):
         assert_mergeable(dataclasses.replace(SCRIPTED, copy=lambda state: state), logins(12, 5), 3)
+
+
+@pytest.mark.parametrize("name", ["login_accounts", "failed_login_accounts"])
+def test_the_kit_refuses_a_distinct_state_copy_that_shares_it(name):
+    """Folding the signals a state has already seen changes no set or sketch: the check folds the other half."""
+    sharing = dataclasses.replace(EXTRACTORS[name], copy=lambda state: state)
+    with pytest.raises(AssertionError, match="copy shares"):
+        assert_mergeable(sharing, account_logins(), 3)
 
 
 def test_an_extractor_without_a_copy_is_deep_copied():

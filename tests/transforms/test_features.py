@@ -321,6 +321,30 @@ def _plain(state: list) -> list:
     return [plain(v) for v in state]
 
 
+def test_a_retired_extractors_state_is_carried_through_merges_and_copies():
+    """A streaming job updated after an extractor was removed still holds its states in open windows: merging
+    and copying carry them (nothing reads them) instead of failing on the missing extractor."""
+    login = signal("login", success=False)
+    older, newer, adopting = Accumulator(), Accumulator(), Accumulator()
+    for acc in (older, newer, adopting):
+        add_signal(acc, login)
+    older.extra["retired_share"] = [1, [2]]
+    newer.extra["retired_share"] = [5, [6]]
+    merged = F.merge([newer, older])  # both hold it: the first's is kept, as nothing can merge it
+    assert merged.extra["retired_share"] == [5, [6]]
+    adopted = F.merge([adopting, older])  # only the second holds it: a deep copy
+    assert (
+        adopted.extra["retired_share"] == [1, [2]]
+        and adopted.extra["retired_share"][1] is not older.extra["retired_share"][1]
+    )
+    copied = F.copy_accumulator(older)
+    assert (
+        copied.extra["retired_share"] == [1, [2]]
+        and copied.extra["retired_share"][1] is not older.extra["retired_share"][1]
+    )
+    assert features_of([login])["login_accounts"] == compute_features(copied, 3600)["login_accounts"]
+
+
 def test_a_merged_accumulator_shares_nothing_mutable_with_what_was_merged_into_it():
     """Merging adopts the other's sets, counters, sample and extractor states as copies: folding a signal
     into either one afterwards must not change the other (extractors' ``add`` updates a state in place)."""
