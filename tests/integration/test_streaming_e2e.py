@@ -125,8 +125,9 @@ def _away_from_the_end_of_the_hour(margin_sec: float = 90) -> None:
 
     The traffic lies in the current hour, and the local runner's Pub/Sub watermark is the wall clock (Beam's
     ``_PubSubReadEvaluator`` holds it at ``time.time()``), so that hour's windows close at the top of the hour.
-    If they close while the job is still reading the traffic, ten messages a pull, the on-time pane fires on
-    part of it: a run that started the job at 00:59:59.9 issued the farm decision on 40 of its 45 plays.
+    If they close before the job has read all of the traffic, ten messages a pull, the on-time pane or a late
+    one fires on part of it: a run that started the job at 00:59:59.9 issued the farm decision on 40 of its 45
+    plays, and so did one whose traffic was made before 02:00 and whose job started at 02:00:02.
     """
     left = 3600 - time.time() % 3600
     if left < margin_sec:
