@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from schemas import EVENT_TYPES, REQUIRED_FOR, SIGNAL_SCHEMA, DeadLetter, Signal, to_json_dict
 from schemas.avro import millis_to_rfc3339
 from tests.kit import payload_dict
-from transforms.parse import KNOWN_FIELDS, MAX_PAYLOAD_BYTES, InvalidSignal, ParseSignalFn, parse_signal
+from transforms.parse import (
+    KNOWN_FIELDS,
+    MAX_PAYLOAD_BYTES,
+    InvalidSignal,
+    ParseSignalFn,
+    parse_signal,
+    parse_signal_checked,
+)
 
 CATEGORY = "hostile input (property-based)"
 REASONS = {"payload_too_large", "invalid_utf8", "invalid_json", "not_an_object"}
@@ -133,8 +140,21 @@ def assert_contract(s: Signal) -> None:
 _FN = ParseSignalFn(source="property")
 
 
+def answer(parse, raw: bytes):
+    """A parser's answer: the signal with each value's type (True is not 1) and its unknown fields, or the reason."""
+    try:
+        parsed = parse(raw)
+    except InvalidSignal as err:
+        return ("dead letter", err.reason, err.detail)
+    return ("signal", [(type(v), v) for v in parsed.signal], parsed.unknown_fields)
+
+
 def run_fn(raw: bytes) -> Signal | DeadLetter:
-    """One payload through the DoFn: exactly one output, a clean signal or a reasoned dead letter with the raw bytes."""
+    """One payload through the DoFn: exactly one output, a clean signal or a reasoned dead letter with the raw bytes.
+
+    Also: parse_signal, which takes well-formed signals through msgspec's typed decoder, answers exactly as
+    parse_signal_checked, the field-by-field reference."""
+    assert answer(parse_signal, raw) == answer(parse_signal_checked, raw)
     (out,) = list(_FN.process(raw))
     if isinstance(out, TaggedOutput):
         assert out.tag == ParseSignalFn.DEAD_LETTER and isinstance(out.value, DeadLetter)
@@ -215,8 +235,10 @@ def test_one_field_mutated(d, mutation):
             d.pop(field, None)
         else:
             d[field] = value
+        raw = json.dumps(d).encode()
+        assert answer(parse_signal, raw) == answer(parse_signal_checked, raw)
         try:
-            after = parse_signal(json.dumps(d).encode()).signal
+            after = parse_signal(raw).signal
         except InvalidSignal as err:
             assert err.reason in REASONS
             if err.reason == "invalid_json":
@@ -276,8 +298,10 @@ def test_event_time_bounds(case):
     with counting("event time accepted iff well-formed and in 2000..2099"):
         text, expected_ms = case
         in_bounds = expected_ms is not None and LOW_MS <= expected_ms < HIGH_MS
+        raw = json.dumps(payload_dict("signup", event_time=text)).encode()
+        assert answer(parse_signal, raw) == answer(parse_signal_checked, raw)
         try:
-            got = parse_signal(json.dumps(payload_dict("signup", event_time=text)).encode()).signal.event_time_ms
+            got = parse_signal(raw).signal.event_time_ms
         except InvalidSignal as err:
             reason = "invalid_value" if expected_ms is None else "event_time_out_of_range"
             assert not in_bounds and err.reason == reason and err.detail.startswith("'event_time'"), (text, err)

@@ -4,6 +4,7 @@ import datetime as dt
 import json
 
 import apache_beam as beam
+import msgspec
 import orjson
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -11,7 +12,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas import DeadLetter
+from pipelines import simulate
+from schemas import EVENT_TYPES, DeadLetter
 from tests.kit import T0_MS, payload, payload_dict
 from transforms import parse as parse_module
 from transforms.lines import ReadLineBlocks
@@ -23,6 +25,7 @@ from transforms.parse import (
     ParseSignals,
     parse_rfc3339_ms,
     parse_signal,
+    parse_signal_checked,
 )
 
 
@@ -310,6 +313,147 @@ def test_remembered_ids_are_bounded(monkeypatch):
         assert parse_signal(payload("stream", user_id=f"user{i}", device_id=f"dev{i}")).signal.user_id == f"user{i}"
         assert len(parse_module._ACCEPTED_IDS) <= 3
     assert _outcome(payload("stream", user_id="user 1"))[:2] == ("dead letter", "invalid_value")
+
+
+# --- the typed decoder against the checks ---------------------------------------------
+def _answer(parse, raw: bytes, **kwargs):
+    """What a parser makes of a payload: the signal with each value's type (True is not 1), or the reason."""
+    try:
+        parsed = parse(raw, **kwargs)
+    except InvalidSignal as err:
+        return ("dead letter", err.reason, err.detail)
+    return ("signal", [(type(v), v) for v in parsed.signal], parsed.unknown_fields)
+
+
+def _typed(raw: bytes, trace_id_attribute=None, publish_time_ms=None):
+    """The typed decoder's own answer: a ParsedSignal, or None where it leaves the payload to the checks."""
+    try:
+        decoded = parse_module._TYPED_DECODER.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return parse_module._accept_typed(decoded, trace_id_attribute, publish_time_ms)
+
+
+def test_the_typed_decoder_takes_every_simulated_signal_and_agrees_with_the_checks():
+    lines, _ = simulate.simulate(seed=5, hours=24, scale=0.05, malformed=40)
+    parse_module.clear_caches()
+    taken = valid = 0
+    for raw in lines:
+        expected = _answer(parse_signal_checked, raw)
+        assert _answer(parse_signal, raw) == expected, raw
+        typed = _typed(raw)
+        if typed is not None:
+            assert ("signal", [(type(v), v) for v in typed.signal], typed.unknown_fields) == expected, raw
+        valid += expected[0] == "signal"
+        taken += typed is not None
+    # Every simulated signal takes the fast path (else it would be dead code); no malformed line does.
+    assert valid == taken == len(lines) - 40 > 4000
+
+
+_STREAM = payload_dict("stream", event_id="e1", user_id="u1")
+_BODY = orjson.dumps(_STREAM)[1:-1]  # the stream's fields without braces, to write duplicates and oddities around
+
+
+@pytest.mark.parametrize(
+    "raw, typed_takes_it",
+    [
+        (b'{"event_type":"login",' + _BODY + b"}", False),  # two event types: JSON's last one wins
+        (b"{" + _BODY + b',"event_type":"login","success":true}', False),
+        (b"{" + _BODY + b',"event_id":"e2"}', True),  # a repeated field: the last one wins, as with orjson
+        (b"{" + _BODY + b',"device_id":"d1","device_id":null}', True),
+        (b"{" + _BODY + b',"ms_played":"x","ms_played":5}', False),
+        (b"{" + _BODY + b',"ms_played":5,"ms_played":"x"}', False),
+        (b"{" + _BODY + b',"user_agent":"\\ud800"}', False),  # an escaped lone surrogate
+        (b"{" + _BODY + b',"user_agent":"\xff"}', False),  # not UTF-8
+        (b"{" + _BODY + b',"user_agent":"a\x01"}', False),  # a raw control character in a string
+        (b"{" + _BODY + b',"user_agent":"a\\u0085b"}', False),  # an escaped C1 control
+        (b"{" + _BODY + b',"user_agent":"' + b"a" * 513 + b'"}', False),
+        (b"{" + _BODY + b"} x", False),
+        (b"{" + _BODY + b"} \n", True),
+        (b"\xef\xbb\xbf{" + _BODY + b"}", False),  # a byte-order mark
+        (b"{" + _BODY + b',"amount_cents":NaN}', False),
+        (b"{" + _BODY + b',"amount_cents":1.0}', False),
+        (b"{" + _BODY + b',"amount_cents":100000000000000000000000}', False),
+        (b"{" + _BODY + b',"amount_cents":1E3}', False),
+        (b"{" + _BODY + b',"amount_cents":-0}', True),
+        (b"{" + _BODY + b',"success":1}', False),
+        (b"{" + _BODY + b',"country":"se"}', False),
+        (b"{" + _BODY + b',"currency":"EURO"}', False),
+        (b"{" + _BODY + b',"ip":"fe80::1%eth0"}', False),
+        (b"{" + _BODY + b',"ip":"::ffff:10.0.0.1"}', True),
+        (b"{" + _BODY + b',"track_duration_ms":0}', False),  # dropped and counted by the checks
+        (b"{" + _BODY + b',"event_time_ms":5}', False),  # a known name that the wire does not carry
+        (b"{" + _BODY + b',"colour":"red"}', False),  # an unknown field: counted by the checks
+        (b'{"event_type":"stream","event_id":"e1","user_id":"u1"}', False),
+        (orjson.dumps({**_STREAM, "event_time": "2026-01-01T00:00:00.000+00:00"}), True),
+        (orjson.dumps({**_STREAM, "event_time": "1999-12-31T23:59:59.999Z"}), False),
+        (orjson.dumps({**_STREAM, "event_time": "2026-01-01T00:00:00.000"}), False),
+        (orjson.dumps({**_STREAM, "user_id": "u" * 129}), False),
+        (orjson.dumps({**_STREAM, "user_id": "u1\n"}), False),
+        (orjson.dumps({**_STREAM, "trace_id": "a b"}), False),
+        (orjson.dumps({**_STREAM, "artist_id": None}), False),
+    ],
+)
+def test_the_typed_decoder_takes_only_what_the_checks_accept_as_they_accept_it(raw, typed_takes_it):
+    assert _answer(parse_signal, raw) == _answer(parse_signal_checked, raw)
+    typed = _typed(raw)
+    assert (typed is not None) == typed_takes_it
+    if typed is not None:
+        assert ("signal", [(type(v), v) for v in typed.signal], 0) == _answer(parse_signal_checked, raw)
+
+
+@pytest.mark.parametrize("attribute", [None, "t-1", "t 1", 7, ""])
+@pytest.mark.parametrize("publish_time_ms", [None, T0_MS, 5])
+@pytest.mark.parametrize("with_time", [True, False])
+@pytest.mark.parametrize("with_trace", [True, False])
+def test_the_typed_decoder_agrees_on_trace_attributes_and_publish_times(
+    attribute, publish_time_ms, with_time, with_trace
+):
+    d = payload_dict("login", success=True, trace_id="t0" if with_trace else None)
+    if not with_time:
+        del d["event_time"]
+    raw = orjson.dumps(d)
+    kwargs = {"trace_id_attribute": attribute, "publish_time_ms": publish_time_ms}
+    assert _answer(parse_signal, raw, **kwargs) == _answer(parse_signal_checked, raw, **kwargs)
+
+
+_near = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-2, 3) | st.sampled_from([86_400_000, 86_400_001, 10**12, 10**12 + 1, 2**63, 2**64]),
+    st.floats(),
+    st.sampled_from(["SE", "se", "EUR", "EURO", "1.2.3.4", "::1", "fe80::1%1", "2026-01-01T00:00:00.000Z"]),
+    st.sampled_from(["2026-01-01T00:00:00Z", "2026-01-01t00:00:00.5+01:00", "u1", "u 1", "-u", "a" * 129]),
+    st.text(max_size=6),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_field_names = st.sampled_from(sorted(parse_module.KNOWN_FIELDS) + ["colour", ""])
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.sampled_from(["stream", "login", "signup", "playlist_add", "payment", "Stream", None]),
+    st.lists(st.tuples(_field_names, _near), max_size=6),
+    st.sampled_from([None, "t-1", "t 1"]),
+    st.sampled_from([None, T0_MS]),
+)
+def test_any_mixture_of_fields_gets_the_checks_answer(event_type, fields, attribute, publish_time_ms):
+    # Written as text, so a field may repeat (JSON's last one wins) and the event type may come anywhere.
+    d = payload_dict(event_type if event_type in EVENT_TYPES else "stream")
+    if event_type is None:
+        del d["event_type"]
+    else:
+        d["event_type"] = event_type
+    parts = [orjson.dumps({k: v})[1:-1] for k, v in d.items()]
+    for name, value in fields:
+        try:
+            parts.insert(len(name) % (len(parts) + 1), orjson.dumps({name: value})[1:-1])
+        except orjson.JSONEncodeError:  # 2**64 and the like: orjson writes no integer past 64 bits
+            parts.append(json.dumps({name: value})[1:-1].encode())
+    raw = b"{" + b",".join(parts) + b"}"
+    kwargs = {"trace_id_attribute": attribute, "publish_time_ms": publish_time_ms}
+    assert _answer(parse_signal, raw, **kwargs) == _answer(parse_signal_checked, raw, **kwargs)
 
 
 # --- the composite -------------------------------------------------------------------
