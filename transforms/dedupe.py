@@ -38,7 +38,7 @@ import operator
 import zlib
 
 import apache_beam as beam
-import orjson
+import msgspec
 import zstandard
 from apache_beam.coders import BooleanCoder
 from apache_beam.metrics import Metrics
@@ -188,26 +188,33 @@ def group_key(s: Signal, shards_per_hour: int) -> int:
     return hour * shards_per_hour + zlib.crc32(s.event_id.encode()) % shards_per_hour
 
 
-def encode_pack(signals_fields: list[tuple]) -> bytes:
-    """Signals' field tuples to one shuffle value: a JSON array, compressed (``decode_pack`` reverses it).
+# A pack's signals, typed: msgspec decodes each JSON array straight into a Signal (a NamedTuple, checked
+# against its annotations), where orjson gave lists for Python to make into Signals one by one.
+_PACK_DECODER = msgspec.json.Decoder(list[Signal])
+
+
+def encode_pack(signals: list[Signal] | list[tuple]) -> bytes:
+    """Signals (or their field tuples) to one shuffle value: a JSON array of arrays, compressed.
 
     zstd's module functions make a compressor per call, so threads of one worker never share one (a
     ``ZstdCompressor`` is not safe for concurrent use); per pack of a thousand signals that costs nothing.
-    The frame records its content size, which ``decode_pack`` needs.
+    The frame records its content size, which ``decode_pack`` needs. msgspec writes a NamedTuple as an
+    array, as orjson wrote the tuples made from each signal before (change 28).
     """
-    return zstandard.compress(orjson.dumps(signals_fields), PACK_ZSTD_LEVEL)
+    return zstandard.compress(msgspec.json.encode(signals), PACK_ZSTD_LEVEL)
 
 
-def decode_pack(pack: bytes) -> list[list]:
-    return orjson.loads(zstandard.decompress(pack))
+def decode_pack(pack: bytes) -> list[Signal]:
+    """``encode_pack``'s signals, as ``Signal`` records."""
+    return _PACK_DECODER.decode(zstandard.decompress(pack))
 
 
 class PackByHourFn(beam.DoFn):
-    """Batch: signals to (group, ``encode_pack`` of up to ``pack_size`` signals' fields), packed per bundle.
+    """Batch: signals to (group, ``encode_pack`` of up to ``pack_size`` signals), packed per bundle.
 
     Every signal crosses the de-duplication shuffle. As one element per signal
     the runner encodes, buffers and decodes each one; packed a thousand to a
-    JSON array, those costs are per pack, and orjson does the array in C.
+    JSON array, those costs are per pack, and msgspec does the array in C.
     JSON of the fields also keeps Beam's pickling out of it. Only for the
     global window: packs flushed at a bundle's end carry the minimum timestamp.
 
@@ -234,7 +241,7 @@ class PackByHourFn(beam.DoFn):
         pack = self._packs.get(key)
         if pack is None:
             pack = self._packs[key] = []
-        pack.append(tuple(s))
+        pack.append(s)
         if len(pack) < self._pack_size:
             return None
         del self._packs[key]
@@ -271,11 +278,9 @@ def earliest_copies(packs) -> tuple[list[Signal], int]:
     and how many copies were dropped."""
     earliest: dict[str, Signal] = {}
     n = 0
-    make = Signal._make
     for pack in packs:
-        for fields in decode_pack(pack):
+        for s in decode_pack(pack):
             n += 1
-            s = make(fields)
             kept = earliest.get(s.event_id)
             earliest[s.event_id] = s if kept is None else _earlier(kept, s)
     return sorted(earliest.values(), key=_time_order), n - len(earliest)

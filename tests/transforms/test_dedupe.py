@@ -147,11 +147,15 @@ def test_copies_straddling_an_hour_are_both_kept_in_batch():
         assert_that(out | beam.Map(lambda s: s.event_time_ms), equal_to([T0_MS - 1, T0_MS]))
 
 
-def test_a_pack_is_compressed_and_decodes_to_its_signals_fields():
+def test_a_pack_is_compressed_and_decodes_to_its_signals():
     signals = [signal("stream", t_ms=T0_MS + i * 1000, event_id=f"e{i}") for i in range(200)]
+    signals[7] = signal("payment", T0_MS, event_id="p1", success=False, ip="::1", user_agent='é\u2603 "x"')
     fields = [tuple(s) for s in signals]
-    pack = encode_pack(fields)
-    assert [tuple(f) for f in decode_pack(pack)] == fields
+    for packed in (signals, fields):  # PackByHourFn packs the signals themselves; tuples pack the same
+        pack = encode_pack(packed)
+        decoded = decode_pack(pack)
+        assert decoded == signals and all(type(s) is Signal for s in decoded)
+        assert [[type(v) for v in s] for s in decoded] == [[type(v) for v in s] for s in signals]  # False is not 0
     # Repetitive signals shrink several times over; a pack stored as its plain JSON would not.
     assert len(pack) * 4 < len(orjson.dumps(fields))
 

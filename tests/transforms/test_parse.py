@@ -360,6 +360,7 @@ _BODY = orjson.dumps(_STREAM)[1:-1]  # the stream's fields without braces, to wr
         (b'{"event_type":"login",' + _BODY + b"}", False),  # two event types: JSON's last one wins
         (b"{" + _BODY + b',"event_type":"login","success":true}', False),
         (b"{" + _BODY + b',"event_id":"e2"}', True),  # a repeated field: the last one wins, as with orjson
+        (b"{" + _BODY.replace(b'"event_type":"stream"', b'"event\\u005ftype":"str\\u0065am"') + b"}", True),  # escapes
         (b"{" + _BODY + b',"device_id":"d1","device_id":null}', True),
         (b"{" + _BODY + b',"ms_played":"x","ms_played":5}', False),
         (b"{" + _BODY + b',"ms_played":5,"ms_played":"x"}', False),
