@@ -314,8 +314,10 @@ def _optional_bool(obj: Mapping, name: str, event_type: str) -> bool | None:
 # functions and caches as parse_signal_checked. Anything either declines goes to parse_signal_checked, which
 # decides and gives the reason, so the typed decoder only ever accepts what parse_signal_checked accepts, with
 # the same Signal: tests/transforms/test_parse.py and tests/reliability/test_properties.py compare the two.
-# What it declines and leaves to parse_signal_checked, besides every invalid signal: an unknown field (counted
-# there), a track length out of range (dropped and counted there), a bad trace-id attribute (counted there).
+# Besides every invalid signal, it declines a few valid ones, all rare, and leaves them to parse_signal_checked:
+# an unknown field (counted there), an ``event_time_ms`` key (ignored there), an event type given twice with
+# different values (the last one counts there, as in any JSON object), a track length out of range (dropped
+# and counted there), a bad trace-id attribute (counted there), a str subclass as the attribute.
 # Counted with callgrind (benchmarks/README.md, change 27): 53,918 instructions a signal before, 34,820 after.
 _TYPED_FIELDS: dict[str, object] = {
     "event_id": str,
@@ -338,6 +340,15 @@ _TYPED_FIELDS: dict[str, object] = {
 }
 if set(_TYPED_FIELDS) != KNOWN_FIELDS - {"event_type", "event_time_ms"}:  # the wire's fields, but the struct's tag
     raise ImportError(f"signal_v1.avsc fields changed: update _TYPED_FIELDS ({sorted(KNOWN_FIELDS)})")
+# _accept_typed checks each text field by name: the ids (the recurring ones in this order, then event and trace
+# ids), and these four. A new text field must get its check there before this passes.
+_TYPED_REPEATED_IDS = ("user_id", "device_id", "track_id", "artist_id", "playlist_id", "card_fingerprint")
+_TYPED_CHECKED_TEXT = frozenset({"event_time", "ip", "user_agent", "currency"})
+if (
+    _TYPED_REPEATED_IDS != _REPEATED_ID_FIELDS
+    or {n for n, k in _TYPED_FIELDS.items() if k is str} != set(_ID_FIELDS) | _TYPED_CHECKED_TEXT
+):
+    raise ImportError(f"signal ids or text fields changed: update _accept_typed ({_ID_FIELDS}, {_TYPED_CHECKED_TEXT})")
 # Every field may be absent or null except those parse_signal_checked requires whatever the publish time:
 # event_id and user_id always, and the event type's own (REQUIRED_FOR). event_time may be absent in streaming.
 _TYPED_REQUIRED = {t: frozenset({"event_id", "user_id", *REQUIRED_FOR[t]}) for t in EVENT_TYPES}
@@ -389,7 +400,8 @@ def _accept_typed(decoded, trace_id_attribute: str | None, publish_time_ms: int 
     currency = decoded.currency
     if currency is not None and _currency_match(currency) is None:
         return None
-    # Ids: event and trace ids are new in every signal (the pattern); the rest recur (_ACCEPTED_IDS first).
+    # Ids: event and trace ids are new in every signal (the pattern); the rest recur (_ACCEPTED_IDS first), read
+    # in _TYPED_REPEATED_IDS's order, checked at import against _REPEATED_ID_FIELDS.
     event_id = decoded.event_id
     if _id_match(event_id) is None:
         return None
@@ -444,8 +456,9 @@ def parse_signal(
 ) -> ParsedSignal:
     """Validate one raw signal and return it as a typed ``Signal``; the answer of ``parse_signal_checked``.
 
-    A well-formed signal takes the typed decoder (``_decode_typed``); anything it declines, and every
-    rejection, is ``parse_signal_checked``'s, so the dead letters' reasons and details have one source.
+    A well-formed signal takes the typed decoder (``_TYPED_DECODER``, then ``_accept_typed``); anything it
+    declines, and every rejection, is ``parse_signal_checked``'s, so the dead letters' reasons and details have
+    one source.
     Arguments and errors as ``parse_signal_checked``.
     """
     if len(raw) <= MAX_PAYLOAD_BYTES:

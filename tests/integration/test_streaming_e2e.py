@@ -140,10 +140,16 @@ def run(stack, tmp_path_factory):
     project, names = stack["project"], stack["names"]
     log_path = tmp_path_factory.mktemp("job") / "streaming.log"
     command = local_streaming_command(
-        project, names["signals"][1], names["decisions"][0], DATASET, f"--early_firing_sec={EARLY_FIRING_SEC}"
+        project,
+        names["signals"][1],
+        names["decisions"][0],
+        DATASET,
+        f"--early_firing_sec={EARLY_FIRING_SEC}",
+        f"--features_table={project}:{DATASET}.features",  # a row per pane: what each pane counted
     )
-    # Everything is published before the job starts (the subscription keeps it), so the
-    # job's first read takes in originals and redeliveries well within one early firing.
+    # Everything is published before the job starts (the subscription keeps it), so the job's first read
+    # usually takes in originals and redeliveries within one early firing; not always (a loaded machine), so
+    # the tests that need the whole traffic read the fullest pane from the feature rows.
     _away_from_the_end_of_the_hour()
     messages, malformed = traffic(int(time.time() * 1000))
     publisher, subscriber = stack["publisher"], stack["subscriber"]
@@ -159,6 +165,12 @@ def run(stack, tmp_path_factory):
             audit = _wait_for_rows(stack["bq"], f"{DATASET}.audit", lambda rows: len(rows) >= 2)
             dead = _wait_for_rows(stack["bq"], f"{DATASET}.dead_letters", lambda rows: len(rows) >= len(malformed))
             decision_rows = _wait_for_rows(stack["bq"], f"{DATASET}.decisions", lambda rows: len(rows) >= 2)
+            farm = _wait_for_rows(
+                stack["bq"],
+                f"{DATASET}.features",
+                lambda rows: max((r["event_count"] for r in rows), default=0) >= 45,
+                where="entity_type = 'user' AND entity_id = 'bot1'",
+            )
             job.send_signal(signal.SIGTERM)
             exit_code = job.wait(timeout=30)
     finally:
@@ -169,6 +181,7 @@ def run(stack, tmp_path_factory):
         "audit": audit,
         "dead": dead,
         "decision_rows": decision_rows,
+        "farm_feature_rows": farm,
         "malformed": malformed,
         "exit_code": exit_code,
         "log": log_path.read_text(errors="replace"),
@@ -194,11 +207,11 @@ def _pull_until_quiet(subscriber, subscription, expected_rules, timeout_sec=60):
     return received
 
 
-def _wait_for_rows(client, table, done, timeout_sec=60):
+def _wait_for_rows(client, table, done, timeout_sec=60, where="TRUE"):
     deadline = time.monotonic() + timeout_sec
     rows = []
     while time.monotonic() < deadline:
-        rows = [dict(r) for r in client.query(f"SELECT * FROM `{table}`").result()]
+        rows = [dict(r) for r in client.query(f"SELECT * FROM `{table}` WHERE {where}").result()]
         if done(rows):
             return rows
         time.sleep(1)
@@ -222,8 +235,13 @@ def test_decisions_carry_filter_attributes_and_trace_ids_from_attributes(run):
 
 
 def test_redelivered_signals_are_not_counted_twice(run):
+    # 45 unique plays, 20 of them delivered twice: the farm's fullest pane counts 45, never more. Its audit
+    # row is the first pane that decided, which can come before the job has read all 45: a make test run on
+    # a loaded machine decided on 40 at 03:47, nowhere near the end of the hour, so it is only bounded here.
+    counts = [r["event_count"] for r in run["farm_feature_rows"]]
+    assert max(counts, default=0) == 45, counts
     farm_rows = [r for r in run["audit"] if r["rule_id"] == "stream_farm_exclude"]
-    assert [r["event_count"] for r in farm_rows] == [45]  # 45 unique plays, 20 of them delivered twice
+    assert len(farm_rows) == 1 and farm_rows[0]["event_count"] <= 45
 
 
 def test_audit_and_decision_rows_are_queryable(run):
