@@ -17,7 +17,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from schemas.avro import millis_to_rfc3339
 from transforms.features import Accumulator, add_signal, compute_features
-from transforms.parse import parse_signal
+from transforms.parse import InvalidSignal, parse_signal
 
 T0_MS = 1_793_577_600_000  # 2026-11-02T00:00:00Z, an hour boundary
 HOUR_MS = 3_600_000
@@ -52,6 +52,16 @@ def payload(event_type: str = "stream", t_ms: int = T0_MS, **fields) -> bytes:
 
 def signal(event_type: str = "stream", t_ms: int = T0_MS, **fields):
     return parse_signal(payload(event_type, t_ms, **fields)).signal
+
+
+def parse_answer(parse, raw: bytes, **kwargs) -> tuple:
+    """What a parser makes of a payload: the signal, each value with its type (True is not 1), and its unknown
+    fields; or the rejection's reason and detail. Compares ``parse_signal`` with ``parse_signal_checked``."""
+    try:
+        parsed = parse(raw, **kwargs)
+    except InvalidSignal as err:
+        return ("dead letter", err.reason, err.detail)
+    return ("signal", [(type(v), v) for v in parsed.signal], parsed.unknown_fields)
 
 
 def features_of(signals, window_sec: int = 3600) -> dict[str, float]:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from schemas import EVENT_TYPES, REQUIRED_FOR, SIGNAL_SCHEMA, DeadLetter, Signal, to_json_dict
 from schemas.avro import millis_to_rfc3339
-from tests.kit import payload_dict
+from tests.kit import parse_answer, payload_dict
 from transforms.parse import (
     KNOWN_FIELDS,
     MAX_PAYLOAD_BYTES,
@@ -140,21 +140,12 @@ def assert_contract(s: Signal) -> None:
 _FN = ParseSignalFn(source="property")
 
 
-def answer(parse, raw: bytes):
-    """A parser's answer: the signal with each value's type (True is not 1) and its unknown fields, or the reason."""
-    try:
-        parsed = parse(raw)
-    except InvalidSignal as err:
-        return ("dead letter", err.reason, err.detail)
-    return ("signal", [(type(v), v) for v in parsed.signal], parsed.unknown_fields)
-
-
 def run_fn(raw: bytes) -> Signal | DeadLetter:
     """One payload through the DoFn: exactly one output, a clean signal or a reasoned dead letter with the raw bytes.
 
     Also: parse_signal, which takes well-formed signals through msgspec's typed decoder, answers exactly as
     parse_signal_checked, the field-by-field reference."""
-    assert answer(parse_signal, raw) == answer(parse_signal_checked, raw)
+    assert parse_answer(parse_signal, raw) == parse_answer(parse_signal_checked, raw)
     (out,) = list(_FN.process(raw))
     if isinstance(out, TaggedOutput):
         assert out.tag == ParseSignalFn.DEAD_LETTER and isinstance(out.value, DeadLetter)
@@ -236,7 +227,7 @@ def test_one_field_mutated(d, mutation):
         else:
             d[field] = value
         raw = json.dumps(d).encode()
-        assert answer(parse_signal, raw) == answer(parse_signal_checked, raw)
+        assert parse_answer(parse_signal, raw) == parse_answer(parse_signal_checked, raw)
         try:
             after = parse_signal(raw).signal
         except InvalidSignal as err:
@@ -299,7 +290,7 @@ def test_event_time_bounds(case):
         text, expected_ms = case
         in_bounds = expected_ms is not None and LOW_MS <= expected_ms < HIGH_MS
         raw = json.dumps(payload_dict("signup", event_time=text)).encode()
-        assert answer(parse_signal, raw) == answer(parse_signal_checked, raw)
+        assert parse_answer(parse_signal, raw) == parse_answer(parse_signal_checked, raw)
         try:
             got = parse_signal(raw).signal.event_time_ms
         except InvalidSignal as err:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipelines import simulate
 from schemas import EVENT_TYPES, DeadLetter
-from tests.kit import T0_MS, payload, payload_dict
+from tests.kit import T0_MS, parse_answer, payload, payload_dict
 from transforms import parse as parse_module
 from transforms.lines import ReadLineBlocks
 from transforms.parse import (
@@ -316,15 +316,6 @@ def test_remembered_ids_are_bounded(monkeypatch):
 
 
 # --- the typed decoder against the checks ---------------------------------------------
-def _answer(parse, raw: bytes, **kwargs):
-    """What a parser makes of a payload: the signal with each value's type (True is not 1), or the reason."""
-    try:
-        parsed = parse(raw, **kwargs)
-    except InvalidSignal as err:
-        return ("dead letter", err.reason, err.detail)
-    return ("signal", [(type(v), v) for v in parsed.signal], parsed.unknown_fields)
-
-
 def _typed(raw: bytes, trace_id_attribute=None, publish_time_ms=None):
     """The typed decoder's own answer: a ParsedSignal, or None where it leaves the payload to the checks."""
     try:
@@ -339,8 +330,8 @@ def test_the_typed_decoder_takes_every_simulated_signal_and_agrees_with_the_chec
     parse_module.clear_caches()
     taken = valid = 0
     for raw in lines:
-        expected = _answer(parse_signal_checked, raw)
-        assert _answer(parse_signal, raw) == expected, raw
+        expected = parse_answer(parse_signal_checked, raw)
+        assert parse_answer(parse_signal, raw) == expected, raw
         typed = _typed(raw)
         if typed is not None:
             assert ("signal", [(type(v), v) for v in typed.signal], typed.unknown_fields) == expected, raw
@@ -396,11 +387,11 @@ _BODY = orjson.dumps(_STREAM)[1:-1]  # the stream's fields without braces, to wr
     ],
 )
 def test_the_typed_decoder_takes_only_what_the_checks_accept_as_they_accept_it(raw, typed_takes_it):
-    assert _answer(parse_signal, raw) == _answer(parse_signal_checked, raw)
+    assert parse_answer(parse_signal, raw) == parse_answer(parse_signal_checked, raw)
     typed = _typed(raw)
     assert (typed is not None) == typed_takes_it
     if typed is not None:
-        assert ("signal", [(type(v), v) for v in typed.signal], 0) == _answer(parse_signal_checked, raw)
+        assert ("signal", [(type(v), v) for v in typed.signal], 0) == parse_answer(parse_signal_checked, raw)
 
 
 @pytest.mark.parametrize("attribute", [None, "t-1", "t 1", 7, ""])
@@ -415,7 +406,7 @@ def test_the_typed_decoder_agrees_on_trace_attributes_and_publish_times(
         del d["event_time"]
     raw = orjson.dumps(d)
     kwargs = {"trace_id_attribute": attribute, "publish_time_ms": publish_time_ms}
-    assert _answer(parse_signal, raw, **kwargs) == _answer(parse_signal_checked, raw, **kwargs)
+    assert parse_answer(parse_signal, raw, **kwargs) == parse_answer(parse_signal_checked, raw, **kwargs)
 
 
 _near = st.one_of(
@@ -454,7 +445,7 @@ def test_any_mixture_of_fields_gets_the_checks_answer(event_type, fields, attrib
             parts.append(json.dumps({name: value})[1:-1].encode())
     raw = b"{" + b",".join(parts) + b"}"
     kwargs = {"trace_id_attribute": attribute, "publish_time_ms": publish_time_ms}
-    assert _answer(parse_signal, raw, **kwargs) == _answer(parse_signal_checked, raw, **kwargs)
+    assert parse_answer(parse_signal, raw, **kwargs) == parse_answer(parse_signal_checked, raw, **kwargs)
 
 
 # --- the composite -------------------------------------------------------------------
