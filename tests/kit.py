@@ -61,6 +61,11 @@ def parse_answer(parse, raw: bytes, **kwargs) -> tuple:
         parsed = parse(raw, **kwargs)
     except InvalidSignal as err:
         return ("dead letter", err.reason, err.detail)
+    return signal_answer(parsed)
+
+
+def signal_answer(parsed) -> tuple:
+    """``parse_answer``'s form of a parsed signal, for a ``ParsedSignal`` got some other way."""
     return ("signal", [(type(v), v) for v in parsed.signal], parsed.unknown_fields)
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipelines import simulate
 from schemas import EVENT_TYPES, DeadLetter
-from tests.kit import T0_MS, parse_answer, payload, payload_dict
+from tests.kit import T0_MS, parse_answer, payload, payload_dict, signal_answer
 from transforms import parse as parse_module
 from transforms.lines import ReadLineBlocks
 from transforms.parse import (
@@ -245,14 +245,6 @@ def test_mutating_any_field_gives_a_signal_or_a_dead_letter(event_type, field, v
         assert parsed.signal.event_id == d["event_id"]
 
 
-def _outcome(raw: bytes):
-    try:
-        parsed = parse_signal(raw)
-    except InvalidSignal as err:
-        return ("dead letter", err.reason, err.detail)
-    return ("signal", tuple(parsed.signal), parsed.unknown_fields)
-
-
 _id_fields = st.sampled_from(
     ["event_id", "user_id", "device_id", "track_id", "artist_id", "playlist_id", "card_fingerprint", "trace_id"]
 )
@@ -268,10 +260,10 @@ def test_an_id_gets_the_same_answer_the_first_time_and_once_remembered(event_typ
     d = payload_dict(event_type)
     d.update(ids)
     raw = orjson.dumps(d)
-    first = _outcome(raw)
-    assert _outcome(raw) == first
+    first = parse_answer(parse_signal, raw)
+    assert parse_answer(parse_signal, raw) == first
     parse_module.clear_caches()
-    assert _outcome(raw) == first
+    assert parse_answer(parse_signal, raw) == first
     assert all(parse_module._ID_RE.fullmatch(value) for value in parse_module._ACCEPTED_IDS)
 
 
@@ -312,7 +304,7 @@ def test_remembered_ids_are_bounded(monkeypatch):
     for i in range(20):
         assert parse_signal(payload("stream", user_id=f"user{i}", device_id=f"dev{i}")).signal.user_id == f"user{i}"
         assert len(parse_module._ACCEPTED_IDS) <= 3
-    assert _outcome(payload("stream", user_id="user 1"))[:2] == ("dead letter", "invalid_value")
+    assert parse_answer(parse_signal, payload("stream", user_id="user 1"))[:2] == ("dead letter", "invalid_value")
 
 
 # --- the typed decoder against the checks ---------------------------------------------
@@ -334,7 +326,7 @@ def test_the_typed_decoder_takes_every_simulated_signal_and_agrees_with_the_chec
         assert parse_answer(parse_signal, raw) == expected, raw
         typed = _typed(raw)
         if typed is not None:
-            assert ("signal", [(type(v), v) for v in typed.signal], typed.unknown_fields) == expected, raw
+            assert signal_answer(typed) == expected, raw
         valid += expected[0] == "signal"
         taken += typed is not None
     # Every simulated signal takes the fast path (else it would be dead code); no malformed line does.
@@ -391,7 +383,7 @@ def test_the_typed_decoder_takes_only_what_the_checks_accept_as_they_accept_it(r
     typed = _typed(raw)
     assert (typed is not None) == typed_takes_it
     if typed is not None:
-        assert ("signal", [(type(v), v) for v in typed.signal], 0) == parse_answer(parse_signal_checked, raw)
+        assert signal_answer(typed) == parse_answer(parse_signal_checked, raw)
 
 
 @pytest.mark.parametrize("attribute", [None, "t-1", "t 1", 7, ""])
