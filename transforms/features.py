@@ -912,8 +912,8 @@ class PreAggregateFn(beam.DoFn):
             return
         # _fold's work, written out for a batch: whole windows are looked up by window start and then by
         # entity id, in a table per (size, entity type), instead of by a tuple built and hashed per signal
-        # and window; the tuples are built once per window at the end. The keying was a tenth of a
-        # backtest's CPU (benchmarks/README.md, change 29).
+        # and window; the tuples are built once per window at the end. The keying was a tenth of a 1M
+        # backtest's samples in its workers' bundles (benchmarks/README.md, change 29).
         tables = tuple(
             (size_sec, size_ms, tuple((entity_type, _SIGNAL_INDEX[field], {}) for entity_type, field in fields))
             for size_sec, size_ms, fields, tiles in self._batch_plan
