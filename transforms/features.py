@@ -919,13 +919,8 @@ class PreAggregateFn(beam.DoFn):
             for size_sec, size_ms, fields, tiles in self._batch_plan
             if tiles and fields
         )
-        rest = tuple(
-            (size_sec, size_ms, tuple((entity_type, _SIGNAL_INDEX[field]) for entity_type, field in fields))
-            for size_sec, size_ms, fields, tiles in self._batch_plan
-            if not tiles and fields
-        )
+        rest = tuple(entry for entry in self._batch_plan if not entry[3] and entry[2])  # windows not held whole
         max_keys = self._max_keys
-        partials = self._partials
         for signal in batch:
             t = signal[_TIME_INDEX]
             accs = []
@@ -942,21 +937,11 @@ class PreAggregateFn(beam.DoFn):
                     if acc is None:
                         acc = by_id[entity_id] = Accumulator()
                     accs.append(acc)
-            for size_sec, size_ms, fields in rest:
-                start = t - t % size_ms
-                for entity_type, index in fields:
-                    entity_id = signal[index]
-                    if entity_id is None:
-                        continue
-                    key = (size_sec, entity_type, entity_id, start)
-                    acc = partials.get(key)
-                    if acc is None:
-                        acc = partials[key] = Accumulator()
-                    accs.append(acc)
+            if rest:
+                self._add_partials(signal, rest, accs)
             fold_signal(accs, signal)
-            if len(partials) >= max_keys:
+            if len(self._partials) >= max_keys:
                 yield from self._flush()
-                partials = self._partials
         whole = {
             (size_sec, entity_type, entity_id, start): acc
             for size_sec, _, fields in tables
@@ -1015,10 +1000,16 @@ class PreAggregateFn(beam.DoFn):
     def _fold(self, signal: Signal) -> None:
         """Fold a signal into the partial accumulators of its windows (``process_batch`` does this for whole
         batches, whose windows it can hold whole)."""
+        accs: list = []
+        self._add_partials(signal, self._plan, accs)
+        fold_signal(accs, signal)
+
+    def _add_partials(self, signal: Signal, plan, accs: list) -> None:
+        """Append to ``accs`` the partial accumulators of the signal's windows in ``plan`` (entries as
+        ``self._plan``'s), creating those it is the first signal of."""
         partials = self._partials
         t = signal.event_time_ms
-        accs = []
-        for size_sec, size_ms, fields, _ in self._plan:
+        for size_sec, size_ms, fields, _ in plan:
             start = t - t % size_ms
             for entity_type, field in fields:
                 entity_id = getattr(signal, field)
@@ -1029,7 +1020,6 @@ class PreAggregateFn(beam.DoFn):
                 if acc is None:
                     acc = partials[key] = Accumulator()
                 accs.append(acc)
-        fold_signal(accs, signal)
 
     def finish_bundle(self):
         for key, acc in self._flush():
