@@ -878,10 +878,18 @@ class PreAggregateFn(beam.DoFn):
                 for t in set(types) & set(plan.get(span_sec, ())):
                     self._copied[t] = (*self._copied.get(t, ()), (size, size * 1000))
         # What process_batch folds when it builds whole windows: the plan less the copied windows.
-        self._batch_plan = tuple(
+        batch_plan = tuple(
             (size, size_ms, tuple((t, f) for t, f in fields if (size, size_ms) not in self._copied.get(t, ())), tiles)
             for size, size_ms, fields, tiles in self._plan
         )
+        # process_batch's two kinds of window: those a batch holds whole, as (size_sec, size_ms, ((entity type,
+        # the signal field's index), ...)), and the rest, which it folds as partials (entries as self._plan's).
+        self._whole_fields = tuple(
+            (size_sec, size_ms, tuple((entity_type, _SIGNAL_INDEX[field]) for entity_type, field in fields))
+            for size_sec, size_ms, fields, tiles in batch_plan
+            if tiles and fields
+        )
+        self._batch_rest = tuple(entry for entry in batch_plan if not entry[3] and entry[2])
         self._partials: dict = {}
 
     def setup(self):
@@ -915,11 +923,10 @@ class PreAggregateFn(beam.DoFn):
         # and window; the tuples are built once per window at the end. The keying was a tenth of a 1M
         # backtest's samples in its workers' bundles (benchmarks/README.md, change 29).
         tables = tuple(
-            (size_sec, size_ms, tuple((entity_type, _SIGNAL_INDEX[field], {}) for entity_type, field in fields))
-            for size_sec, size_ms, fields, tiles in self._batch_plan
-            if tiles and fields
+            (size_sec, size_ms, tuple((entity_type, index, {}) for entity_type, index in fields))
+            for size_sec, size_ms, fields in self._whole_fields
         )
-        rest = tuple(entry for entry in self._batch_plan if not entry[3] and entry[2])  # windows not held whole
+        rest = self._batch_rest
         max_keys = self._max_keys
         for signal in batch:
             t = signal[_TIME_INDEX]
