@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 # The packages run from the checkout (Dataflow gets them via --setup_file ./setup.py).
 export PYTHONPATH := $(CURDIR)
 STAMP := $(VENV)/.installed
+FOLD_BUILT := $(VENV)/.fold-built
 
 # The BigQuery emulator (local-bigquery) needs Python 3.13; pyenv provides it on these machines.
 PYTHON313 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null) $$(command -v python3.13); do $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
@@ -18,7 +19,13 @@ $(STAMP): requirements.txt requirements-dev.txt service/requirements.txt setup.p
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-venv: $(STAMP)
+venv: $(FOLD_BUILT)
+
+# The fold compiled by Cython (setup.py; transforms/fold.py), rebuilt when its source or declarations change.
+# tests/transforms/test_fold.py fails if the suite would run a missing or stale build.
+$(FOLD_BUILT): $(STAMP) transforms/fold.py transforms/fold.pxd setup.py
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $(FOLD_BUILT)
 
 $(BQ_STAMP): devtools/requirements-bq-emulator.txt
 	@test -n "$(PYTHON313)" || { echo "Python 3.13 is needed for the BigQuery emulator (pyenv install 3.13)"; exit 1; }
@@ -33,23 +40,23 @@ $(BQ_STAMP): devtools/requirements-bq-emulator.txt
 	touch $(BQ_STAMP)
 
 ## Generate seeded traffic with attacks, run the pipeline locally, print a summary.
-demo: $(STAMP)
+demo: $(FOLD_BUILT)
 	$(BIN)/python -m pipelines.demo --output_dir out/demo
 
 ## Run the whole test suite (what CI runs); starts the Pub/Sub and BigQuery emulators itself.
-test: $(STAMP) $(BQ_STAMP)
+test: $(FOLD_BUILT) $(BQ_STAMP)
 	$(BIN)/python -m pytest -q
 
 ## Start both emulators, provision tables, run the streaming job on simulated traffic, print decisions.
-streaming-local: $(STAMP) $(BQ_STAMP)
+streaming-local: $(FOLD_BUILT) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local
 
 ## streaming-local, then the Mitigation API over the same emulators, with curl commands for a mitigated user.
-api-demo: $(STAMP) $(BQ_STAMP)
+api-demo: $(FOLD_BUILT) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local --serve_api
 
 ## All pipeline benchmarks, figures printed and saved in benchmarks/results/ (about 40 minutes; see benchmarks/README.md).
-bench: $(STAMP) $(BQ_STAMP)
+bench: $(FOLD_BUILT) $(BQ_STAMP)
 	$(BIN)/python -m benchmarks.transform_costs
 	@if command -v valgrind >/dev/null && command -v gcc >/dev/null; then \
 		$(BIN)/python -m benchmarks.transform_costs --instructions --events 20000; \
@@ -60,16 +67,16 @@ bench: $(STAMP) $(BQ_STAMP)
 	$(BIN)/python -m benchmarks.hot_keys
 
 ## Latency of the Mitigation API's single and batch lookups on loopback (writes benchmarks/results/api_latency.json).
-bench-api: $(STAMP)
+bench-api: $(FOLD_BUILT)
 	$(BIN)/python -m benchmarks.api_latency
 
 ## Streaming job for 10 minutes against the emulators with faults injected, then reconciled (SOAK_ARGS to change).
-soak: $(STAMP) $(BQ_STAMP)
+soak: $(FOLD_BUILT) $(BQ_STAMP)
 	$(BIN)/python -m devtools.soak $(SOAK_ARGS)
 
 ## 200k+ signals on a held-out seed (rules were tuned on the demo's seed 7), backtest, quality report.
 EVAL_DIR := out/eval
-eval: $(STAMP)
+eval: $(FOLD_BUILT)
 	mkdir -p $(EVAL_DIR)
 	$(BIN)/python -m pipelines.simulate --seed 11 --scale 3 --output $(EVAL_DIR)/signals.jsonl --labels $(EVAL_DIR)/labels.jsonl
 	$(BIN)/python -m pipelines.backtest --runner_config backtest_local_parallel.yaml --input $(EVAL_DIR)/signals.jsonl --output_dir $(EVAL_DIR) > $(EVAL_DIR)/backtest.log
@@ -84,8 +91,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-validate-rules: $(STAMP)
+validate-rules: $(FOLD_BUILT)
 	$(BIN)/python -m pipelines.rules validate rules/default.yaml --allowlist rules/allowlist.yaml
 
 clean:
-	rm -rf out .pytest_cache
+	rm -rf out .pytest_cache build transforms/*.so transforms/*.c $(FOLD_BUILT)

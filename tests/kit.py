@@ -14,8 +14,10 @@ import orjson
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
+from hypothesis import strategies as st
 
 from schemas.avro import millis_to_rfc3339
+from transforms.distinct import HyperLogLog
 from transforms.features import Accumulator, add_signal, compute_features
 from transforms.parse import InvalidSignal, parse_signal
 
@@ -142,3 +144,64 @@ def default_rule_version(rule_id: str) -> int:
     from transforms.rulepack import load_rule_pack
 
     return {r.id: r.version for r in load_rule_pack(DEFAULT_RULES).rules}[rule_id]
+
+
+def plain_state(state: list) -> list:
+    """An accumulator's state with sketches as their registers, extractors' too (a sketch compares by identity)."""
+
+    def plain(v):
+        if v.__class__ is HyperLogLog:
+            return bytes(v.registers)
+        return {name: plain(x) for name, x in v.items()} if isinstance(v, dict) else v
+
+    return [plain(v) for v in state]
+
+
+# Signals of every kind, with ids from small pools so that windows see repeats, and with a cap of 2 (the
+# property tests' second cap) every distinct-value field can become a sketch.
+_one_of = st.sampled_from
+rich_signals = st.lists(
+    st.builds(
+        lambda kind, minute, ids, ms, ok, cents, agent, past_end: signal(
+            kind,
+            T0_MS + minute * 60_000,
+            user_id=ids[0],
+            device_id=ids[1],
+            ip=ids[2],
+            country=ids[3],
+            trace_id=ids[4],
+            user_agent=agent,
+            **{
+                "stream": {
+                    "track_id": ids[5],
+                    "artist_id": ids[6],
+                    "ms_played": ms,
+                    "track_duration_ms": None if past_end is None else max(1, ms + past_end),
+                },
+                "login": {"success": ok},
+                "signup": {},
+                "playlist_add": {"track_id": ids[5], "artist_id": ids[6], "playlist_id": ids[7]},
+                "payment": {"success": ok, "amount_cents": cents, "card_fingerprint": ids[7]},
+            }[kind],
+        ),
+        _one_of(["stream", "login", "signup", "playlist_add", "payment"]),
+        st.integers(0, 59 * 24),
+        st.tuples(
+            # Three or more of each, so that with a cap of 2 every distinct-value field can become a sketch.
+            _one_of(["u1", "u2", "u3"]),
+            _one_of([None, "d1", "d2", "d3"]),
+            _one_of([None, "10.0.0.1", "10.0.0.2", "2001:db8::1"]),
+            _one_of([None, "SE", "US", "NO"]),
+            st.one_of(st.none(), st.integers(0, 30).map(lambda n: f"tr{n:02d}")),
+            _one_of(["t1", "t2", "t3"]),
+            _one_of(["a1", "a2", "a3"]),
+            _one_of(["x1", "x2", "x3"]),
+        ),
+        st.integers(0, 60_000),
+        st.booleans(),
+        st.integers(0, 500),
+        _one_of([None, "Mozilla/5.0", "python-requests/2.31"]),
+        st.none() | st.integers(-5_000, 60_000),  # the track's length past the play, when known
+    ),
+    max_size=60,
+)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import heapq
-from collections.abc import Callable, Iterable, Mapping
-from copy import deepcopy
+from collections.abc import Callable, Mapping
 
 import apache_beam as beam
 from apache_beam.transforms import trigger as beam_trigger
@@ -33,466 +31,36 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
-from schemas import ENTITY_TYPES, EVENT_TYPES, Signal
+from schemas import ENTITY_TYPES, Signal
 from schemas.features import EntityFeatures
 from transforms.distinct import (  # noqa: F401 (distinct_count: re-exported)
     DISTINCT_CAP,
-    HyperLogLog,
-    add_distinct,
     distinct_count,
-    merge_distinct,
-    overflow,
     sketch_count,
 )
 from transforms.extractors import EXTRACTORS
-
-# DISTINCT_CAP (4096) is defined in transforms.distinct, which extractors' distinct counts use too.
-TOP_CAP = 256
-TRACE_SAMPLE = 10
-# A play counts for royalties from 30 s; farms play just past it to earn the
-# most plays per hour. "Near threshold" is [30 s, 40 s).
-ROYALTY_THRESHOLD_MS = 30_000
-NEAR_THRESHOLD_MS = 40_000
-# Paid plays ending within a minute: a farm that stops at 41 to 59 s instead of just past 30 s still earns
-# two paid plays for every minute a listener's one full track takes.
-SHORT_PAID_MS = 60_000
-# A paid play is "cut off" when it stopped more than this before its track's end (``track_duration_ms``,
-# from the catalogue). Players cross-fade into the next track by up to 12 s, so a track played to its end
-# can report that much less, and a little more with the player's latency: 12 s exactly would suspend a
-# nursery speaker cross-fading its sleep sounds by 1 ms of latency. A play of a track whose length is unknown
-# never counts as cut off.
-CUT_SLACK_MS = 20_000
-SMALL_PAYMENT_CENTS = 200
+from transforms.fold import (  # noqa: F401 (the fold's names and constants: re-exported)
+    CUT_SLACK_MS,
+    NEAR_THRESHOLD_MS,
+    ROYALTY_THRESHOLD_MS,
+    SHORT_PAID_MS,
+    SIGNAL_INDEX,
+    SMALL_PAYMENT_CENTS,
+    TOP_CAP,
+    TRACE_SAMPLE,
+    Accumulator,
+    add_partials,
+    add_signal,
+    copy_accumulator,
+    copy_to_longer_windows,
+    fold_batch,
+    fold_signal,
+    merge,
+)
 
 _ENTITY_FIELD = {"user": "user_id", "device": "device_id", "ip": "ip", "track": "track_id", "artist": "artist_id"}
 assert set(_ENTITY_FIELD) == set(ENTITY_TYPES), "every entity type needs a signal field"
 assert DISTINCT_CAP >= 2, "a distinct-value field becomes a set of two at its second value"
-
-
-class Accumulator:
-    """Counters for one entity in one window. Slots keep it small when shuffled.
-
-    Sets, counters and samples stay ``None`` until a signal needs them: most
-    keys see few kinds of signal, and every container is one more object for
-    the garbage collector to scan. A worker holds tens of thousands of
-    accumulators at once, and Python's collector rescans all of them as they
-    are created, which made eager containers the largest single CPU cost in a
-    backtest (benchmarks/README.md).
-
-    A distinct-value field holds ``None`` (no value yet), the value itself
-    (one distinct value: most keys see one user, device, IP and country), a
-    set (two to ``DISTINCT_CAP``), or a ``HyperLogLog`` sketch past that. A
-    one-element set costs 216 bytes and a collector entry; the value costs
-    only the reference (sets refer to their values too). ``distinct_count``
-    reads every form (``transforms.distinct``).
-    """
-
-    __slots__ = (
-        "events",
-        "streams",
-        "stream_ms",
-        "near_threshold",
-        "short_streams",
-        "logins",
-        "failed_logins",
-        "signups",
-        "playlist_adds",
-        "payments",
-        "failed_payments",
-        "small_payments",
-        "first_ms",
-        "last_ms",
-        "hours",
-        "users",
-        "devices",
-        "ips",
-        "tracks",
-        "artists",
-        "playlists",
-        "cards",
-        "countries",
-        "stream_artists",
-        "stream_tracks",
-        "playlist_artists",
-        "trace_ids",
-        "extra",
-        # Added later, so last: state written before them (a shorter list) still reads (__setstate__).
-        "short_paid",
-        "cut_paid",
-        "cut_near",
-    )
-
-    def __init__(self):
-        self.events = self.streams = self.stream_ms = self.near_threshold = self.short_streams = 0
-        self.logins = self.failed_logins = self.signups = self.playlist_adds = 0
-        self.payments = self.failed_payments = self.small_payments = 0
-        self.first_ms = 1 << 62
-        self.last_ms = 0
-        self.hours = 0
-        # None | a value | a set of 2..DISTINCT_CAP values | a HyperLogLog: distinct values (class docstring).
-        self.users = self.devices = self.ips = self.tracks = None
-        self.artists = self.playlists = self.cards = self.countries = None
-        # dict | None: top-share counters, at most TOP_CAP keys.
-        self.stream_artists = self.stream_tracks = self.playlist_artists = None
-        self.trace_ids = None  # list | None: the TRACE_SAMPLE smallest trace ids, sorted
-        self.extra = None  # dict | None: extractor name -> its state (transforms.extractors)
-        self.short_paid = 0  # plays in [30 s, 60 s)
-        self.cut_paid = 0  # paid plays cut off (CUT_SLACK_MS) before the end of a track of known length
-        self.cut_near = 0  # of those, plays in [30 s, 40 s)
-
-    def __getstate__(self):
-        return [getattr(self, name) for name in self.__slots__]
-
-    def __setstate__(self, state):
-        slots = self.__slots__
-        if len(state) > len(slots):
-            raise ValueError(f"accumulator state has {len(state)} fields, more than this code's {len(slots)}")
-        if len(state) < len(slots) - len(_LATER_SLOTS):
-            raise ValueError(f"accumulator state has {len(state)} fields, fewer than any code wrote")
-        for name, value in zip(slots, state, strict=False):
-            setattr(self, name, value)
-        for name in slots[len(state) :]:  # written before these were counted: the window counts from here on
-            setattr(self, name, 0)
-
-
-# Counters added after the first release, in the order they were added: state from before them reads as 0.
-_LATER_SLOTS = ("short_paid", "cut_paid", "cut_near")
-assert Accumulator.__slots__[-len(_LATER_SLOTS) :] == _LATER_SLOTS, "new accumulator slots go last"
-
-_DISTINCT_FIELDS = ("users", "devices", "ips", "tracks", "artists", "playlists", "cards", "countries")
-_TOP_FIELDS = ("stream_artists", "stream_tracks", "playlist_artists")
-
-
-def _distinct(values, value):
-    """A distinct-value field with ``value`` added (values are ids: never a set)."""
-    return add_distinct(values, value, DISTINCT_CAP)
-
-
-def _top(counts: dict | None, key) -> dict:
-    if counts is None:
-        return {key: 1}
-    if key in counts:
-        counts[key] += 1
-    elif len(counts) < TOP_CAP:
-        counts[key] = 1
-    return counts
-
-
-def add_signal(acc: Accumulator, s: Signal) -> Accumulator:
-    """Fold one signal into an accumulator."""
-    fold_signal((acc,), s)
-    return acc
-
-
-def fold_signal(accs, s: Signal) -> None:
-    """Fold one signal into each of ``accs`` (the per-element hot path).
-
-    One signal feeds about five accumulators (one per entity window), so what
-    depends only on the signal is worked out once, and the bounded-set and
-    counter updates are written inline rather than as a call per field: this
-    is the most-run code in the job, and the two together took about 28% off
-    it (benchmarks/README.md). ``tests/transforms/test_features.py`` checks it
-    against a plain reference fold.
-    """
-    t = s.event_time_ms
-    hour_bit = 1 << ((t // 3_600_000) % 24)
-    user, device, ip, country = s.user_id, s.device_id, s.ip, s.country
-    trace = s.trace_id
-    cap = DISTINCT_CAP
-    for acc in accs:
-        acc.events += 1
-        if t < acc.first_ms:  # noqa: PLR1730 - hot path: a comparison costs less than calling min()
-            acc.first_ms = t
-        if t > acc.last_ms:  # noqa: PLR1730
-            acc.last_ms = t
-        acc.hours |= hour_bit
-        if user is not None:
-            v = acc.users
-            if v is None:
-                acc.users = user
-            elif v.__class__ is set:
-                if len(v) < cap:
-                    v.add(user)
-                elif user not in v:
-                    acc.users = overflow(v, user)
-            elif v != user:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
-                    v.add(user)
-                else:
-                    acc.users = {v, user}
-        if device is not None:
-            v = acc.devices
-            if v is None:
-                acc.devices = device
-            elif v.__class__ is set:
-                if len(v) < cap:
-                    v.add(device)
-                elif device not in v:
-                    acc.devices = overflow(v, device)
-            elif v != device:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
-                    v.add(device)
-                else:
-                    acc.devices = {v, device}
-        if ip is not None:
-            v = acc.ips
-            if v is None:
-                acc.ips = ip
-            elif v.__class__ is set:
-                if len(v) < cap:
-                    v.add(ip)
-                elif ip not in v:
-                    acc.ips = overflow(v, ip)
-            elif v != ip:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
-                    v.add(ip)
-                else:
-                    acc.ips = {v, ip}
-        if country is not None:
-            v = acc.countries
-            if v is None:
-                acc.countries = country
-            elif v.__class__ is set:
-                if len(v) < cap:
-                    v.add(country)
-                elif country not in v:
-                    acc.countries = overflow(v, country)
-            elif v != country:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
-                    v.add(country)
-                else:
-                    acc.countries = {v, country}
-        if trace is not None:
-            sample = acc.trace_ids
-            # Most signals come after the sample is full and sort above it: nothing to do.
-            if sample is None or len(sample) < TRACE_SAMPLE or trace < sample[-1]:
-                acc.trace_ids = _add_trace(sample, trace)
-    kind = s.event_type
-    if kind == "stream":
-        _fold_stream(accs, s)
-    elif kind == "login":
-        failed = not s.success
-        for acc in accs:
-            acc.logins += 1
-            if failed:
-                acc.failed_logins += 1
-    elif kind == "signup":
-        for acc in accs:
-            acc.signups += 1
-    elif kind == "playlist_add":
-        for acc in accs:
-            acc.playlist_adds += 1
-            acc.playlists = _distinct(acc.playlists, s.playlist_id)
-            acc.tracks = _distinct(acc.tracks, s.track_id)
-            if s.artist_id is not None:
-                acc.playlist_artists = _top(acc.playlist_artists, s.artist_id)
-    elif kind == "payment":
-        failed = not s.success
-        small = s.amount_cents <= SMALL_PAYMENT_CENTS
-        for acc in accs:
-            acc.payments += 1
-            if failed:
-                acc.failed_payments += 1
-            if small:
-                acc.small_payments += 1
-            acc.cards = _distinct(acc.cards, s.card_fingerprint)
-    extractors = _EXTRACTORS_BY_TYPE.get(kind)
-    if extractors:
-        for acc in accs:
-            extra = acc.extra
-            if extra is None:
-                extra = acc.extra = {}
-            for extractor in extractors:
-                state = extra.get(extractor.name)
-                extra[extractor.name] = extractor.add(extractor.create() if state is None else state, s)
-
-
-def _fold_stream(accs, s: Signal) -> None:
-    """The stream part of ``fold_signal``: nine in ten signals are plays."""
-    ms = s.ms_played
-    short = ms < ROYALTY_THRESHOLD_MS
-    short_paid = not short and ms < SHORT_PAID_MS
-    near = short_paid and ms < NEAR_THRESHOLD_MS
-    length = s.track_duration_ms
-    cut = not short and length is not None and ms + CUT_SLACK_MS < length
-    track, artist = s.track_id, s.artist_id
-    cap, top_cap = DISTINCT_CAP, TOP_CAP
-    for acc in accs:
-        acc.streams += 1
-        acc.stream_ms += ms
-        if short:
-            acc.short_streams += 1
-        else:
-            if short_paid:
-                acc.short_paid += 1
-                if near:
-                    acc.near_threshold += 1
-            if cut:
-                acc.cut_paid += 1
-                if near:
-                    acc.cut_near += 1
-        if track is not None:
-            v = acc.tracks
-            if v is None:
-                acc.tracks = track
-            elif v.__class__ is set:
-                if len(v) < cap:
-                    v.add(track)
-                elif track not in v:
-                    acc.tracks = overflow(v, track)
-            elif v != track:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
-                    v.add(track)
-                else:
-                    acc.tracks = {v, track}
-            c = acc.stream_tracks
-            if c is None:
-                acc.stream_tracks = {track: 1}
-            elif track in c:
-                c[track] += 1
-            elif len(c) < top_cap:
-                c[track] = 1
-        if artist is not None:
-            v = acc.artists
-            if v is None:
-                acc.artists = artist
-            elif v.__class__ is set:
-                if len(v) < cap:
-                    v.add(artist)
-                elif artist not in v:
-                    acc.artists = overflow(v, artist)
-            elif v != artist:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
-                    v.add(artist)
-                else:
-                    acc.artists = {v, artist}
-            c = acc.stream_artists
-            if c is None:
-                acc.stream_artists = {artist: 1}
-            elif artist in c:
-                c[artist] += 1
-            elif len(c) < top_cap:
-                c[artist] = 1
-
-
-def _add_trace(sample: list | None, trace_id: str) -> list:
-    """Keep the TRACE_SAMPLE smallest ids, sorted, so the sample ignores arrival order."""
-    if sample is None:
-        return [trace_id]
-    if trace_id in sample:
-        return sample
-    if len(sample) < TRACE_SAMPLE:
-        sample.append(trace_id)
-        sample.sort()
-    elif trace_id < sample[-1]:
-        sample[-1] = trace_id
-        sample.sort()
-    return sample
-
-
-def merge(accs: Iterable[Accumulator]) -> Accumulator:
-    """Merge partial accumulators into the first one (combiner lifting and fan-out rely on this)."""
-    accs = iter(accs)
-    out = next(accs, None)
-    if out is None:  # Beam may merge an empty list (hot-key fan-out does)
-        return Accumulator()
-    for a in accs:
-        out.events += a.events
-        out.streams += a.streams
-        out.stream_ms += a.stream_ms
-        out.near_threshold += a.near_threshold
-        out.short_streams += a.short_streams
-        out.short_paid += a.short_paid
-        out.cut_paid += a.cut_paid
-        out.cut_near += a.cut_near
-        out.logins += a.logins
-        out.failed_logins += a.failed_logins
-        out.signups += a.signups
-        out.playlist_adds += a.playlist_adds
-        out.payments += a.payments
-        out.failed_payments += a.failed_payments
-        out.small_payments += a.small_payments
-        out.first_ms = min(out.first_ms, a.first_ms)
-        out.last_ms = max(out.last_ms, a.last_ms)
-        out.hours |= a.hours
-        for name in _DISTINCT_FIELDS:
-            theirs = getattr(a, name)
-            if theirs is None:
-                continue
-            mine = getattr(out, name)
-            if theirs.__class__ is str:  # a lone id, the commonest: nothing to do when it is mine too
-                if mine is None:
-                    setattr(out, name, theirs)
-                elif mine != theirs:
-                    setattr(out, name, add_distinct(mine, theirs, DISTINCT_CAP))
-            else:
-                setattr(out, name, merge_distinct(mine, theirs, DISTINCT_CAP))
-        for name in _TOP_FIELDS:
-            theirs = getattr(a, name)
-            if not theirs:
-                continue
-            mine = getattr(out, name)
-            if mine is None:
-                setattr(out, name, dict(theirs))
-                continue
-            for key, count in theirs.items():
-                if key in mine:
-                    mine[key] += count
-                elif len(mine) < TOP_CAP:
-                    mine[key] = count
-        if a.trace_ids:
-            out.trace_ids = heapq.nsmallest(TRACE_SAMPLE, set(out.trace_ids or ()) | set(a.trace_ids))
-        if a.extra:
-            if out.extra is None:
-                out.extra = {}
-            for name, state in a.extra.items():
-                mine = out.extra.get(name)
-                extractor = EXTRACTORS.get(name)
-                if extractor is None:  # retired (see _copy_state): nothing reads it, so it is carried, not merged
-                    if mine is None:
-                        out.extra[name] = _copy_state(name, state)
-                    continue
-                # A copy, not ``a``'s own state: extractors' ``add`` updates a state in place (the example's
-                # does), so a shared state would count a signal folded into either accumulator in both.
-                out.extra[name] = extractor.copy(state) if mine is None else extractor.merge(mine, state)
-    return out
-
-
-def copy_accumulator(a: Accumulator) -> Accumulator:
-    """An accumulator equal to ``a`` that shares no mutable state with it (extractor states by their ``copy``).
-
-    Slot by slot, because it runs once per entity per hour in a backtest and a loop over slot names cost
-    more than folding a user's few signals again; a slot missed here fails ``tests/transforms/test_features.py``.
-    """
-    c = Accumulator.__new__(Accumulator)
-    c.events, c.streams, c.stream_ms, c.near_threshold = a.events, a.streams, a.stream_ms, a.near_threshold
-    c.short_streams, c.logins, c.failed_logins, c.signups = a.short_streams, a.logins, a.failed_logins, a.signups
-    c.short_paid, c.cut_paid, c.cut_near = a.short_paid, a.cut_paid, a.cut_near
-    c.playlist_adds, c.payments, c.failed_payments = a.playlist_adds, a.payments, a.failed_payments
-    c.small_payments, c.first_ms, c.last_ms, c.hours = a.small_payments, a.first_ms, a.last_ms, a.hours
-    c.users = v.copy() if (v := a.users).__class__ is set or v.__class__ is HyperLogLog else v
-    c.devices = v.copy() if (v := a.devices).__class__ is set or v.__class__ is HyperLogLog else v
-    c.ips = v.copy() if (v := a.ips).__class__ is set or v.__class__ is HyperLogLog else v
-    c.tracks = v.copy() if (v := a.tracks).__class__ is set or v.__class__ is HyperLogLog else v
-    c.artists = v.copy() if (v := a.artists).__class__ is set or v.__class__ is HyperLogLog else v
-    c.playlists = v.copy() if (v := a.playlists).__class__ is set or v.__class__ is HyperLogLog else v
-    c.cards = v.copy() if (v := a.cards).__class__ is set or v.__class__ is HyperLogLog else v
-    c.countries = v.copy() if (v := a.countries).__class__ is set or v.__class__ is HyperLogLog else v
-    c.stream_artists = None if a.stream_artists is None else a.stream_artists.copy()
-    c.stream_tracks = None if a.stream_tracks is None else a.stream_tracks.copy()
-    c.playlist_artists = None if a.playlist_artists is None else a.playlist_artists.copy()
-    c.trace_ids = None if a.trace_ids is None else a.trace_ids.copy()
-    extra = a.extra
-    c.extra = None if extra is None else {name: _copy_state(name, state) for name, state in extra.items()}
-    return c
-
-
-def _copy_state(name: str, state):
-    """An extractor state copied by its extractor's ``copy``. A state whose extractor is no longer registered
-    (a streaming job updated after one was removed keeps its states in older windows) is deep-copied, as every
-    state was before extractors had a ``copy``: no feature reads it, and a window carries it until it closes."""
-    extractor = EXTRACTORS.get(name)
-    return deepcopy(state) if extractor is None else extractor.copy(state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -682,7 +250,6 @@ def _all_features() -> dict[str, Feature]:
 
 
 FEATURES: dict[str, Feature] = _all_features()
-_EXTRACTORS_BY_TYPE = {t: tuple(e for e in EXTRACTORS.values() if t in e.event_types) for t in EVENT_TYPES}
 
 
 _COMPUTE = {name: f.compute for name, f in FEATURES.items()}
@@ -885,7 +452,7 @@ class PreAggregateFn(beam.DoFn):
         # process_batch's two kinds of window: those a batch holds whole, as (size_sec, size_ms, ((entity type,
         # the signal field's index), ...)), and the rest, which it folds as partials (entries as self._plan's).
         self._whole_fields = tuple(
-            (size_sec, size_ms, tuple((entity_type, _SIGNAL_INDEX[field]) for entity_type, field in fields))
+            (size_sec, size_ms, tuple((entity_type, SIGNAL_INDEX[field]) for entity_type, field in fields))
             for size_sec, size_ms, fields, tiles in batch_plan
             if tiles and fields
         )
@@ -918,36 +485,19 @@ class PreAggregateFn(beam.DoFn):
                 if len(self._partials) >= self._max_keys:
                     yield from self._flush()
             return
-        # _fold's work, written out for a batch: whole windows are looked up by window start and then by
-        # entity id, in a table per (size, entity type), instead of by a tuple built and hashed per signal
-        # and window; the tuples are built once per window at the end. The keying was a tenth of a 1M
-        # backtest's samples in its workers' bundles (benchmarks/README.md, change 29).
+        # _fold's work, written out for a batch (transforms.fold.fold_batch, compiled with the fold): whole
+        # windows are looked up by window start and then by entity id, in a table per (size, entity type),
+        # instead of by a tuple built and hashed per signal and window; the tuples are built once per window
+        # at the end. The keying was a tenth of a 1M backtest's samples in its workers' bundles
+        # (benchmarks/README.md, change 29).
         tables = tuple(
             (size_sec, size_ms, tuple((entity_type, index, {}) for entity_type, index in fields))
             for size_sec, size_ms, fields in self._whole_fields
         )
-        rest = self._batch_rest
-        max_keys = self._max_keys
-        for signal in batch:
-            t = signal[_TIME_INDEX]
-            accs = []
-            for _, size_ms, fields in tables:
-                start = t - t % size_ms
-                for _, index, by_start in fields:
-                    entity_id = signal[index]
-                    if entity_id is None:
-                        continue
-                    by_id = by_start.get(start)
-                    if by_id is None:
-                        by_id = by_start[start] = {}
-                    acc = by_id.get(entity_id)
-                    if acc is None:
-                        acc = by_id[entity_id] = Accumulator()
-                    accs.append(acc)
-            if rest:
-                self._add_partials(signal, rest, accs)
-            fold_signal(accs, signal)
-            if len(self._partials) >= max_keys:
+        done, n = 0, len(batch)
+        while done < n:
+            done = fold_batch(batch, done, tables, self._batch_rest, self._partials, self._max_keys)
+            if len(self._partials) >= self._max_keys:
                 yield from self._flush()
         whole = {
             (size_sec, entity_type, entity_id, start): acc
@@ -973,18 +523,8 @@ class PreAggregateFn(beam.DoFn):
         filled (TOP_CAP keys): it may have dropped plays of a key the longer window already holds. Those
         entities' signals are folded into the longer windows instead, so the result is the same either way.
         """
-        partials, span_sec, copied = self._partials, self._span_sec, self._copied
-        refold: set = set()
-        for (size_sec, entity_type, entity_id, start), acc in whole.items():
-            if size_sec != span_sec or entity_type not in copied:
-                continue
-            if _has_full_top_counter(acc):
-                refold.add((entity_type, entity_id))
-                continue
-            for longer_sec, longer_ms in copied[entity_type]:
-                key = (longer_sec, entity_type, entity_id, start - start % longer_ms)
-                mine = partials.get(key)
-                partials[key] = copy_accumulator(acc) if mine is None else merge([mine, copy_accumulator(acc)])
+        partials, copied = self._partials, self._copied
+        refold = copy_to_longer_windows(whole, partials, self._span_sec, copied)
         if not refold:
             return
         fields = tuple((entity_type, _ENTITY_FIELD[entity_type], sizes) for entity_type, sizes in copied.items())
@@ -1008,25 +548,8 @@ class PreAggregateFn(beam.DoFn):
         """Fold a signal into the partial accumulators of its windows (``process_batch`` does this for whole
         batches, whose windows it can hold whole)."""
         accs: list = []
-        self._add_partials(signal, self._plan, accs)
+        add_partials(signal, self._plan, self._partials, accs)
         fold_signal(accs, signal)
-
-    def _add_partials(self, signal: Signal, plan, accs: list) -> None:
-        """Append to ``accs`` the partial accumulators of the signal's windows in ``plan`` (entries as
-        ``self._plan``'s), creating those it is the first signal of."""
-        partials = self._partials
-        t = signal.event_time_ms
-        for size_sec, size_ms, fields, _ in plan:
-            start = t - t % size_ms
-            for entity_type, field in fields:
-                entity_id = getattr(signal, field)
-                if entity_id is None:
-                    continue
-                key = (size_sec, entity_type, entity_id, start)
-                acc = partials.get(key)
-                if acc is None:
-                    acc = partials[key] = Accumulator()
-                accs.append(acc)
 
     def finish_bundle(self):
         for key, acc in self._flush():
@@ -1036,16 +559,6 @@ class PreAggregateFn(beam.DoFn):
         partials, self._partials = self._partials, {}
         return partials.items()
 
-
-def _has_full_top_counter(acc: Accumulator) -> bool:
-    return any(
-        counts is not None and len(counts) >= TOP_CAP
-        for counts in (acc.stream_artists, acc.stream_tracks, acc.playlist_artists)
-    )
-
-
-_SIGNAL_INDEX = {name: i for i, name in enumerate(Signal._fields)}
-_TIME_INDEX = _SIGNAL_INDEX["event_time_ms"]
 
 # Beam's GlobalWindow() recomputes its end from a proto on every construction: build it once.
 GLOBAL_WINDOWS = (GlobalWindow(),)

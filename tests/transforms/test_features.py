@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from schemas import Signal
 from schemas.features import EntityFeatures
-from tests.kit import HOUR_MS, T0_MS, features_of, signal, streaming_options
-from transforms import distinct
+from tests.kit import HOUR_MS, T0_MS, features_of, plain_state, rich_signals, signal, streaming_options
+from transforms import distinct, fold
 from transforms import features as F
 from transforms.distinct import HyperLogLog, distinct_values
 from transforms.features import (
@@ -50,6 +50,7 @@ def _distinct_cap(cap: int):
     """Every distinct-value state holds at most ``cap`` values exactly (features' and extractors')."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(F, "DISTINCT_CAP", cap)
+        patch.setattr(fold, "DISTINCT_CAP", cap)
         patch.setattr(distinct, "DISTINCT_CAP", cap)
         yield
 
@@ -298,27 +299,16 @@ def test_a_copied_accumulator_is_equal_and_shares_nothing_mutable(cap):
     patch.__exit__(None, None, None)
     copied = F.copy_accumulator(acc)
     original, state = acc.__getstate__(), copied.__getstate__()  # __getstate__ fails on a slot left unset
-    assert _plain(state) == _plain(original)
+    assert plain_state(state) == plain_state(original)
     for name, mine, theirs in zip(Accumulator.__slots__, original, state, strict=True):
-        if name in F._DISTINCT_FIELDS or name in F._TOP_FIELDS or name in ("trace_ids", "extra"):
+        if name in fold._DISTINCT_FIELDS or name in fold._TOP_FIELDS or name in ("trace_ids", "extra"):
             assert mine is not None, f"{name} was not filled: the test would not see it shared"
-        if name in F._DISTINCT_FIELDS:
+        if name in fold._DISTINCT_FIELDS:
             assert isinstance(mine, HyperLogLog if cap == 2 else set), f"{name} is not what the test means to copy"
         if isinstance(mine, (set, dict, list, HyperLogLog)):
             assert mine is not theirs, f"{name} is shared"
     for name, mine in acc.extra.items():
         assert mine is not copied.extra[name], f"extractor state {name} is shared"
-
-
-def _plain(state: list) -> list:
-    """An accumulator's state with sketches as their registers, extractors' too (a sketch compares by identity)."""
-
-    def plain(v):
-        if v.__class__ is HyperLogLog:
-            return bytes(v.registers)
-        return {name: plain(x) for name, x in v.items()} if isinstance(v, dict) else v
-
-    return [plain(v) for v in state]
 
 
 def test_a_retired_extractors_state_is_carried_through_merges_and_copies():
@@ -370,6 +360,7 @@ def test_a_day_copied_from_whole_hours_counts_what_folding_counts_when_a_top_cou
     dropped later plays of keys it met too late, which the day may already count: such an hour's signals
     are folded into the day instead (a cap of 2 to see it)."""
     monkeypatch.setattr(F, "TOP_CAP", 2)
+    monkeypatch.setattr(fold, "TOP_CAP", 2)
     plays = [("t1", 0), ("t2", 60), ("t3", 61)] + [("t1", 62 + n) for n in range(10)]  # minutes; hour 1 from 60
     signals = [signal("stream", T0_MS + m * MIN, track_id=t, artist_id=f"a{t}", ms_played=31_000) for t, m in plays]
     fn = PreAggregateFn({3600: ("user",), 86400: ("user",)}, whole_batch_ms=3_600_000)
@@ -533,56 +524,8 @@ def _reference_fold(acc: Accumulator, s: Signal) -> None:
             acc.extra[extractor.name] = extractor.add(state, s)
 
 
-_pool = st.sampled_from
-_rich_signals = st.lists(
-    st.builds(
-        lambda kind, minute, ids, ms, ok, cents, agent, past_end: signal(
-            kind,
-            T0_MS + minute * MIN,
-            user_id=ids[0],
-            device_id=ids[1],
-            ip=ids[2],
-            country=ids[3],
-            trace_id=ids[4],
-            user_agent=agent,
-            **{
-                "stream": {
-                    "track_id": ids[5],
-                    "artist_id": ids[6],
-                    "ms_played": ms,
-                    "track_duration_ms": None if past_end is None else max(1, ms + past_end),
-                },
-                "login": {"success": ok},
-                "signup": {},
-                "playlist_add": {"track_id": ids[5], "artist_id": ids[6], "playlist_id": ids[7]},
-                "payment": {"success": ok, "amount_cents": cents, "card_fingerprint": ids[7]},
-            }[kind],
-        ),
-        _pool(["stream", "login", "signup", "playlist_add", "payment"]),
-        st.integers(0, 59 * 24),
-        st.tuples(
-            # Three or more of each, so that with a cap of 2 every distinct-value field can become a sketch.
-            _pool(["u1", "u2", "u3"]),
-            _pool([None, "d1", "d2", "d3"]),
-            _pool([None, "10.0.0.1", "10.0.0.2", "2001:db8::1"]),
-            _pool([None, "SE", "US", "NO"]),
-            st.one_of(st.none(), st.integers(0, 30).map(lambda n: f"tr{n:02d}")),
-            _pool(["t1", "t2", "t3"]),
-            _pool(["a1", "a2", "a3"]),
-            _pool(["x1", "x2", "x3"]),
-        ),
-        st.integers(0, 60_000),
-        st.booleans(),
-        st.integers(0, 500),
-        _pool([None, "Mozilla/5.0", "python-requests/2.31"]),
-        st.none() | st.integers(-5_000, 60_000),  # the track's length past the play, when known
-    ),
-    max_size=60,
-)
-
-
 @settings(max_examples=150, deadline=None)
-@given(_rich_signals, st.integers(1, 3), _caps)
+@given(rich_signals, st.integers(1, 3), _caps)
 def test_fold_signal_matches_a_plain_fold_field_by_field(signals, n_accs, cap):
     folded = [Accumulator() for _ in range(n_accs)]
     expected = Accumulator()
@@ -606,10 +549,10 @@ def _canonical(acc: Accumulator, cap: int) -> list:
         return exact if len(exact) <= cap else bytes(HyperLogLog.of(exact).registers)
 
     def extra(states):  # extractors' states: the login-account ones are distinct-value states
-        return None if states is None else {name: _plain([state])[0] for name, state in states.items()}
+        return None if states is None else {name: plain_state([state])[0] for name, state in states.items()}
 
     return [
-        values(value) if name in F._DISTINCT_FIELDS else extra(value) if name == "extra" else value
+        values(value) if name in fold._DISTINCT_FIELDS else extra(value) if name == "extra" else value
         for name, value in zip(Accumulator.__slots__, acc.__getstate__(), strict=True)
     ]
 
@@ -631,8 +574,9 @@ def test_a_distinct_field_holds_a_lone_value_itself_and_a_set_from_the_second():
 def test_fold_signal_keeps_its_caps(monkeypatch):
     """The inline distinct-value updates turn a full set into a sketch, and top counters stop at their cap
     (small caps to see it)."""
-    monkeypatch.setattr(F, "DISTINCT_CAP", 3)
-    monkeypatch.setattr(F, "TOP_CAP", 2)
+    for module in (F, fold):
+        monkeypatch.setattr(module, "DISTINCT_CAP", 3)
+        monkeypatch.setattr(module, "TOP_CAP", 2)
     acc = Accumulator()
     for n in [*range(3), 0, 1, 2]:  # a full set meeting values it has stays a set
         fold_signal([acc], signal("stream", T0_MS + n, track_id=f"t{n}", artist_id=f"a{n}", ip=f"10.0.0.{n}"))
@@ -660,7 +604,7 @@ def _folded(signals) -> Accumulator:
 
 @settings(max_examples=150, deadline=None)
 @given(
-    _rich_signals,
+    rich_signals,
     st.sampled_from([600, 3600, 86400]),
     st.permutations(sorted(FEATURES)),
     st.integers(0, len(FEATURES)),
@@ -691,12 +635,12 @@ def test_window_features_behave_as_a_read_only_dict():
 
 def test_a_batch_window_computes_only_the_features_read():
     acc = _folded([signal("stream", ms_played=31_000)])
-    acc.hours = "not a bitmask"  # active_hours would fail: reading anything else must not compute it
+    acc.stream_tracks = "not a counter"  # top_track_share would fail: reading anything else must not compute it
     (ef,) = F.SizedToEntityFeaturesFn().process(((3600, "user", "u1", T0_MS), acc))
     assert isinstance(ef.features, F.WindowFeatures)
     assert (ef.features["streams"], ef.features["near_threshold_share"]) == (1.0, 1.0)
     with pytest.raises(AttributeError):
-        ef.features["active_hours"]
+        ef.features["top_track_share"]
     with pytest.raises(AttributeError):
         dict(ef.features)  # listing them computes them all
 
