@@ -51,3 +51,14 @@ cpdef bint _has_full_top_counter(acc) except -1
 
 @cython.locals(acc=Accumulator)
 cpdef set copy_to_longer_windows(dict whole, dict partials, span_sec, dict copied)
+
+
+# The small helpers the fold calls per field: as cpdef functions, the compiled callers reach them by a C call.
+cpdef _distinct(values, value)
+
+
+cpdef dict _top(dict counts, key)
+
+
+@cython.locals(i=cython.Py_ssize_t, n=cython.Py_ssize_t)
+cpdef list _add_trace(list sample, trace_id)

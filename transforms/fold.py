@@ -21,6 +21,7 @@ count or a millisecond time), and only the fields ``fold.pxd`` declares as
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 from collections.abc import Iterable
 from copy import deepcopy
 
@@ -192,13 +193,13 @@ def fold_signal(accs, s: Signal) -> None:
             v = acc.users
             if v is None:
                 acc.users = user
-            elif v.__class__ is set:
+            elif type(v) is set:
                 if len(v) < cap:
                     v.add(user)
                 elif user not in v:
                     acc.users = overflow(v, user)
             elif v != user:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
+                if type(v) is HyperLogLog:
                     v.add(user)
                 else:
                     acc.users = {v, user}
@@ -206,13 +207,13 @@ def fold_signal(accs, s: Signal) -> None:
             v = acc.devices
             if v is None:
                 acc.devices = device
-            elif v.__class__ is set:
+            elif type(v) is set:
                 if len(v) < cap:
                     v.add(device)
                 elif device not in v:
                     acc.devices = overflow(v, device)
             elif v != device:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
+                if type(v) is HyperLogLog:
                     v.add(device)
                 else:
                     acc.devices = {v, device}
@@ -220,13 +221,13 @@ def fold_signal(accs, s: Signal) -> None:
             v = acc.ips
             if v is None:
                 acc.ips = ip
-            elif v.__class__ is set:
+            elif type(v) is set:
                 if len(v) < cap:
                     v.add(ip)
                 elif ip not in v:
                     acc.ips = overflow(v, ip)
             elif v != ip:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
+                if type(v) is HyperLogLog:
                     v.add(ip)
                 else:
                     acc.ips = {v, ip}
@@ -234,13 +235,13 @@ def fold_signal(accs, s: Signal) -> None:
             v = acc.countries
             if v is None:
                 acc.countries = country
-            elif v.__class__ is set:
+            elif type(v) is set:
                 if len(v) < cap:
                     v.add(country)
                 elif country not in v:
                     acc.countries = overflow(v, country)
             elif v != country:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
+                if type(v) is HyperLogLog:
                     v.add(country)
                 else:
                     acc.countries = {v, country}
@@ -317,13 +318,13 @@ def _fold_stream(accs, s: Signal) -> None:
             v = acc.tracks
             if v is None:
                 acc.tracks = track
-            elif v.__class__ is set:
+            elif type(v) is set:
                 if len(v) < cap:
                     v.add(track)
                 elif track not in v:
                     acc.tracks = overflow(v, track)
             elif v != track:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
+                if type(v) is HyperLogLog:
                     v.add(track)
                 else:
                     acc.tracks = {v, track}
@@ -338,13 +339,13 @@ def _fold_stream(accs, s: Signal) -> None:
             v = acc.artists
             if v is None:
                 acc.artists = artist
-            elif v.__class__ is set:
+            elif type(v) is set:
                 if len(v) < cap:
                     v.add(artist)
                 elif artist not in v:
                     acc.artists = overflow(v, artist)
             elif v != artist:  # a lone value or a sketch, tested here so a lone equal value costs no more
-                if v.__class__ is HyperLogLog:
+                if type(v) is HyperLogLog:
                     v.add(artist)
                 else:
                     acc.artists = {v, artist}
@@ -361,14 +362,15 @@ def _add_trace(sample: list | None, trace_id: str) -> list:
     """Keep the TRACE_SAMPLE smallest ids, sorted, so the sample ignores arrival order."""
     if sample is None:
         return [trace_id]
-    if trace_id in sample:
+    i = bisect_left(sample, trace_id)
+    n = len(sample)
+    if i < n and sample[i] == trace_id:
         return sample
-    if len(sample) < TRACE_SAMPLE:
-        sample.append(trace_id)
-        sample.sort()
-    elif trace_id < sample[-1]:
-        sample[-1] = trace_id
-        sample.sort()
+    if n < TRACE_SAMPLE:
+        sample.insert(i, trace_id)
+    elif i < n:  # smaller than the largest kept: it goes in, the largest goes out
+        sample.insert(i, trace_id)
+        sample.pop()
     return sample
 
 
@@ -470,7 +472,7 @@ def merge(accs: Iterable[Accumulator]) -> Accumulator:
             if theirs is None:
                 continue
             mine = getattr(out, name)
-            if theirs.__class__ is str:  # a lone id, the commonest: nothing to do when it is mine too
+            if type(theirs) is str:  # a lone id, the commonest: nothing to do when it is mine too
                 if mine is None:
                     setattr(out, name, theirs)
                 elif mine != theirs:
@@ -520,14 +522,14 @@ def copy_accumulator(a: Accumulator) -> Accumulator:
     c.short_paid, c.cut_paid, c.cut_near = a.short_paid, a.cut_paid, a.cut_near
     c.playlist_adds, c.payments, c.failed_payments = a.playlist_adds, a.payments, a.failed_payments
     c.small_payments, c.first_ms, c.last_ms, c.hours = a.small_payments, a.first_ms, a.last_ms, a.hours
-    c.users = v.copy() if (v := a.users).__class__ is set or v.__class__ is HyperLogLog else v
-    c.devices = v.copy() if (v := a.devices).__class__ is set or v.__class__ is HyperLogLog else v
-    c.ips = v.copy() if (v := a.ips).__class__ is set or v.__class__ is HyperLogLog else v
-    c.tracks = v.copy() if (v := a.tracks).__class__ is set or v.__class__ is HyperLogLog else v
-    c.artists = v.copy() if (v := a.artists).__class__ is set or v.__class__ is HyperLogLog else v
-    c.playlists = v.copy() if (v := a.playlists).__class__ is set or v.__class__ is HyperLogLog else v
-    c.cards = v.copy() if (v := a.cards).__class__ is set or v.__class__ is HyperLogLog else v
-    c.countries = v.copy() if (v := a.countries).__class__ is set or v.__class__ is HyperLogLog else v
+    c.users = v.copy() if type(v := a.users) is set or type(v) is HyperLogLog else v
+    c.devices = v.copy() if type(v := a.devices) is set or type(v) is HyperLogLog else v
+    c.ips = v.copy() if type(v := a.ips) is set or type(v) is HyperLogLog else v
+    c.tracks = v.copy() if type(v := a.tracks) is set or type(v) is HyperLogLog else v
+    c.artists = v.copy() if type(v := a.artists) is set or type(v) is HyperLogLog else v
+    c.playlists = v.copy() if type(v := a.playlists) is set or type(v) is HyperLogLog else v
+    c.cards = v.copy() if type(v := a.cards) is set or type(v) is HyperLogLog else v
+    c.countries = v.copy() if type(v := a.countries) is set or type(v) is HyperLogLog else v
     c.stream_artists = None if a.stream_artists is None else a.stream_artists.copy()
     c.stream_tracks = None if a.stream_tracks is None else a.stream_tracks.copy()
     c.playlist_artists = None if a.playlist_artists is None else a.playlist_artists.copy()
