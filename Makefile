@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The packages run from the checkout (Dataflow gets them via --setup_file ./setup.py).
 export PYTHONPATH := $(CURDIR)
 STAMP := $(VENV)/.installed
-FOLD_BUILT := $(VENV)/.fold-built
+COMPILED := $(VENV)/.compiled
 
 # The BigQuery emulator (local-bigquery) needs Python 3.13; pyenv provides it on these machines.
 PYTHON313 ?= $(shell for p in $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null) $$(command -v python3.13); do $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
@@ -19,13 +19,14 @@ $(STAMP): requirements.txt requirements-dev.txt service/requirements.txt setup.p
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
 
-venv: $(FOLD_BUILT)
+venv: $(COMPILED)
 
-# The fold compiled by Cython (setup.py; transforms/fold.py), rebuilt when its source or declarations change.
-# tests/transforms/test_fold.py fails if the suite would run a missing or stale build.
-$(FOLD_BUILT): $(STAMP) transforms/fold.py transforms/fold.pxd setup.py
+# The modules compiled by Cython (setup.py: transforms/fold.py and transforms/accept.py), rebuilt when a source
+# or its declarations change. tests/transforms/test_fold.py and test_accept.py fail if the suite would run a
+# missing or stale build.
+$(COMPILED): $(STAMP) transforms/fold.py transforms/fold.pxd transforms/accept.py transforms/accept.pxd setup.py
 	$(BIN)/python setup.py -q build_ext --inplace
-	touch $(FOLD_BUILT)
+	touch $(COMPILED)
 
 $(BQ_STAMP): devtools/requirements-bq-emulator.txt
 	@test -n "$(PYTHON313)" || { echo "Python 3.13 is needed for the BigQuery emulator (pyenv install 3.13)"; exit 1; }
@@ -40,23 +41,23 @@ $(BQ_STAMP): devtools/requirements-bq-emulator.txt
 	touch $(BQ_STAMP)
 
 ## Generate seeded traffic with attacks, run the pipeline locally, print a summary.
-demo: $(FOLD_BUILT)
+demo: $(COMPILED)
 	$(BIN)/python -m pipelines.demo --output_dir out/demo
 
 ## Run the whole test suite (what CI runs); starts the Pub/Sub and BigQuery emulators itself.
-test: $(FOLD_BUILT) $(BQ_STAMP)
+test: $(COMPILED) $(BQ_STAMP)
 	$(BIN)/python -m pytest -q
 
 ## Start both emulators, provision tables, run the streaming job on simulated traffic, print decisions.
-streaming-local: $(FOLD_BUILT) $(BQ_STAMP)
+streaming-local: $(COMPILED) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local
 
 ## streaming-local, then the Mitigation API over the same emulators, with curl commands for a mitigated user.
-api-demo: $(FOLD_BUILT) $(BQ_STAMP)
+api-demo: $(COMPILED) $(BQ_STAMP)
 	$(BIN)/python -m devtools.streaming_local --serve_api
 
 ## All pipeline benchmarks, figures printed and saved in benchmarks/results/ (about 40 minutes; see benchmarks/README.md).
-bench: $(FOLD_BUILT) $(BQ_STAMP)
+bench: $(COMPILED) $(BQ_STAMP)
 	$(BIN)/python -m benchmarks.transform_costs
 	@if command -v valgrind >/dev/null && command -v gcc >/dev/null; then \
 		$(BIN)/python -m benchmarks.transform_costs --instructions --events 20000; \
@@ -67,16 +68,16 @@ bench: $(FOLD_BUILT) $(BQ_STAMP)
 	$(BIN)/python -m benchmarks.hot_keys
 
 ## Latency of the Mitigation API's single and batch lookups on loopback (writes benchmarks/results/api_latency.json).
-bench-api: $(FOLD_BUILT)
+bench-api: $(COMPILED)
 	$(BIN)/python -m benchmarks.api_latency
 
 ## Streaming job for 10 minutes against the emulators with faults injected, then reconciled (SOAK_ARGS to change).
-soak: $(FOLD_BUILT) $(BQ_STAMP)
+soak: $(COMPILED) $(BQ_STAMP)
 	$(BIN)/python -m devtools.soak $(SOAK_ARGS)
 
 ## 200k+ signals on a held-out seed (rules were tuned on the demo's seed 7), backtest, quality report.
 EVAL_DIR := out/eval
-eval: $(FOLD_BUILT)
+eval: $(COMPILED)
 	mkdir -p $(EVAL_DIR)
 	$(BIN)/python -m pipelines.simulate --seed 11 --scale 3 --output $(EVAL_DIR)/signals.jsonl --labels $(EVAL_DIR)/labels.jsonl
 	$(BIN)/python -m pipelines.backtest --runner_config backtest_local_parallel.yaml --input $(EVAL_DIR)/signals.jsonl --output_dir $(EVAL_DIR) > $(EVAL_DIR)/backtest.log
@@ -91,8 +92,8 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-validate-rules: $(FOLD_BUILT)
+validate-rules: $(COMPILED)
 	$(BIN)/python -m pipelines.rules validate rules/default.yaml --allowlist rules/allowlist.yaml
 
 clean:
-	rm -rf out .pytest_cache build transforms/*.so transforms/*.c $(FOLD_BUILT)
+	rm -rf out .pytest_cache build transforms/*.so transforms/*.c $(COMPILED)

@@ -1,14 +1,15 @@
 """Packaging, so the same code runs locally, in CI and on Dataflow workers (--setup_file ./setup.py).
 
-The fold (``transforms/fold.py``, the job's most-run code) is compiled by
-Cython where it can be, as Beam compiles its own per-element code: ``make``
-builds it in place (``setup.py build_ext --inplace``), and a Dataflow worker
-builds it when it installs the package (pyproject.toml names Cython as a
-build requirement). The extension is optional: where no C compiler or no
-Cython is at hand, the install still succeeds and the same file runs as plain
-Python (``transforms.fold.COMPILED`` says which). Only the one module is
-compiled: Beam's own code inspects our ``DoFn``s and functions, and
-compiled functions do not look like Python functions to it.
+The fold (``transforms/fold.py``, the job's most-run code) and the checks
+parsing makes on each signal's values (``transforms/accept.py``) are compiled
+by Cython where they can be, as Beam compiles its own per-element code:
+``make`` builds them in place (``setup.py build_ext --inplace``), and a
+Dataflow worker builds them when it installs the package (pyproject.toml
+names Cython as a build requirement). The extensions are optional: where no C
+compiler or no Cython is at hand, the install still succeeds and the same
+files run as plain Python (each module's ``COMPILED`` says which). Only these
+modules are compiled: Beam's own code inspects our ``DoFn``s and functions,
+and compiled functions do not look like Python functions to it.
 """
 
 import pathlib
@@ -23,14 +24,18 @@ REQUIREMENTS = [
 ]
 
 
+# The fold, and the checks parsing makes on every well-formed signal's values (transforms/accept.py).
+COMPILED = ("fold", "accept")
+
+
 def compiled_modules() -> list[Extension]:
     try:
         from Cython.Build import cythonize
-    except ImportError:  # plain Python: the same results, a slower fold
+    except ImportError:  # plain Python: the same results, more slowly
         return []
-    fold = Extension("transforms.fold", ["transforms/fold.py"], optional=True)
-    # The .pxd beside the file declares the C types; annotations stay Python hints, as where it is not compiled.
-    return cythonize([fold], language_level=3, quiet=True, compiler_directives={"annotation_typing": False})
+    modules = [Extension(f"transforms.{name}", [f"transforms/{name}.py"], optional=True) for name in COMPILED]
+    # The .pxd beside each file declares the C types; annotations stay Python hints, as where it is not compiled.
+    return cythonize(modules, language_level=3, quiet=True, compiler_directives={"annotation_typing": False})
 
 
 setup(

@@ -17,11 +17,8 @@ fewer instructions a signal), and leaves anything that decoder declines to
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import functools
-import ipaddress
 import logging
-import re
 import time
 import typing
 from collections.abc import Mapping
@@ -35,6 +32,27 @@ from apache_beam.transforms.window import TimestampedValue
 
 from schemas import EVENT_TYPES, REQUIRED_FOR, DeadLetter, Signal
 from schemas.avro import datetime_to_millis
+from transforms import accept
+from transforms.accept import (  # noqa: F401 (the value checks, compiled where built: re-exported)
+    _ACCEPTED_IDS,
+    _CONTROL_RE,
+    _CURRENCY_RE,
+    _ID_RE,
+    _IP_CACHE,
+    _MINUTE_CACHE,
+    MAX_EVENT_TIME_MS,
+    MAX_ID_CHARS,
+    MAX_USER_AGENT_CHARS,
+    MIN_EVENT_TIME_MS,
+    IpZoneIdError,
+    _day_ms,
+    _id_match,
+    _new_signal,
+    _parse_rfc3339_ms,
+    accept_typed,
+    normalise_ip,
+    parse_rfc3339_ms,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -45,32 +63,10 @@ MAX_PAYLOAD_BYTES = 16 * 1024
 # BigQuery row, a payload of about 7 MB passes the row size Beam's BigQuery write accepts, and a row the
 # write refuses is only counted and logged. The first 64 KiB show what it was; the detail gives its size.
 MAX_DEAD_LETTER_BYTES = 64 * 1024
-MAX_ID_CHARS = 128
-MAX_USER_AGENT_CHARS = 512
 MAX_MS_PLAYED = 24 * 3600 * 1000
 # In minor units of any currency: 10^12 is 10 billion rupiah or 10 billion dollars, far past any payment, and
 # well inside the int64 the schema and BigQuery hold. 10^8 refused a Rp 1,000,001 payment (about US$60).
 MAX_AMOUNT_CENTS = 1_000_000_000_000
-# Plausibility bounds on event time: outside them the clock or the producer is
-# broken. Fixed dates (not "now") so a backtest gives the same answer whenever
-# it runs; streaming also checks event time against each message's publish
-# time (ArrivalBounds).
-MIN_EVENT_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
-MAX_EVENT_TIME_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
-
-# Ids are opaque tokens: letters, digits and a few separators. This rejects
-# control characters, whitespace, quotes and markup, so an id can be written
-# into logs, BigQuery and dashboards without escaping surprises.
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+/=-]{0,127}")
-# Unicode's control characters (C0, DEL, C1: category Cc) and its line and paragraph separators. C1 holds
-# U+009B, a terminal's one-character escape sequence introducer, and U+0085, a line break to some readers.
-_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-# re.ASCII: RFC 3339 digits are 0-9 only; without it \d also takes Arabic-Indic, fullwidth and other digits.
-_RFC3339_RE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
-)
-_CURRENCY_RE = re.compile(r"[A-Z]{3}")
-
 # ISO 3166-1 alpha-2, officially assigned codes.
 _COUNTRIES = frozenset(
     """AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ
@@ -101,10 +97,6 @@ _REPEATED_ID_FIELDS = _ID_FIELDS[1:-1]
 if _ID_FIELDS[-1] != "trace_id":
     raise ImportError(f"parse_signal checks the trace id last: update _REPEATED_ID_FIELDS ({_ID_FIELDS})")
 _REQUIRED_IDS = {t: frozenset({"user_id", *REQUIRED_FOR[t]} & set(_ID_FIELDS)) for t in EVENT_TYPES}
-_id_match = _ID_RE.fullmatch
-# tuple.__new__ straight from C: NamedTuple._make is a Python function around it, about 0.25 µs a call. It does
-# not check the length, so each caller passes every field (the tests compare whole signals with the checks').
-_new_signal = functools.partial(tuple.__new__, Signal)
 _SIGNAL_ORDER = (
     "event_id",
     "event_type",
@@ -145,71 +137,6 @@ class ParsedSignal(typing.NamedTuple):
 
 _new_parsed = functools.partial(tuple.__new__, ParsedSignal)  # as _new_signal
 
-# Ids that matched _ID_RE, for the fields whose values repeat (a user's, device's, track's ids recur in
-# every signal they are in): a set lookup costs a fraction of the pattern. Exact str only, and only ever
-# added to after the pattern accepts, so a lookup that hits gives the pattern's answer. Bounded like
-# _IP_CACHE: cleared when full, so ids that never repeat cost only the pattern and an insert. One per
-# process, shared by its threads: every entry is a valid id, so a race (a clear between a check and an add,
-# a size briefly past the bound) costs only speed. At most about 13 MiB (65,536 ids of 128 characters).
-_ACCEPTED_IDS: set[str] = set()
-_ACCEPTED_IDS_MAX = 65_536
-
-
-# "YYYY-MM-DDTHH:MM:" -> epoch ms of that minute, for prefixes the full parser has accepted. Producers
-# write one format, and a stream's signals share few minutes: a signal in that format is then checked
-# with a few string operations instead of the regex and seven int() calls. Bounded like _IP_CACHE.
-_MINUTE_CACHE: dict[str, int] = {}
-_MINUTE_CACHE_MAX = 65_536
-
-
-def parse_rfc3339_ms(value: str) -> int:
-    """RFC 3339 timestamp (offset or ``Z`` required) to epoch milliseconds, exactly (fractions below 1 ms floor)."""
-    # Fast path, for the common "YYYY-MM-DDTHH:MM:SS.mmmZ" only: the same answer as the full parse below
-    # (tests/transforms/test_parse.py checks both on the same inputs).
-    if len(value) == 24 and value[23] == "Z" and value[19] == ".":
-        minute_ms = _MINUTE_CACHE.get(value[:17])
-        if minute_ms is not None:
-            second_millis = value[17:19] + value[20:23]  # "SSmmm"
-            if second_millis.isascii() and second_millis.isdigit() and second_millis < "60000":
-                return minute_ms + int(second_millis)
-    return _parse_rfc3339_ms(value)
-
-
-def _parse_rfc3339_ms(value: str) -> int:
-    match = _RFC3339_RE.fullmatch(value)
-    if not match:
-        raise ValueError("not an RFC 3339 timestamp with a Z or +hh:mm offset")
-    year, month, day, hour, minute, second, frac, offset = match.groups()
-    day_ms = _day_ms(year, month, day)
-    hours, minutes, seconds = int(hour), int(minute), int(second)
-    if hours > 23 or minutes > 59 or seconds > 59:
-        raise ValueError("time of day out of range")
-    offset_ms = 0
-    if offset not in ("Z", "z"):
-        off_hours, off_minutes = int(offset[1:3]), int(offset[4:6])
-        if off_hours > 23 or off_minutes > 59:
-            raise ValueError("offset out of range")
-        offset_ms = (1 if offset[0] == "+" else -1) * (off_hours * 60 + off_minutes) * 60_000
-    millis = int(frac[1:4].ljust(3, "0")) if frac else 0
-    if offset_ms == 0 and len(value) == 24 and value[19] == ".":  # the fast path's format: remember its minute
-        if len(_MINUTE_CACHE) >= _MINUTE_CACHE_MAX:
-            _MINUTE_CACHE.clear()
-        _MINUTE_CACHE[value[:17]] = day_ms + (hours * 60 + minutes) * 60_000
-    return day_ms + ((hours * 60 + minutes) * 60 + seconds) * 1000 + millis - offset_ms
-
-
-@functools.lru_cache(maxsize=4096)
-def _day_ms(year: str, month: str, day: str) -> int:
-    """Epoch milliseconds of a calendar day's midnight UTC; cached, since a stream's signals share few days."""
-    return datetime_to_millis(dt.datetime(int(year), int(month), int(day), tzinfo=dt.UTC))
-
-
-# Raw IP text -> its compressed form. Signals repeat addresses (a household, a
-# NAT, a farm), and ``ipaddress`` was a quarter of parsing's CPU. Bounded:
-# cleared when full, so hostile traffic can cost at most a re-parse.
-_IP_CACHE: dict[str, str] = {}
-_IP_CACHE_MAX = 65_536
-
 
 def clear_caches() -> None:
     """Empty this process's parsing caches (accepted ids, IPs, minutes, days), as in a worker new to its input.
@@ -221,31 +148,6 @@ def clear_caches() -> None:
     _IP_CACHE.clear()
     _MINUTE_CACHE.clear()
     _day_ms.cache_clear()
-
-
-class IpZoneIdError(ValueError):
-    """An IPv6 address with a zone id."""
-
-
-def normalise_ip(ip: str) -> str:
-    """An IPv4 or IPv6 address in its compressed form; ``ValueError`` if it is not one or carries a zone id."""
-    cached = _IP_CACHE.get(ip)
-    if cached is not None:
-        return cached
-    address = ipaddress.ip_address(ip)
-    # An IPv6 zone id ("fe80::1%eth0") is free text that means nothing off the sender's host: it would let
-    # one address pose as many in per-IP features and carry newlines or markup into logs. Checked before
-    # the mapping below, which would drop it silently.
-    if getattr(address, "scope_id", None) is not None:
-        raise IpZoneIdError(ip)
-    # A dual-stack server reports an IPv4 client as ::ffff:a.b.c.d: one client, so one IP entity, in IPv4 form.
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
-    if len(_IP_CACHE) >= _IP_CACHE_MAX:
-        _IP_CACHE.clear()
-    _IP_CACHE[ip] = compressed = address.compressed
-    return compressed
 
 
 def _id(obj: Mapping, name: str, required: bool) -> str | None:
@@ -268,7 +170,7 @@ def _id(obj: Mapping, name: str, required: bool) -> str | None:
 def _accept_id(obj: Mapping, name: str, value, required: bool):
     """An id ``_ACCEPTED_IDS`` does not hold: the pattern's answer, remembered when it accepts; else ``_id``'s."""
     if value.__class__ is str and _id_match(value) is not None:
-        if len(_ACCEPTED_IDS) >= _ACCEPTED_IDS_MAX:
+        if len(_ACCEPTED_IDS) >= accept._ACCEPTED_IDS_MAX:
             _ACCEPTED_IDS.clear()
         _ACCEPTED_IDS.add(value)
         return value
@@ -311,7 +213,7 @@ def _optional_bool(obj: Mapping, name: str, event_type: str) -> bool | None:
 #
 # msgspec decodes a payload straight into a struct of its event type, checking in C what parse_signal_checked
 # checks in Python one field at a time: a JSON object, a known event type, each field's JSON type, the fields
-# the event type requires, integer ranges, a known country, no unknown field. ``_accept_typed`` then makes the
+# the event type requires, integer ranges, a known country, no unknown field. ``accept_typed`` then makes the
 # checks msgspec cannot (id grammar, event time, IP, user agent, currency, a trace-id attribute) with the same
 # functions and caches as parse_signal_checked. Anything either declines goes to parse_signal_checked, which
 # decides and gives the reason, so the typed decoder only ever accepts what parse_signal_checked accepts, with
@@ -342,15 +244,15 @@ _TYPED_FIELDS: dict[str, object] = {
 }
 if set(_TYPED_FIELDS) != KNOWN_FIELDS - {"event_type", "event_time_ms"}:  # the wire's fields, but the struct's tag
     raise ImportError(f"signal_v1.avsc fields changed: update _TYPED_FIELDS ({sorted(KNOWN_FIELDS)})")
-# _accept_typed checks each text field by name: the ids (the recurring ones in this order, then event and trace
-# ids), and these four. A new text field must get its check there before this passes.
+# accept_typed (transforms/accept.py) checks each text field by name: the ids (the recurring ones in this order,
+# then event and trace ids), and these four. A new text field must get its check there before this passes.
 _TYPED_REPEATED_IDS = ("user_id", "device_id", "track_id", "artist_id", "playlist_id", "card_fingerprint")
 _TYPED_CHECKED_TEXT = frozenset({"event_time", "ip", "user_agent", "currency"})
 if (
     _TYPED_REPEATED_IDS != _REPEATED_ID_FIELDS
     or {n for n, k in _TYPED_FIELDS.items() if k is str} != set(_ID_FIELDS) | _TYPED_CHECKED_TEXT
 ):
-    raise ImportError(f"signal ids or text fields changed: update _accept_typed ({_ID_FIELDS}, {_TYPED_CHECKED_TEXT})")
+    raise ImportError(f"signal ids or text fields changed: update accept_typed ({_ID_FIELDS}, {_TYPED_CHECKED_TEXT})")
 # Every field may be absent or null except those parse_signal_checked requires whatever the publish time:
 # event_id and user_id always, and the event type's own (REQUIRED_FOR). event_time may be absent in streaming.
 _TYPED_REQUIRED = {t: frozenset({"event_id", "user_id", *REQUIRED_FOR[t]}) for t in EVENT_TYPES}
@@ -372,82 +274,6 @@ _TYPED_STRUCTS = tuple(
 # parsing 20,000 signals each, thread switches every microsecond, gave parse_signal_checked's answer every time).
 _TYPED_DECODER = msgspec.json.Decoder(typing.Union[_TYPED_STRUCTS])  # noqa: UP007 (a union of a tuple)
 _EVENT_TYPE_OF = {struct: struct.__struct_config__.tag for struct in _TYPED_STRUCTS}
-_currency_match = _CURRENCY_RE.fullmatch
-_control_search = _CONTROL_RE.search
-
-
-def _accept_typed(decoded, trace_id_attribute: str | None, publish_time_ms: int | None) -> ParsedSignal | None:
-    """parse_signal_checked's remaining checks on a decoded struct: its ``ParsedSignal``, or None to let it decide."""
-    event_time = decoded.event_time
-    if event_time is None:
-        if publish_time_ms is None:
-            return None
-        event_time_ms = publish_time_ms
-    else:
-        try:
-            event_time_ms = parse_rfc3339_ms(event_time)
-        except (ValueError, OverflowError):
-            return None
-    if not MIN_EVENT_TIME_MS <= event_time_ms < MAX_EVENT_TIME_MS:
-        return None
-    ip = decoded.ip
-    if ip is not None:
-        try:
-            ip = normalise_ip(ip)
-        except ValueError:  # IpZoneIdError too
-            return None
-    user_agent = decoded.user_agent
-    if user_agent is not None and (len(user_agent) > MAX_USER_AGENT_CHARS or _control_search(user_agent)):
-        return None
-    currency = decoded.currency
-    if currency is not None and _currency_match(currency) is None:
-        return None
-    # Ids: event and trace ids are new in every signal (the pattern); the rest recur (_ACCEPTED_IDS first), read
-    # in _TYPED_REPEATED_IDS's order, checked at import against _REPEATED_ID_FIELDS.
-    event_id = decoded.event_id
-    if _id_match(event_id) is None:
-        return None
-    user_id, device_id, track_id, artist_id = decoded.user_id, decoded.device_id, decoded.track_id, decoded.artist_id
-    playlist_id, card_fingerprint = decoded.playlist_id, decoded.card_fingerprint
-    accepted = _ACCEPTED_IDS
-    for value in (user_id, device_id, track_id, artist_id, playlist_id, card_fingerprint):
-        if value is not None and value not in accepted:
-            if _id_match(value) is None:
-                return None
-            if len(accepted) >= _ACCEPTED_IDS_MAX:
-                accepted.clear()
-            accepted.add(value)
-    trace_id = decoded.trace_id
-    if trace_id is None:
-        if trace_id_attribute is not None:
-            if trace_id_attribute.__class__ is not str or _id_match(trace_id_attribute) is None:
-                return None  # parse_signal_checked ignores it and counts it
-            trace_id = trace_id_attribute
-    elif _id_match(trace_id) is None:
-        return None
-    signal = _new_signal(
-        (
-            event_id,
-            _EVENT_TYPE_OF[decoded.__class__],
-            event_time_ms,
-            user_id,
-            device_id,
-            ip,
-            decoded.country,
-            user_agent,
-            trace_id,
-            track_id,
-            artist_id,
-            decoded.ms_played,
-            decoded.success,
-            playlist_id,
-            decoded.amount_cents,
-            currency,
-            card_fingerprint,
-            decoded.track_duration_ms,
-        )
-    )
-    return _new_parsed((signal, 0))
 
 
 def parse_signal(
@@ -458,9 +284,9 @@ def parse_signal(
 ) -> ParsedSignal:
     """Validate one raw signal and return it as a typed ``Signal``; the answer of ``parse_signal_checked``.
 
-    A well-formed signal takes the typed decoder (``_TYPED_DECODER``, then ``_accept_typed``); anything it
-    declines, and every rejection, is ``parse_signal_checked``'s, so the dead letters' reasons and details have
-    one source.
+    A well-formed signal takes the typed decoder (``_TYPED_DECODER``, then ``accept_typed``, compiled where
+    built); anything it declines, and every rejection, is ``parse_signal_checked``'s, so the dead letters'
+    reasons and details have one source.
     Arguments and errors as ``parse_signal_checked``.
     """
     if len(raw) <= MAX_PAYLOAD_BYTES:
@@ -469,9 +295,9 @@ def parse_signal(
         except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError; deep nesting recurses
             pass
         else:
-            parsed = _accept_typed(decoded, trace_id_attribute, publish_time_ms)
-            if parsed is not None:
-                return parsed
+            signal = accept_typed(decoded, _EVENT_TYPE_OF[decoded.__class__], trace_id_attribute, publish_time_ms)
+            if signal is not None:
+                return _new_parsed((signal, 0))
     return parse_signal_checked(raw, trace_id_attribute=trace_id_attribute, publish_time_ms=publish_time_ms)
 
 

@@ -241,8 +241,8 @@ def test_runner_configs_setup_file_is_the_checkouts_wherever_the_command_runs(tm
 def test_the_sdist_dataflow_stages_for_setup_file_carries_what_setup_py_reads(tmp_path):
     """Beam runs ``setup.py sdist`` for --setup_file and workers pip-install the result: setup.py reads
     requirements.txt, so without it in the sdist every worker failed to start. Builds the sdist as Beam
-    does, unpacks it elsewhere and runs setup.py there, as pip does first, then compiles the fold there as
-    pip does when it builds the package."""
+    does, unpacks it elsewhere and runs setup.py there, as pip does first, then compiles the fold and the value
+    checks there as pip does when it builds the package."""
     import subprocess
     import sys
     import tarfile
@@ -283,7 +283,9 @@ def test_the_sdist_dataflow_stages_for_setup_file_carries_what_setup_py_reads(tm
     requires = (tmp_path / "src" / "streamguard.egg-info" / "requires.txt").read_text()
     assert "apache-beam[gcp]==2.77.0" in requires
     assert sorted(p.name for p in (root / "schemas").glob("*.avsc")), "the schemas ship with the package"
-    # A worker compiles the fold as it installs the package (pyproject.toml's build requirements bring Cython).
+    assert {p.name for p in (root / "transforms").glob("*.pxd")} == {"fold.pxd", "accept.pxd"}, "declarations ship"
+    # A worker compiles the fold and the value checks as it installs the package (pyproject.toml's build
+    # requirements bring Cython).
     built = subprocess.run(
         [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
         cwd=root,
@@ -292,7 +294,7 @@ def test_the_sdist_dataflow_stages_for_setup_file_carries_what_setup_py_reads(tm
         check=False,
     )
     assert built.returncode == 0, built.stderr
-    probe = "import transforms.fold as f; print(f.COMPILED, f.__file__)"
+    probe = "import transforms.fold as f, transforms.accept as a; print(f.COMPILED, f.__file__, a.COMPILED, a.__file__)"
     imported = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=root,
@@ -302,5 +304,6 @@ def test_the_sdist_dataflow_stages_for_setup_file_carries_what_setup_py_reads(tm
         check=False,
     )
     assert imported.returncode == 0, imported.stderr
-    compiled, path = imported.stdout.split()
-    assert compiled == "True" and path.startswith(str(root)), imported.stdout
+    fold_compiled, fold_path, accept_compiled, accept_path = imported.stdout.split()
+    assert fold_compiled == accept_compiled == "True", imported.stdout
+    assert fold_path.startswith(str(root)) and accept_path.startswith(str(root)), imported.stdout

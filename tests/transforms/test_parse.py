@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from pipelines import simulate
 from schemas import EVENT_TYPES, DeadLetter
 from tests.kit import T0_MS, parse_answer, payload, payload_dict, signal_answer
+from transforms import accept
 from transforms import parse as parse_module
 from transforms.lines import ReadLineBlocks
 from transforms.parse import (
@@ -299,7 +300,7 @@ def test_the_first_bad_field_in_check_order_is_the_one_reported(event_type, bad,
 
 
 def test_remembered_ids_are_bounded(monkeypatch):
-    monkeypatch.setattr(parse_module, "_ACCEPTED_IDS_MAX", 3)
+    monkeypatch.setattr(accept, "_ACCEPTED_IDS_MAX", 3)  # the cap both parsing paths read
     parse_module._ACCEPTED_IDS.clear()
     for i in range(20):
         assert parse_signal(payload("stream", user_id=f"user{i}", device_id=f"dev{i}")).signal.user_id == f"user{i}"
@@ -314,7 +315,9 @@ def _typed(raw: bytes, trace_id_attribute=None, publish_time_ms=None):
         decoded = parse_module._TYPED_DECODER.decode(raw)
     except (msgspec.DecodeError, RecursionError):
         return None
-    return parse_module._accept_typed(decoded, trace_id_attribute, publish_time_ms)
+    event_type = parse_module._EVENT_TYPE_OF[decoded.__class__]
+    signal = accept.accept_typed(decoded, event_type, trace_id_attribute, publish_time_ms)
+    return None if signal is None else parse_module.ParsedSignal(signal, 0)
 
 
 def test_the_typed_decoder_takes_every_simulated_signal_and_agrees_with_the_checks():
