@@ -21,6 +21,7 @@ Bounds, so one attacker cannot make a key's state grow without limit:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 from collections.abc import Callable, Mapping
 
@@ -618,7 +619,9 @@ def _entity_features(
     )
 
 
-_new_entity_features = EntityFeatures._make
+# tuple.__new__ straight from C, as parsing builds signals (transforms/accept.py): EntityFeatures._make is a Python
+# function around it, a frame per window. It does not check the length: _entity_features passes every field.
+_new_entity_features = functools.partial(tuple.__new__, EntityFeatures)
 if EntityFeatures._fields != (
     "entity_type",
     "entity_id",
