@@ -145,6 +145,18 @@ class ApplyRulesFn(beam.DoFn):
         compiled = by_key.get((ef.entity_type, ef.window_sec))
         if not compiled:
             return
+        # Most windows match none of their rules: find that out first, with nothing else set up. A window that
+        # may match (or whose condition fails) goes through evaluate(), which asks every rule again: a rule's
+        # answer depends only on the window's features, so it is the same answer.
+        features = ef.features
+        for cr in compiled:
+            try:
+                if cr.matches(features):
+                    break
+            except RuleEvaluationError:
+                break
+        else:
+            return
         decided_at = ef.window_end_ms if self._clock == "event" else int(time.time() * 1000)
         errors: list[RuleEvaluationError] = []
         for hit in evaluate(compiled, ef, pack.label, decided_at, errors):

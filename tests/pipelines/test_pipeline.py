@@ -117,6 +117,21 @@ def test_a_condition_failing_at_run_time_is_dead_lettered_and_the_windows_other_
         assert_that(out.audit | beam.Map(lambda a: (a.rule_id, a.status)), equal_to([("other_rule", ISSUED)]))
 
 
+def test_a_condition_failing_at_run_time_is_dead_lettered_when_no_rule_of_the_window_matches():
+    # ApplyRulesFn first asks whether any rule matches and stops there when none does: a failing condition must
+    # still reach the dead letters then.
+    broken = rule(when="streams / (distinct_ips - 1) > 1")
+    pack = parse_rule_pack(pack_text(rule(id="other_rule", when="streams >= 1000"), broken), "p.yaml")
+    with TestPipeline() as p:
+        out = build_pipeline(p | beam.Create([payload("stream", ip="198.51.100.7")]), pack)
+        assert_that(
+            out.dead_letters | beam.Map(lambda d: (d.stage, d.reason, "many_plays" in d.detail)),
+            equal_to([("rules", "rule_evaluation_error", True)]),
+            label="DeadLetter",
+        )
+        assert_that(out.audit, equal_to([]), label="NoAudit")
+
+
 def test_streaming_late_signal_refires_the_window_and_completes_the_evidence():
     options = PipelineOptions()
     options.view_as(StandardOptions).streaming = True
