@@ -170,7 +170,7 @@ def _id(obj: Mapping, name: str, required: bool) -> str | None:
 def _accept_id(obj: Mapping, name: str, value, required: bool):
     """An id ``_ACCEPTED_IDS`` does not hold: the pattern's answer, remembered when it accepts; else ``_id``'s."""
     if value.__class__ is str and _id_match(value) is not None:
-        if len(_ACCEPTED_IDS) >= accept._ACCEPTED_IDS_MAX:
+        if len(_ACCEPTED_IDS) >= accept._ACCEPTED_IDS_MAX:  # the module's bound, which accept_typed reads too
             _ACCEPTED_IDS.clear()
         _ACCEPTED_IDS.add(value)
         return value
