@@ -4,6 +4,11 @@
 cimport cython
 
 
+# The signal's event-time position, for fold_batch: a C integer, so reading it does no module lookup. (As a C
+# global it is not an attribute of the compiled module; SIGNAL_INDEX, a dict, is.)
+cdef Py_ssize_t _TIME_INDEX
+
+
 cdef class Accumulator:
     # Counts, sums and millisecond times: C integers, read and written without a Python object.
     cdef public long long events, streams, stream_ms, near_threshold, short_streams
@@ -18,18 +23,20 @@ cdef class Accumulator:
 
 
 @cython.locals(acc=Accumulator, t=cython.longlong, hour_bit=cython.longlong, cap=cython.Py_ssize_t,
-               failed=cython.bint, small=cython.bint)
+               trace_cap=cython.Py_ssize_t, failed=cython.bint, small=cython.bint, by_type=dict, values=set)
 cpdef fold_signal(accs, s)
 
 
 @cython.locals(acc=Accumulator, ms=cython.longlong, cap=cython.Py_ssize_t, top_cap=cython.Py_ssize_t,
-               short=cython.bint, short_paid=cython.bint, near=cython.bint, cut=cython.bint)
+               short=cython.bint, short_paid=cython.bint, near=cython.bint, cut=cython.bint, values=set,
+               c=dict, paid_ms=cython.longlong, short_paid_ms=cython.longlong, near_ms=cython.longlong,
+               slack_ms=cython.longlong)
 cpdef _fold_stream(accs, s)
 
 
 @cython.locals(i=cython.Py_ssize_t, n=cython.Py_ssize_t, t=cython.longlong, size_ms=cython.longlong,
                window_start=cython.longlong, index=cython.Py_ssize_t, accs=list, acc=Accumulator, by_start=dict,
-               by_id=dict)
+               by_id=dict, start=object)
 cpdef Py_ssize_t fold_batch(batch, Py_ssize_t begin, tables, rest, dict partials, Py_ssize_t max_keys) except -1
 
 
@@ -60,5 +67,5 @@ cpdef _distinct(values, value)
 cpdef dict _top(dict counts, key)
 
 
-@cython.locals(i=cython.Py_ssize_t, n=cython.Py_ssize_t)
+@cython.locals(i=cython.Py_ssize_t, n=cython.Py_ssize_t, cap=cython.Py_ssize_t)
 cpdef list _add_trace(list sample, trace_id)

@@ -182,6 +182,7 @@ def fold_signal(accs, s: Signal) -> None:
     user, device, ip, country = s.user_id, s.device_id, s.ip, s.country
     trace = s.trace_id
     cap = DISTINCT_CAP
+    trace_cap = TRACE_SAMPLE  # a C integer where compiled: comparing with the global would box len() first
     for acc in accs:
         acc.events += 1
         if t < acc.first_ms:  # noqa: PLR1730 - hot path: a comparison costs less than calling min()
@@ -194,10 +195,11 @@ def fold_signal(accs, s: Signal) -> None:
             if v is None:
                 acc.users = user
             elif type(v) is set:
-                if len(v) < cap:
-                    v.add(user)
-                elif user not in v:
-                    acc.users = overflow(v, user)
+                values = v  # typed as a set where compiled: len, add and in are then C calls
+                if len(values) < cap:
+                    values.add(user)
+                elif user not in values:
+                    acc.users = overflow(values, user)
             elif v != user:  # a lone value or a sketch, tested here so a lone equal value costs no more
                 if type(v) is HyperLogLog:
                     v.add(user)
@@ -208,10 +210,11 @@ def fold_signal(accs, s: Signal) -> None:
             if v is None:
                 acc.devices = device
             elif type(v) is set:
-                if len(v) < cap:
-                    v.add(device)
-                elif device not in v:
-                    acc.devices = overflow(v, device)
+                values = v  # typed as a set where compiled: len, add and in are then C calls
+                if len(values) < cap:
+                    values.add(device)
+                elif device not in values:
+                    acc.devices = overflow(values, device)
             elif v != device:  # a lone value or a sketch, tested here so a lone equal value costs no more
                 if type(v) is HyperLogLog:
                     v.add(device)
@@ -222,10 +225,11 @@ def fold_signal(accs, s: Signal) -> None:
             if v is None:
                 acc.ips = ip
             elif type(v) is set:
-                if len(v) < cap:
-                    v.add(ip)
-                elif ip not in v:
-                    acc.ips = overflow(v, ip)
+                values = v  # typed as a set where compiled: len, add and in are then C calls
+                if len(values) < cap:
+                    values.add(ip)
+                elif ip not in values:
+                    acc.ips = overflow(values, ip)
             elif v != ip:  # a lone value or a sketch, tested here so a lone equal value costs no more
                 if type(v) is HyperLogLog:
                     v.add(ip)
@@ -236,10 +240,11 @@ def fold_signal(accs, s: Signal) -> None:
             if v is None:
                 acc.countries = country
             elif type(v) is set:
-                if len(v) < cap:
-                    v.add(country)
-                elif country not in v:
-                    acc.countries = overflow(v, country)
+                values = v  # typed as a set where compiled: len, add and in are then C calls
+                if len(values) < cap:
+                    values.add(country)
+                elif country not in values:
+                    acc.countries = overflow(values, country)
             elif v != country:  # a lone value or a sketch, tested here so a lone equal value costs no more
                 if type(v) is HyperLogLog:
                     v.add(country)
@@ -248,7 +253,7 @@ def fold_signal(accs, s: Signal) -> None:
         if trace is not None:
             sample = acc.trace_ids
             # Most signals come after the sample is full and sort above it: nothing to do.
-            if sample is None or len(sample) < TRACE_SAMPLE or trace < sample[-1]:
+            if sample is None or len(sample) < trace_cap or trace < sample[-1]:
                 acc.trace_ids = _add_trace(sample, trace)
     kind = s.event_type
     if kind == "stream":
@@ -279,7 +284,8 @@ def fold_signal(accs, s: Signal) -> None:
             if small:
                 acc.small_payments += 1
             acc.cards = _distinct(acc.cards, s.card_fingerprint)
-    extractors = _EXTRACTORS_BY_TYPE.get(kind)
+    by_type = _EXTRACTORS_BY_TYPE  # a typed dict where compiled: .get is then a C call, not a method lookup
+    extractors = by_type.get(kind)
     if extractors:
         for acc in accs:
             extra = acc.extra
@@ -293,11 +299,14 @@ def fold_signal(accs, s: Signal) -> None:
 def _fold_stream(accs, s: Signal) -> None:
     """The stream part of ``fold_signal``: nine in ten signals are plays."""
     ms = s.ms_played
-    short = ms < ROYALTY_THRESHOLD_MS
-    short_paid = not short and ms < SHORT_PAID_MS
-    near = short_paid and ms < NEAR_THRESHOLD_MS
+    # The thresholds as locals: where compiled they are C integers, so each test is a C comparison rather
+    # than a module lookup, a boxed ms and a Python comparison.
+    paid_ms, short_paid_ms, near_ms, slack_ms = ROYALTY_THRESHOLD_MS, SHORT_PAID_MS, NEAR_THRESHOLD_MS, CUT_SLACK_MS
+    short = ms < paid_ms
+    short_paid = not short and ms < short_paid_ms
+    near = short_paid and ms < near_ms
     length = s.track_duration_ms
-    cut = not short and length is not None and ms + CUT_SLACK_MS < length
+    cut = not short and length is not None and ms + slack_ms < length
     track, artist = s.track_id, s.artist_id
     cap, top_cap = DISTINCT_CAP, TOP_CAP
     for acc in accs:
@@ -319,10 +328,11 @@ def _fold_stream(accs, s: Signal) -> None:
             if v is None:
                 acc.tracks = track
             elif type(v) is set:
-                if len(v) < cap:
-                    v.add(track)
-                elif track not in v:
-                    acc.tracks = overflow(v, track)
+                values = v  # typed as a set where compiled: len, add and in are then C calls
+                if len(values) < cap:
+                    values.add(track)
+                elif track not in values:
+                    acc.tracks = overflow(values, track)
             elif v != track:  # a lone value or a sketch, tested here so a lone equal value costs no more
                 if type(v) is HyperLogLog:
                     v.add(track)
@@ -331,8 +341,8 @@ def _fold_stream(accs, s: Signal) -> None:
             c = acc.stream_tracks
             if c is None:
                 acc.stream_tracks = {track: 1}
-            elif track in c:
-                c[track] += 1
+            elif (count := c.get(track)) is not None:  # a get and a set, where "in" then "+=" looked up three times
+                c[track] = count + 1
             elif len(c) < top_cap:
                 c[track] = 1
         if artist is not None:
@@ -340,10 +350,11 @@ def _fold_stream(accs, s: Signal) -> None:
             if v is None:
                 acc.artists = artist
             elif type(v) is set:
-                if len(v) < cap:
-                    v.add(artist)
-                elif artist not in v:
-                    acc.artists = overflow(v, artist)
+                values = v  # typed as a set where compiled: len, add and in are then C calls
+                if len(values) < cap:
+                    values.add(artist)
+                elif artist not in values:
+                    acc.artists = overflow(values, artist)
             elif v != artist:  # a lone value or a sketch, tested here so a lone equal value costs no more
                 if type(v) is HyperLogLog:
                     v.add(artist)
@@ -352,8 +363,8 @@ def _fold_stream(accs, s: Signal) -> None:
             c = acc.stream_artists
             if c is None:
                 acc.stream_artists = {artist: 1}
-            elif artist in c:
-                c[artist] += 1
+            elif (count := c.get(artist)) is not None:  # a get and a set, where "in" then "+=" looked up three times
+                c[artist] = count + 1
             elif len(c) < top_cap:
                 c[artist] = 1
 
@@ -366,7 +377,8 @@ def _add_trace(sample: list | None, trace_id: str) -> list:
     n = len(sample)
     if i < n and sample[i] == trace_id:
         return sample
-    if n < TRACE_SAMPLE:
+    cap = TRACE_SAMPLE
+    if n < cap:
         sample.insert(i, trace_id)
     elif i < n:  # smaller than the largest kept: it goes in, the largest goes out
         sample.insert(i, trace_id)
@@ -401,13 +413,14 @@ def fold_batch(batch, begin: int, tables, rest, partials: dict, max_keys: int) -
         accs = []
         for _, size_ms, fields in tables:
             window_start = t - t % size_ms
+            start = window_start  # where compiled, the start as a Python int once per size, not per entity type
             for _, index, by_start in fields:
                 entity_id = signal[index]
                 if entity_id is None:
                     continue
-                by_id = by_start.get(window_start)
+                by_id = by_start.get(start)
                 if by_id is None:
-                    by_id = by_start[window_start] = {}
+                    by_id = by_start[start] = {}
                 acc = by_id.get(entity_id)
                 if acc is None:
                     acc = by_id[entity_id] = Accumulator()
