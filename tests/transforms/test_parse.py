@@ -476,15 +476,40 @@ def _without_clock(records):
 
 
 def test_a_batch_is_validated_as_its_elements_one_by_one():
-    batch = [payload("signup", event_id="a"), b"\xff", payload("stream", event_id="b"), b"{}", "not json"]
+    # process_batch takes the typed decoder's path itself for lines (bytes) and hands everything else, and
+    # every line that path declines, to the general one: each kind of element is here, in one batch.
+    valid = payload("signup", event_id="padded")
+    padded = valid[:-1] + b" " * MAX_PAYLOAD_BYTES + b"}"  # valid JSON, a valid signal, but over the limit
+    batch = [
+        payload("signup", event_id="a"),
+        b"\xff",
+        payload("stream", event_id="b"),
+        b"{}",
+        "not json",
+        padded,
+        payload("signup", event_id="c", new_field=1),  # the typed decoder declines an unknown field
+        payload("signup", event_id="bad id"),  # decoded, then declined by accept_typed
+        # nested too deep for msgspec's typed decoder, which raises RecursionError, not DecodeError
+        payload("signup").replace(b'"signup"', b"[" * 1000 + b"]" * 1000),
+        payload("login", event_id="d").decode(),  # a str line: the general path, and a signal
+        bytearray(payload("payment", event_id="e")),  # not bytes: the general path
+    ]
     fn = ParseSignalBatchFn("test")
     one_by_one = [out for element in batch for out in fn.process(element)]
     signals = [out for out in one_by_one if not isinstance(out, beam.pvalue.TaggedOutput)]
     dead = [out.value for out in one_by_one if isinstance(out, beam.pvalue.TaggedOutput)]
     outputs = list(fn.process_batch(batch))
-    assert outputs[0] == signals and [s.event_id for s in signals] == ["a", "b"]
+    assert outputs[0] == signals and [s.event_id for s in signals] == ["a", "b", "c", "d", "e"]
     assert outputs[1].tag == ParseSignalFn.DEAD_LETTER
-    assert _without_clock(outputs[1].value) == _without_clock(dead) and len(dead) == 3
+    assert _without_clock(outputs[1].value) == _without_clock(dead)
+    assert [d.reason for d in dead] == [
+        "invalid_utf8",
+        "missing_field",
+        "invalid_json",
+        "payload_too_large",
+        "invalid_value",
+        "wrong_type",
+    ]
     assert list(fn.process_batch([b"{}"]))[0].tag == ParseSignalFn.DEAD_LETTER  # no empty list of signals
 
 
