@@ -277,12 +277,15 @@ def earliest_copies(packs) -> tuple[list[Signal], int]:
     """Packs of one group to its signals, each event id once (the earliest copy), in event-time order;
     and how many copies were dropped."""
     earliest: dict[str, Signal] = {}
+    keep = earliest.setdefault  # one lookup for an id seen first, which nearly every one is
     n = 0
     for pack in packs:
-        for s in decode_pack(pack):
-            n += 1
-            kept = earliest.get(s.event_id)
-            earliest[s.event_id] = s if kept is None else _earlier(kept, s)
+        signals = decode_pack(pack)
+        n += len(signals)
+        for s in signals:
+            kept = keep(s.event_id, s)
+            if kept is not s:
+                earliest[s.event_id] = _earlier(kept, s)
     return sorted(earliest.values(), key=_time_order), n - len(earliest)
 
 
