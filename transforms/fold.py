@@ -210,7 +210,7 @@ def fold_signal(accs, s: Signal) -> None:
             if v is None:
                 acc.devices = device
             elif type(v) is set:
-                values = v  # typed as a set where compiled: len, add and in are then C calls
+                values = v
                 if len(values) < cap:
                     values.add(device)
                 elif device not in values:
@@ -225,7 +225,7 @@ def fold_signal(accs, s: Signal) -> None:
             if v is None:
                 acc.ips = ip
             elif type(v) is set:
-                values = v  # typed as a set where compiled: len, add and in are then C calls
+                values = v
                 if len(values) < cap:
                     values.add(ip)
                 elif ip not in values:
@@ -240,7 +240,7 @@ def fold_signal(accs, s: Signal) -> None:
             if v is None:
                 acc.countries = country
             elif type(v) is set:
-                values = v  # typed as a set where compiled: len, add and in are then C calls
+                values = v
                 if len(values) < cap:
                     values.add(country)
                 elif country not in values:
@@ -350,7 +350,7 @@ def _fold_stream(accs, s: Signal) -> None:
             if v is None:
                 acc.artists = artist
             elif type(v) is set:
-                values = v  # typed as a set where compiled: len, add and in are then C calls
+                values = v
                 if len(values) < cap:
                     values.add(artist)
                 elif artist not in values:
