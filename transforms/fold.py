@@ -152,10 +152,11 @@ def _distinct(values, value):
 
 
 def _top(counts: dict | None, key) -> dict:
+    """A top-share counter with ``key`` counted, as ``_fold_stream`` counts its two inline: a get and a set."""
     if counts is None:
         return {key: 1}
-    if key in counts:
-        counts[key] += 1
+    if (count := counts.get(key)) is not None:
+        counts[key] = count + 1
     elif len(counts) < TOP_CAP:
         counts[key] = 1
     return counts
