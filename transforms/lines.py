@@ -33,7 +33,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 BLOCK_BYTES = 8 << 20  # bytes of file per range: the unit of parallelism
-LINES_PER_BATCH = 1000  # lines per batch handed downstream
+# Lines per batch handed downstream. Beam sizes every batch a step yields by encoding a sample of its
+# elements, a fifth of the batch up to 100 (``ListBatchConverter.estimate_byte_size``): the parse step's
+# signals are pickled for it. At 1,000 lines a batch that was one signal in ten, 2.7% of a 1M backtest's
+# busy worker samples; at 10,000, one in a hundred, 0.3% (benchmarks/README.md, change 38). A batch is a
+# few MB of lines and signals, and a range (BLOCK_BYTES) still holds about three.
+LINES_PER_BATCH = 10_000
 READ_BYTES = 1 << 20  # bytes per read call
 
 
