@@ -72,6 +72,7 @@ from benchmarks.batch_throughput import _bare_key, ensure_input
 from benchmarks.common import print_table, write_results
 from pipelines.pipeline import PipelineConfig
 from transforms import parse
+from transforms.batch_gc import tune_gc_for_batch
 from transforms.dedupe import BATCH_GROUP_MS, PackByHourFn, earliest_copies
 from transforms.features import (
     PreAggregateFn,
@@ -79,7 +80,6 @@ from transforms.features import (
     ToEntityFeaturesFn,
     compute_features,
     merge,
-    tune_gc_for_batch,
 )
 from transforms.lines import LINES_PER_BATCH
 from transforms.parse import ParseSignalBatchFn

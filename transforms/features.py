@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 from collections.abc import Callable, Mapping
 
 import apache_beam as beam
@@ -34,6 +33,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import ENTITY_TYPES, Signal
 from schemas.features import EntityFeatures
+from transforms.batch_gc import tune_gc_for_batch
 from transforms.distinct import (  # noqa: F401 (distinct_count: re-exported)
     DISTINCT_CAP,
     distinct_count,
@@ -369,20 +369,6 @@ def hot_key_fanout(key) -> int:
 # the bundle size, while one flush still covers many signals per key.
 PRE_AGGREGATE_MAX_KEYS = 20_000
 
-# Python's cyclic garbage collector runs a young-generation pass every 700
-# container allocations and, as the heap grows, full passes over every live
-# object. A batch worker holding tens of thousands of accumulators spends a
-# sixth of its time there (benchmarks/README.md) although accumulators never
-# form cycles. A batch worker raises the young threshold once; the collector
-# still runs, just less often. Streaming workers keep Python's default.
-BATCH_GC_THRESHOLD = (100_000, 20, 100)
-
-
-def tune_gc_for_batch() -> None:
-    """Collect less often in this worker process (idempotent; only ever raises the thresholds)."""
-    current = gc.get_threshold()
-    gc.set_threshold(*(max(a, b) for a, b in zip(current, BATCH_GC_THRESHOLD, strict=True)))
-
 
 class PreAggregateFn(beam.DoFn):
     """Batch only: folds signals into partial accumulators per (window size, entity, window start) in memory.
@@ -461,7 +447,7 @@ class PreAggregateFn(beam.DoFn):
         self._partials: dict = {}
 
     def setup(self):
-        tune_gc_for_batch()
+        tune_gc_for_batch()  # a batch worker's collector runs far less often (transforms.batch_gc)
 
     def start_bundle(self):
         self._partials = {}

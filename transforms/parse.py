@@ -53,6 +53,7 @@ from transforms.accept import (  # noqa: F401 (the value checks, compiled where 
     normalise_ip,
     parse_rfc3339_ms,
 )
+from transforms.batch_gc import tune_gc_for_batch
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -619,6 +620,11 @@ class ParseSignalBatchFn(ParseSignalFn):
     totals are the same. The streaming job keeps ``ParseSignalFn``, its
     coders and its graph.
     """
+
+    def setup(self):
+        # A backtest's first step per signal: the worker's collector runs far less often from here on, while it
+        # holds batches of parsed signals and later while it folds hours (transforms.batch_gc).
+        tune_gc_for_batch()
 
     def infer_output_type(self, input_type):
         return typing.Any
