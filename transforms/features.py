@@ -25,6 +25,8 @@ import functools
 from collections.abc import Callable, Mapping
 
 import apache_beam as beam
+from apache_beam.coders import coder_impl
+from apache_beam.coders.coders import FastCoder
 from apache_beam.transforms import trigger as beam_trigger
 from apache_beam.transforms import window as beam_window
 from apache_beam.transforms.window import GlobalWindow
@@ -54,6 +56,8 @@ from transforms.fold import (  # noqa: F401 (the fold's names and constants: re-
     add_signal,
     copy_accumulator,
     copy_to_longer_windows,
+    decode_accumulator,
+    encode_accumulator,
     fold_batch,
     fold_signal,
     merge,
@@ -556,8 +560,42 @@ def _window_end(key) -> Timestamp:
     return Timestamp(micros=(start_ms + size_sec * 1000) * 1000)
 
 
+class AccumulatorCoder(FastCoder):
+    """Batch partials across the merging shuffle, as msgpack (``transforms.fold.encode_accumulator``).
+
+    Beam's default for an accumulator pickles it, and pickling named the class in every one: the pickler checks
+    the class and the unpickler imports and looks it up again, per partial. At 1M signals two workers shuffle
+    about 90,000 user-day partials, and pickling and unpickling them took about 5% of the workers' bundle
+    samples (benchmarks/README.md, change 40). Extractor states are encoded by Beam's ``FastPrimitivesCoder``,
+    as before: they can be any Python value. Only ``MergeAccumulatorsFn`` uses this coder; a streaming job's
+    state keeps the pickled form.
+    """
+
+    def _create_impl(self):
+        extra = beam.coders.FastPrimitivesCoder().get_impl()
+        extra_encode, extra_decode = extra.encode, extra.decode
+        return coder_impl.CallbackCoderImpl(
+            lambda acc: encode_accumulator(acc, extra_encode), lambda data: decode_accumulator(data, extra_decode)
+        )
+
+    def is_deterministic(self) -> bool:
+        return False  # a set's values, and so its bytes, come in no fixed order: never a key
+
+    def to_type_hint(self):
+        return Accumulator
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
 class MergeAccumulatorsFn(beam.CombineFn):
     """Merges the partial accumulators ``PreAggregateFn`` emits."""
+
+    def get_accumulator_coder(self):
+        return AccumulatorCoder()
 
     def create_accumulator(self):
         return Accumulator()

@@ -69,3 +69,17 @@ cpdef dict _top(dict counts, key)
 
 @cython.locals(i=cython.Py_ssize_t, n=cython.Py_ssize_t, cap=cython.Py_ssize_t)
 cpdef list _add_trace(list sample, trace_id)
+
+
+cpdef _distinct_to_wire(v)
+
+
+cpdef _distinct_from_wire(v)
+
+
+@cython.locals(a=Accumulator)
+cpdef bytes encode_accumulator(a, encode_extra)
+
+
+@cython.locals(a=Accumulator)
+cpdef Accumulator decode_accumulator(data, decode_extra)

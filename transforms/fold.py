@@ -25,6 +25,8 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from copy import deepcopy
 
+import msgspec
+
 from schemas import EVENT_TYPES, Signal
 from transforms.distinct import DISTINCT_CAP, HyperLogLog, add_distinct, merge_distinct, overflow
 from transforms.extractors import EXTRACTORS
@@ -127,7 +129,42 @@ class Accumulator:
         self.cut_near = 0  # of those, plays in [30 s, 40 s)
 
     def __getstate__(self):
-        return [getattr(self, name) for name in FIELDS]
+        # Field by field in FIELDS' order (tests/transforms/test_fold.py checks the order): compiled, each is a
+        # read of the struct, where a loop of getattr by name looked every field up (about 3 µs an accumulator,
+        # a tenth of pickling one; benchmarks/README.md, change 40).
+        return [
+            self.events,
+            self.streams,
+            self.stream_ms,
+            self.near_threshold,
+            self.short_streams,
+            self.logins,
+            self.failed_logins,
+            self.signups,
+            self.playlist_adds,
+            self.payments,
+            self.failed_payments,
+            self.small_payments,
+            self.first_ms,
+            self.last_ms,
+            self.hours,
+            self.users,
+            self.devices,
+            self.ips,
+            self.tracks,
+            self.artists,
+            self.playlists,
+            self.cards,
+            self.countries,
+            self.stream_artists,
+            self.stream_tracks,
+            self.playlist_artists,
+            self.trace_ids,
+            self.extra,
+            self.short_paid,
+            self.cut_paid,
+            self.cut_near,
+        ]
 
     def __setstate__(self, state):
         slots = FIELDS
@@ -135,6 +172,41 @@ class Accumulator:
             raise ValueError(f"accumulator state has {len(state)} fields, more than this code's {len(slots)}")
         if len(state) < len(slots) - len(_LATER_SLOTS):
             raise ValueError(f"accumulator state has {len(state)} fields, fewer than any code wrote")
+        if len(state) == len(slots):  # what this code writes: field by field, as __getstate__ reads them
+            (
+                self.events,
+                self.streams,
+                self.stream_ms,
+                self.near_threshold,
+                self.short_streams,
+                self.logins,
+                self.failed_logins,
+                self.signups,
+                self.playlist_adds,
+                self.payments,
+                self.failed_payments,
+                self.small_payments,
+                self.first_ms,
+                self.last_ms,
+                self.hours,
+                self.users,
+                self.devices,
+                self.ips,
+                self.tracks,
+                self.artists,
+                self.playlists,
+                self.cards,
+                self.countries,
+                self.stream_artists,
+                self.stream_tracks,
+                self.playlist_artists,
+                self.trace_ids,
+                self.extra,
+                self.short_paid,
+                self.cut_paid,
+                self.cut_near,
+            ) = state
+            return
         for name, value in zip(slots, state, strict=False):
             setattr(self, name, value)
         for name in slots[len(state) :]:  # written before these were counted: the window counts from here on
@@ -585,3 +657,113 @@ def copy_to_longer_windows(whole: dict, partials: dict, span_sec: int, copied: d
             mine = partials.get(key)
             partials[key] = copy_accumulator(acc) if mine is None else merge([mine, copy_accumulator(acc)])
     return refold
+
+
+# --- An accumulator as the batch merge shuffle carries it (transforms.features.AccumulatorCoder) -----------------
+# msgpack of the fields in FIELDS' order, each distinct-value field as None, its lone value (a str), a list (a set's
+# values) or an extension holding a sketch's registers. Pickling a partial spent most of its time on the class,
+# not the content: every pickle names the class, which the pickler checks and the unpickler imports and looks up
+# again (benchmarks/README.md, change 40). Extractor states (``extra``) can be any Python value, so the caller's
+# coder encodes them. Nothing outside one backtest's shuffle reads this form, so it carries no version: a streaming
+# job's state keeps the pickled form (``Accumulator.__getstate__``), which Dataflow's --update needs.
+_SKETCH_EXT = 1  # the msgpack extension code of a HyperLogLog's registers
+_WIRE_ENCODER = msgspec.msgpack.Encoder()
+_WIRE_DECODER = msgspec.msgpack.Decoder()
+
+
+def _distinct_to_wire(v):
+    if v is None or type(v) is str:
+        return v
+    if type(v) is set:
+        return list(v)
+    if type(v) is HyperLogLog:
+        return msgspec.msgpack.Ext(_SKETCH_EXT, bytes(v.registers))
+    raise TypeError(f"a distinct-value field holds a {type(v).__name__}: None, a str, a set or a HyperLogLog expected")
+
+
+def _distinct_from_wire(v):
+    if v is None or type(v) is str:
+        return v
+    if type(v) is list:
+        return set(v)
+    if type(v) is msgspec.msgpack.Ext and v.code == _SKETCH_EXT:
+        return HyperLogLog(v.data)
+    raise ValueError(f"an encoded distinct-value field holds a {type(v).__name__}: not an accumulator's")
+
+
+def encode_accumulator(a: Accumulator, encode_extra) -> bytes:
+    """``a`` as msgpack bytes (see above), its extractor states encoded by ``encode_extra`` (a coder's encode)."""
+    extra = a.extra
+    return _WIRE_ENCODER.encode(
+        (
+            a.events,
+            a.streams,
+            a.stream_ms,
+            a.near_threshold,
+            a.short_streams,
+            a.logins,
+            a.failed_logins,
+            a.signups,
+            a.playlist_adds,
+            a.payments,
+            a.failed_payments,
+            a.small_payments,
+            a.first_ms,
+            a.last_ms,
+            a.hours,
+            _distinct_to_wire(a.users),
+            _distinct_to_wire(a.devices),
+            _distinct_to_wire(a.ips),
+            _distinct_to_wire(a.tracks),
+            _distinct_to_wire(a.artists),
+            _distinct_to_wire(a.playlists),
+            _distinct_to_wire(a.cards),
+            _distinct_to_wire(a.countries),
+            a.stream_artists,
+            a.stream_tracks,
+            a.playlist_artists,
+            a.trace_ids,
+            None if extra is None else encode_extra(extra),
+            a.short_paid,
+            a.cut_paid,
+            a.cut_near,
+        )
+    )
+
+
+def decode_accumulator(data: bytes, decode_extra) -> Accumulator:
+    """What ``encode_accumulator`` encoded; extractor states decoded by ``decode_extra`` (the same coder's decode)."""
+    f = _WIRE_DECODER.decode(data)
+    if type(f) is not list or len(f) != len(FIELDS):
+        raise ValueError(f"not an encoded accumulator: {len(FIELDS)} fields expected")
+    a = Accumulator.__new__(Accumulator)
+    (
+        a.events,
+        a.streams,
+        a.stream_ms,
+        a.near_threshold,
+        a.short_streams,
+        a.logins,
+        a.failed_logins,
+        a.signups,
+        a.playlist_adds,
+        a.payments,
+        a.failed_payments,
+        a.small_payments,
+        a.first_ms,
+        a.last_ms,
+        a.hours,
+    ) = f[:15]
+    a.users = _distinct_from_wire(f[15])
+    a.devices = _distinct_from_wire(f[16])
+    a.ips = _distinct_from_wire(f[17])
+    a.tracks = _distinct_from_wire(f[18])
+    a.artists = _distinct_from_wire(f[19])
+    a.playlists = _distinct_from_wire(f[20])
+    a.cards = _distinct_from_wire(f[21])
+    a.countries = _distinct_from_wire(f[22])
+    a.stream_artists, a.stream_tracks, a.playlist_artists, a.trace_ids = f[23], f[24], f[25], f[26]
+    extra = f[27]
+    a.extra = None if extra is None else decode_extra(extra)
+    a.short_paid, a.cut_paid, a.cut_near = f[28], f[29], f[30]
+    return a

@@ -15,6 +15,7 @@ from apache_beam.transforms.window import IntervalWindow, TimestampedValue
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipelines import simulate
 from schemas import Signal
 from schemas.features import EntityFeatures
 from tests.kit import HOUR_MS, T0_MS, features_of, plain_state, rich_signals, signal, streaming_options
@@ -38,6 +39,7 @@ from transforms.features import (
     fold_signal,
     merge,
 )
+from transforms.parse import parse_signal
 
 MIN = 60_000
 _ONE_HOUR = IntervalWindow(T0_MS / 1000, T0_MS / 1000 + 3600)
@@ -405,6 +407,35 @@ def _assert_merge_to_one_pass(partials, signals, plan):
     for key, acc in expected.items():
         assert compute_features(merged[key], key[0]) == compute_features(acc, key[0])
         assert merged[key].trace_ids == acc.trace_ids
+
+
+def test_partials_merged_across_the_runner_s_shuffle_equal_merging_them_in_process():
+    """``MergeAccumulatorsFn``'s partials cross the shuffle in ``AccumulatorCoder``'s form: what the runner merges
+    equals merging the same partials here, lone values, sets, sketches, counters, samples and extractor states."""
+    assert isinstance(MergeAccumulatorsFn().get_accumulator_coder(), F.AccumulatorCoder)
+    lines, _ = simulate.simulate(seed=5, hours=2, scale=0.02, malformed=0)
+    signals = sorted((parse_signal(line).signal for line in lines), key=lambda s: s.event_time_ms)
+    plan = {600: ("ip",), 3600: ("user", "device"), 86400: ("user",)}
+    fn = PreAggregateFn(plan, max_keys=50)  # flushes often, so most windows come in several partials
+    fn.start_bundle()
+    partials = [kv for s in signals for kv in fn.process(s)] + [wv.value for wv in fn.finish_bundle()]
+    many = [f"v{n}" for n in range(2 * DISTINCT_CAP + 20)]  # past the cap: a sketch in each partial
+    for half in (many[::2], many[1::2]):
+        acc = Accumulator()
+        for user in half:
+            add_signal(acc, signal("login", T0_MS, user_id=user, ip="10.9.9.9", success=False))
+        partials.append(((3600, "ip", "10.9.9.9", T0_MS), acc))
+    assert sum(1 for _, acc in partials if acc.extra) > 10
+    by_key: dict = {}
+    for key, acc in partials:
+        by_key.setdefault(key, []).append(copy.deepcopy(acc))
+    assert sum(len(accs) > 1 for accs in by_key.values()) > 100
+    expected = [(key, plain_state(merge(accs).__getstate__())) for key, accs in by_key.items()]
+    users = fold.FIELDS.index("users")
+    assert any(isinstance(state[users], bytes) for _, state in expected)  # a sketch, as plain_state gives it
+    with TestPipeline() as p:
+        merged = p | beam.Create(partials) | beam.CombinePerKey(MergeAccumulatorsFn())
+        assert_that(merged | beam.MapTuple(lambda key, acc: (key, plain_state(acc.__getstate__()))), equal_to(expected))
 
 
 _three_hours_of_plays_and_logins = st.lists(

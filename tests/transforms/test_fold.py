@@ -210,3 +210,67 @@ def test_both_builds_pickle_the_same_state():
     assert compiled_reduce[1] == (fold.Accumulator,) and plain_reduce[1] == (plain.Accumulator,)
     assert compiled_reduce[2] == plain_reduce[2] == acc.__getstate__()
     assert _state(pickle.loads(pickle.dumps(acc))) == _state(acc)
+
+
+@pytest.mark.parametrize("build", [fold, plain], ids=["compiled", "plain"])
+def test_the_state_lists_every_field_in_the_order_fields_names_them(build):
+    """``__getstate__`` and ``__setstate__`` name each field in turn (for speed): a field out of FIELDS' order
+    would swap two fields' values in every pickle, both builds alike, so the cross-build tests above would not
+    see it."""
+    acc = build.Accumulator()
+    for n, name in enumerate(build.FIELDS):
+        setattr(acc, name, n + 1 if isinstance(getattr(acc, name), int) else f"value of {name}")
+    state = acc.__getstate__()
+    assert state == [getattr(acc, name) for name in build.FIELDS]
+    back = build.Accumulator()
+    back.__setstate__(state)
+    assert [getattr(back, name) for name in build.FIELDS] == state
+
+
+def _folded(build, signals) -> list:
+    """Accumulators of ``signals`` by user, with the default extractors' states (``extra``) where there are logins."""
+    by_user: dict = {}
+    for s in signals:
+        build.fold_signal([by_user.setdefault(s.user_id, build.Accumulator())], s)
+    return [by_user[user] for user in sorted(by_user)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(rich_signals, st.sampled_from([distinct.DISTINCT_CAP, 2]))
+def test_the_shuffle_form_reads_back_the_same_accumulator_in_either_build(signals, cap):
+    """``encode_accumulator`` and ``decode_accumulator`` (the batch merge shuffle's form,
+    ``transforms.features.AccumulatorCoder``): every field reads back, lone values, sets, sketches, counters,
+    samples and extractor states, whichever build wrote it and whichever reads it."""
+    from apache_beam.coders import FastPrimitivesCoder
+
+    extra = FastPrimitivesCoder().get_impl()
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (fold, plain, distinct):
+            patch.setattr(module, "DISTINCT_CAP", cap)
+        folded = {build: _folded(build, signals) for build in (fold, plain)}
+    for writer in (fold, plain):
+        for reader in (fold, plain):
+            for written, expected in zip(folded[writer], folded[reader], strict=True):
+                back = reader.decode_accumulator(writer.encode_accumulator(written, extra.encode), extra.decode)
+                assert type(back) is reader.Accumulator
+                assert _state(back) == _state(expected)
+
+
+@pytest.mark.parametrize("build", [fold, plain], ids=["compiled", "plain"])
+def test_the_shuffle_form_refuses_what_is_not_an_accumulator(build):
+    import msgspec
+    from apache_beam.coders import FastPrimitivesCoder
+
+    extra = FastPrimitivesCoder().get_impl()
+    with pytest.raises(ValueError, match=f"not an encoded accumulator: {len(build.FIELDS)} fields expected"):
+        build.decode_accumulator(msgspec.msgpack.encode([1, 2, 3]), extra.decode)
+    good = build.Accumulator()
+    good.users = "u1"
+    fields = msgspec.msgpack.decode(build.encode_accumulator(good, extra.encode))
+    fields[15] = msgspec.msgpack.Ext(9, b"?")  # an extension that is not a sketch's
+    with pytest.raises(ValueError, match="distinct-value field holds a Ext"):
+        build.decode_accumulator(msgspec.msgpack.encode(fields), extra.decode)
+    bad = build.Accumulator()
+    bad.users = ["u1"]  # a list is no distinct-value form: it would read back as a set
+    with pytest.raises(TypeError, match="distinct-value field holds a list"):
+        build.encode_accumulator(bad, extra.encode)
