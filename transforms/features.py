@@ -405,11 +405,19 @@ class PreAggregateFn(beam.DoFn):
     windows by event time.
     """
 
-    WHOLE = "whole"  # output tag: (key, accumulator) of windows a batch holds whole
+    WHOLE = "whole"  # output tag: windows a batch holds whole, as (key, accumulator) or EntityFeatures
 
     def __init__(
-        self, plan: dict[int, tuple[str, ...]], max_keys: int = PRE_AGGREGATE_MAX_KEYS, whole_batch_ms: int = 0
+        self,
+        plan: dict[int, tuple[str, ...]],
+        max_keys: int = PRE_AGGREGATE_MAX_KEYS,
+        whole_batch_ms: int = 0,
+        whole_as_features: bool = False,
     ):
+        # whole_as_features: whole windows go out as the EntityFeatures records SizedToEntityFeaturesFn makes of
+        # (key, accumulator) pairs (ComputeFeatures' batch branch), which saves the runner a step, and an element
+        # handed on, per whole window: about four windows in five (benchmarks/README.md, change 41).
+        self._whole_as_features = whole_as_features
         # (size_sec, size_ms, ((entity_type, signal field), ...), tiles) per window size, where tiles
         # says the size tiles a whole batch, so each batch holds all of its windows' signals.
         self._plan = tuple(
@@ -501,8 +509,14 @@ class PreAggregateFn(beam.DoFn):
             return
         if self._copied:
             self._copy_to_longer_windows(whole, batch)
-        for item in whole.items():
-            yield beam.pvalue.TaggedOutput(self.WHOLE, item)
+        tag = self.WHOLE
+        if self._whole_as_features:
+            for (size_sec, entity_type, entity_id, start), acc in whole.items():
+                record = _entity_features(entity_type, entity_id, size_sec, start, acc, WindowFeatures(acc, size_sec))
+                yield beam.pvalue.TaggedOutput(tag, record)
+        else:
+            for item in whole.items():
+                yield beam.pvalue.TaggedOutput(tag, item)
         if len(self._partials) >= self._max_keys:
             yield from self._flush()
 
@@ -769,14 +783,13 @@ class ComputeFeatures(beam.PTransform):
         if self._config.keyed_windows:
             # Batch: every size in one pass per signal, merged after one shuffle.
             pre = signals | "PreAggregate" >> beam.ParDo(
-                PreAggregateFn(self._plan, whole_batch_ms=self._config.whole_batch_ms)
+                PreAggregateFn(self._plan, whole_batch_ms=self._config.whole_batch_ms, whole_as_features=True)
             ).with_outputs(PreAggregateFn.WHOLE, main="partials")
             merged = pre.partials | "Aggregate" >> beam.CombinePerKey(MergeAccumulatorsFn())
             # No Flatten here: whole windows stay fused with the fold that made them (see the docstring).
-            to_features = beam.ParDo(SizedToEntityFeaturesFn()).with_output_types(EntityFeatures)
             return (
-                merged | "ToFeatures" >> to_features,
-                pre[PreAggregateFn.WHOLE] | "WholeToFeatures" >> to_features,
+                merged | "ToFeatures" >> beam.ParDo(SizedToEntityFeaturesFn()).with_output_types(EntityFeatures),
+                pre[PreAggregateFn.WHOLE],
             )
         branches = []
         for size, entity_types in self._plan.items():

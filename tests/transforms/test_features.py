@@ -496,6 +496,30 @@ def test_hour_batches_send_whole_windows_once_and_the_rest_merges_to_one_pass(si
         _assert_merge_to_one_pass(whole + partials, signals, plan)
 
 
+@settings(max_examples=40, deadline=None)
+@given(_three_hours_of_plays_and_logins, st.sampled_from(_HOUR_BATCH_PLANS))
+def test_whole_windows_sent_as_records_are_the_records_the_features_step_makes(signals, plan):
+    """``ComputeFeatures`` has the fold send whole windows as ``EntityFeatures`` (``whole_as_features``): the same
+    records ``SizedToEntityFeaturesFn`` makes of the (key, accumulator) pairs the fold sends otherwise."""
+    hours: dict = {}
+    for s in sorted(signals, key=lambda s: s.event_time_ms):
+        hours.setdefault(s.event_time_ms // 3_600_000, []).append(s)
+    sent = {}
+    for as_features in (False, True):
+        fn = PreAggregateFn(plan, whole_batch_ms=3_600_000, whole_as_features=as_features)
+        fn.start_bundle()
+        outputs = [out for hour in sorted(hours) for out in fn.process_batch(hours[hour])]
+        sent[as_features] = [out.value for out in outputs if isinstance(out, TaggedOutput)]
+    made = [record for pair in sent[False] for record in F.SizedToEntityFeaturesFn().process(pair)]
+    assert all(type(record) is EntityFeatures for record in sent[True])
+
+    def plain(record):
+        return (*record[:5], dict(record.features), record.trace_ids, record.last_event_ms)
+
+    assert [plain(r) for r in sent[True]] == [plain(r) for r in made]
+    assert bool(made) == bool(signals)
+
+
 # --- the optimised fold against a plain one ---------------------------------------------------
 def _reference_fold(acc: Accumulator, s: Signal) -> None:
     """What ``fold_signal`` must do to one accumulator, written for clarity rather than speed."""
