@@ -131,7 +131,7 @@ class Accumulator:
     def __getstate__(self):
         # Field by field in FIELDS' order (tests/transforms/test_fold.py checks the order): compiled, each is a
         # read of the struct, where a loop of getattr by name looked every field up (about 3 µs an accumulator,
-        # a tenth of pickling one; benchmarks/README.md, change 40).
+        # a fifth of pickling one; benchmarks/README.md, change 40).
         return [
             self.events,
             self.streams,
@@ -661,11 +661,12 @@ def copy_to_longer_windows(whole: dict, partials: dict, span_sec: int, copied: d
 
 # --- An accumulator as the batch merge shuffle carries it (transforms.features.AccumulatorCoder) -----------------
 # msgpack of the fields in FIELDS' order, each distinct-value field as None, its lone value (a str), a list (a set's
-# values) or an extension holding a sketch's registers. Pickling a partial spent most of its time on the class,
-# not the content: every pickle names the class, which the pickler checks and the unpickler imports and looks up
-# again (benchmarks/README.md, change 40). Extractor states (``extra``) can be any Python value, so the caller's
-# coder encodes them. Nothing outside one backtest's shuffle reads this form, so it carries no version: a streaming
-# job's state keeps the pickled form (``Accumulator.__getstate__``), which Dataflow's --update needs.
+# values) or an extension holding a sketch's registers. Pickling a partial spent much of its time outside the
+# content: building the state by name (until __getstate__ read the fields one by one), and naming the class in
+# every pickle, which the pickler checks and the unpickler imports and looks up (benchmarks/README.md, change 40).
+# Extractor states (``extra``) can be any Python value, so the caller's coder encodes them. Nothing outside one
+# backtest's shuffle reads this form, so it carries no version: a streaming job's state keeps the pickled form
+# (``Accumulator.__getstate__``), which Dataflow's --update needs.
 _SKETCH_EXT = 1  # the msgpack extension code of a HyperLogLog's registers
 _WIRE_ENCODER = msgspec.msgpack.Encoder()
 _WIRE_DECODER = msgspec.msgpack.Decoder()
