@@ -598,12 +598,6 @@ class AccumulatorCoder(FastCoder):
     def to_type_hint(self):
         return Accumulator
 
-    def __eq__(self, other):
-        return type(self) is type(other)
-
-    def __hash__(self):
-        return hash(type(self))
-
 
 class MergeAccumulatorsFn(beam.CombineFn):
     """Merges the partial accumulators ``PreAggregateFn`` emits."""
