@@ -415,8 +415,9 @@ class PreAggregateFn(beam.DoFn):
         whole_as_features: bool = False,
     ):
         # whole_as_features: whole windows go out as the EntityFeatures records SizedToEntityFeaturesFn makes of
-        # (key, accumulator) pairs (ComputeFeatures' batch branch), which saves the runner a step, and an element
-        # handed on, per whole window: about four windows in five (benchmarks/README.md, change 41).
+        # (key, accumulator) pairs (_keyed_window_record; ComputeFeatures' batch branch), which saves the runner a
+        # step, and an element handed on, per whole window: about four windows in five (benchmarks/README.md,
+        # change 41).
         self._whole_as_features = whole_as_features
         # (size_sec, size_ms, ((entity_type, signal field), ...), tiles) per window size, where tiles
         # says the size tiles a whole batch, so each batch holds all of its windows' signals.
@@ -511,9 +512,8 @@ class PreAggregateFn(beam.DoFn):
             self._copy_to_longer_windows(whole, batch)
         tag = self.WHOLE
         if self._whole_as_features:
-            for (size_sec, entity_type, entity_id, start), acc in whole.items():
-                record = _entity_features(entity_type, entity_id, size_sec, start, acc, WindowFeatures(acc, size_sec))
-                yield beam.pvalue.TaggedOutput(tag, record)
+            for key, acc in whole.items():
+                yield beam.pvalue.TaggedOutput(tag, _keyed_window_record(key, acc))
         else:
             for item in whole.items():
                 yield beam.pvalue.TaggedOutput(tag, item)
@@ -629,8 +629,14 @@ class SizedToEntityFeaturesFn(beam.DoFn):
     """
 
     def process(self, element):
-        (window_sec, entity_type, entity_id, start_ms), acc = element
-        yield _entity_features(entity_type, entity_id, window_sec, start_ms, acc, WindowFeatures(acc, window_sec))
+        yield _keyed_window_record(*element)
+
+
+def _keyed_window_record(key, acc) -> EntityFeatures:
+    """A batch window's record, from its ``(window_sec, entity_type, entity_id, start_ms)`` key and accumulator:
+    ``SizedToEntityFeaturesFn`` makes it after the merging shuffle, ``PreAggregateFn`` for windows it holds whole."""
+    window_sec, entity_type, entity_id, start_ms = key
+    return _entity_features(entity_type, entity_id, window_sec, start_ms, acc, WindowFeatures(acc, window_sec))
 
 
 def _entity_features(
